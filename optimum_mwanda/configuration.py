@@ -1,0 +1,264 @@
+"""Pruning configurations: one dataclass per method, sharing :class:`PruningConfig`.
+
+Configs are plain data. They validate themselves on construction (so a bad value fails before any model is
+touched) and round-trip through ``to_dict``/``from_dict`` and JSON files with a version stamp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .version import __version__
+
+LAYERWISE_SCHEDULES = ("uniform", "owl", "cwl")
+_NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_mask_structure(mask_structure: str) -> tuple[int, int] | None:
+    """Parse ``"unstructured"`` (returns ``None``) or ``"N:M"`` (returns ``(N, M)``).
+
+    ``"N:M"`` follows the NVIDIA convention: at most ``N`` non-zero weights are kept in every group of ``M``
+    consecutive input weights of an output row, so ``"2:4"`` is 50% sparse.
+    """
+    if not isinstance(mask_structure, str):
+        raise TypeError(f"mask_structure must be a string, got {type(mask_structure).__name__}")
+    if mask_structure.strip().lower() == "unstructured":
+        return None
+    match = _NM_PATTERN.match(mask_structure)
+    if match is None:
+        raise ValueError(
+            f"mask_structure={mask_structure!r} is malformed: use 'unstructured' or 'N:M' such as '2:4'"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if m < 2 or not 0 < n < m:
+        raise ValueError(
+            f"mask_structure={mask_structure!r} is impossible: N:M needs 0 < N < M (N weights kept in every M)"
+        )
+    return n, m
+
+
+@dataclass
+class PruningConfig:
+    """Settings shared by every pruning method.
+
+    Args:
+        sparsity: fraction of weights set to zero in every pruned linear module, ``0 <= sparsity < 1``. With
+            an ``N:M`` ``mask_structure`` it must equal ``1 - N/M``.
+        mask_structure: ``"unstructured"`` (per output row) or ``"N:M"`` (``N`` kept in each group of ``M``).
+        ignore: module-name patterns (``fnmatch`` globs or plain substrings) left dense. The LM head and the
+            embeddings are never pruned.
+        layerwise: per-layer sparsity schedule: ``"uniform"``, ``"owl"`` (outlier-weighted) or ``"cwl"``
+            (cross-lingual correlation, M-Wanda only).
+        layerwise_range: the bound ``lambda`` of a non-uniform schedule: every layer's sparsity stays within
+            ``sparsity +/- layerwise_range``.
+        owl_outlier_threshold: OWL's ``M``: a weight is an outlier when its score exceeds ``M`` times the
+            mean score of its layer.
+        calibration_seq_len: tokens per calibration sequence when packing texts.
+        samples_per_language: calibration sequences per language when packing texts.
+        batch_size: sequences per forward pass during calibration.
+        seed: seed for sampling calibration text, so the same inputs give the same masks.
+    """
+
+    method: ClassVar[str] = "base"
+    allowed_layerwise: ClassVar[tuple[str, ...]] = ("uniform", "owl")
+
+    sparsity: float = 0.5
+    mask_structure: str = "unstructured"
+    ignore: list[str] = field(default_factory=list)
+    layerwise: str = "uniform"
+    layerwise_range: float = 0.08
+    owl_outlier_threshold: float = 5.0
+    calibration_seq_len: int = 512
+    samples_per_language: int = 8
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first invalid field."""
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"sparsity must be a number, got {type(self.sparsity).__name__}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(f"sparsity must satisfy 0 <= sparsity < 1, got {self.sparsity}")
+        self.sparsity = float(self.sparsity)
+        nm = parse_mask_structure(self.mask_structure)
+        if nm is not None:
+            implied = 1.0 - nm[0] / nm[1]
+            if abs(implied - self.sparsity) > 1e-9:
+                raise ValueError(
+                    f"mask_structure={self.mask_structure!r} keeps {nm[0]} of every {nm[1]} weights, i.e. "
+                    f"sparsity {implied:g}, but sparsity={self.sparsity:g}; set sparsity={implied:g}"
+                )
+            if self.layerwise != "uniform":
+                raise ValueError("a non-uniform layerwise schedule cannot be combined with an N:M mask_structure")
+        if isinstance(self.ignore, str):
+            self.ignore = [self.ignore]
+        self.ignore = list(self.ignore)
+        if not all(isinstance(p, str) and p for p in self.ignore):
+            raise TypeError("ignore must be a list of non-empty module-name patterns")
+        if self.layerwise not in self.allowed_layerwise:
+            raise ValueError(
+                f"layerwise={self.layerwise!r} is not available for {type(self).__name__}; "
+                f"choose one of {list(self.allowed_layerwise)}"
+            )
+        if not 0.0 <= self.layerwise_range < 1.0:
+            raise ValueError(f"layerwise_range must be in [0, 1), got {self.layerwise_range}")
+        if self.layerwise != "uniform" and (
+            self.sparsity - self.layerwise_range < 0 or self.sparsity + self.layerwise_range >= 1
+        ):
+            raise ValueError(
+                f"sparsity {self.sparsity} +/- layerwise_range {self.layerwise_range} leaves [0, 1); "
+                "lower layerwise_range"
+            )
+        if self.owl_outlier_threshold <= 0:
+            raise ValueError(f"owl_outlier_threshold must be > 0, got {self.owl_outlier_threshold}")
+        for name in ("calibration_seq_len", "samples_per_language", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def nm_structure(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an N:M structure, ``None`` when unstructured."""
+        return parse_mask_structure(self.mask_structure)
+
+    # -- serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with ``method`` and the ``optimum_mwanda_version`` that wrote it."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["ignore"] = list(self.ignore)
+        return {"method": self.method, **data, "optimum_mwanda_version": __version__}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        """Rebuild a config. On the base class, ``data["method"]`` picks the subclass."""
+        data = dict(data)
+        method = data.pop("method", None)
+        data.pop("optimum_mwanda_version", None)
+        target = cls
+        if cls is PruningConfig:
+            if method is None:
+                raise ValueError("cannot rebuild a PruningConfig without a 'method' entry")
+            target = config_class_for_method(method)
+        elif method is not None and method != cls.method:
+            raise ValueError(f"{cls.__name__} cannot load a config for method {method!r}")
+        known = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {target.__name__} fields: {unknown}")
+        return target(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON."""
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> PruningConfig:
+        """Read a config written by :meth:`to_json_file`."""
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+
+@dataclass
+class WandaConfig(PruningConfig):
+    """Wanda (Sun et al., 2024): score ``|W_ij| * ||X_j||_2``, weights compared within each output row.
+
+    Args:
+        negative_weight: exponent of the negative-calibration penalty (Kim et al.): with texts passed as
+            ``negative_calibration`` the score is multiplied by ``(||X_j|| / ||X_j^neg||) ** negative_weight``,
+            pruning first the features that are active on unwanted text. ``1.0`` is the published form.
+    """
+
+    method: ClassVar[str] = "wanda"
+    negative_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.negative_weight < 0:
+            raise ValueError(f"negative_weight must be >= 0, got {self.negative_weight}")
+
+
+@dataclass
+class SparseGPTConfig(PruningConfig):
+    """SparseGPT (Frantar & Alistarh, 2023): second-order pruning with OBS weight updates.
+
+    Args:
+        block_size: columns processed per lazy-update block; masks are chosen adaptively per block.
+        dampening: fraction of the mean Hessian diagonal added to the diagonal before inversion. When the
+            Cholesky factorisation fails, it is retried with ten times the dampening (up to three times).
+    """
+
+    method: ClassVar[str] = "sparsegpt"
+    block_size: int = 128
+    dampening: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        nm = self.nm_structure
+        if nm is not None and self.block_size % nm[1]:
+            raise ValueError(f"block_size {self.block_size} must be a multiple of M={nm[1]}")
+        if not self.dampening > 0:
+            raise ValueError(f"dampening must be > 0, got {self.dampening}")
+
+
+@dataclass
+class MWandaConfig(WandaConfig):
+    """M-Wanda: Wanda with language-aware statistics (Choenni & Titov, 2025). See ``docs/mwanda.md``.
+
+    With ``variance_weight=0``, ``activation_probability_weight=0`` and ``layerwise="uniform"`` the masks are
+    exactly Wanda's on the same calibration data.
+
+    Args:
+        variance_weight: weight of the cross-lingual spread of a feature's per-language activation norm.
+        activation_probability_weight: weight of the activation-probability term that protects features
+            consistently active in some language.
+        activation_threshold: a feature is *active* on a token when ``|x_j|`` exceeds this multiple of the
+            token's root-mean-square activation.
+        cwl_protect: with ``layerwise="cwl"``: ``"specific"`` gives layers whose languages correlate less
+            (language-specific layers) lower sparsity; ``"shared"`` does the opposite.
+    """
+
+    method: ClassVar[str] = "mwanda"
+    allowed_layerwise: ClassVar[tuple[str, ...]] = LAYERWISE_SCHEDULES
+
+    variance_weight: float = 1.0
+    activation_probability_weight: float = 1.0
+    activation_threshold: float = 1.0
+    cwl_protect: str = "specific"
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("variance_weight", "activation_probability_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.activation_threshold <= 0:
+            raise ValueError(f"activation_threshold must be > 0, got {self.activation_threshold}")
+        if self.cwl_protect not in ("specific", "shared"):
+            raise ValueError(f"cwl_protect must be 'specific' or 'shared', got {self.cwl_protect!r}")
+
+
+_CONFIG_CLASSES: dict[str, type[PruningConfig]] = {
+    cls.method: cls for cls in (WandaConfig, SparseGPTConfig, MWandaConfig)
+}
+
+
+def config_class_for_method(method: str) -> type[PruningConfig]:
+    """The config class registered for ``method`` (``"wanda"``, ``"sparsegpt"`` or ``"mwanda"``)."""
+    try:
+        return _CONFIG_CLASSES[method]
+    except KeyError:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {sorted(_CONFIG_CLASSES)}") from None
