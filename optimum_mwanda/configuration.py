@@ -58,6 +58,8 @@ class PruningConfig:
             ``sparsity +/- layerwise_range``.
         owl_outlier_threshold: OWL's ``M``: a weight is an outlier when its score exceeds ``M`` times the
             mean score of its layer.
+        layerwise_samples_per_language: calibration sequences per language used by the extra dense pass
+            that measures the signal of a non-uniform schedule (``None``: all of them). Fewer is cheaper.
         calibration_seq_len: tokens per calibration sequence when packing texts.
         samples_per_language: calibration sequences per language when packing texts.
         batch_size: sequences per forward pass during calibration.
@@ -73,6 +75,7 @@ class PruningConfig:
     layerwise: str = "uniform"
     layerwise_range: float = 0.08
     owl_outlier_threshold: float = 5.0
+    layerwise_samples_per_language: int | None = 2
     calibration_seq_len: int = 512
     samples_per_language: int = 8
     batch_size: int = 4
@@ -98,7 +101,9 @@ class PruningConfig:
                     f"sparsity {implied:g}, but sparsity={self.sparsity:g}; set sparsity={implied:g}"
                 )
             if self.layerwise != "uniform":
-                raise ValueError("a non-uniform layerwise schedule cannot be combined with an N:M mask_structure")
+                raise ValueError(
+                    "a non-uniform layerwise schedule cannot be combined with an N:M mask_structure"
+                )
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
         self.ignore = list(self.ignore)
@@ -120,6 +125,15 @@ class PruningConfig:
             )
         if self.owl_outlier_threshold <= 0:
             raise ValueError(f"owl_outlier_threshold must be > 0, got {self.owl_outlier_threshold}")
+        if self.layerwise_samples_per_language is not None and (
+            isinstance(self.layerwise_samples_per_language, bool)
+            or not isinstance(self.layerwise_samples_per_language, int)
+            or self.layerwise_samples_per_language < 1
+        ):
+            raise ValueError(
+                "layerwise_samples_per_language must be a positive integer or None, "
+                f"got {self.layerwise_samples_per_language!r}"
+            )
         for name in ("calibration_seq_len", "samples_per_language", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -261,4 +275,6 @@ def config_class_for_method(method: str) -> type[PruningConfig]:
     try:
         return _CONFIG_CLASSES[method]
     except KeyError:
-        raise ValueError(f"unknown pruning method {method!r}; choose one of {sorted(_CONFIG_CLASSES)}") from None
+        raise ValueError(
+            f"unknown pruning method {method!r}; choose one of {sorted(_CONFIG_CLASSES)}"
+        ) from None

@@ -1,0 +1,93 @@
+"""Running statistics of a linear module's input, accumulated over calibration tokens.
+
+Pure tensor code: callers hand in ``x`` as ``[tokens, in_features]`` (padding already removed) with the
+language index of every token. Everything is accumulated in float32 and normalised per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FeatureStatistics:
+    """Per-language sums of squares (norms), token counts and, optionally, activation counts.
+
+    ``pooled_norm`` is Wanda's ``||X_j||`` up to a constant per-token scale, which leaves the per-row ranking
+    of scores unchanged: ``sqrt(sum_t x_tj^2 / T)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_languages: int,
+        device: torch.device | str = "cpu",
+        track_activation: bool = False,
+        activation_threshold: float = 1.0,
+    ):
+        self.sum_squares = torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
+        self.tokens = torch.zeros(num_languages, dtype=torch.float64, device=device)
+        self.active = (
+            torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
+            if track_activation
+            else None
+        )
+        self.activation_threshold = activation_threshold
+
+    def update(self, x: torch.Tensor, language: torch.Tensor) -> None:
+        """Add tokens ``x`` (``[T, in]``) whose languages are ``language`` (``LongTensor[T]``)."""
+        if x.shape[0] == 0:
+            return
+        x = x.to(device=self.sum_squares.device, dtype=torch.float32)
+        language = language.to(self.sum_squares.device)
+        squares = x * x
+        if not torch.isfinite(squares).all():
+            raise FloatingPointError(
+                "non-finite activations in the calibration forward pass (NaN or inf in a linear module's input)"
+            )
+        self.sum_squares.index_add_(0, language, squares)
+        self.tokens.index_add_(0, language, torch.ones_like(language, dtype=torch.float64))
+        if self.active is not None:
+            # A feature is active on a token when it stands out from that token's typical magnitude:
+            # |x_tj| > threshold * rms(x_t). Relative to the token so that scale differences between
+            # tokens and layers do not decide activity.
+            rms = squares.mean(dim=1, keepdim=True).sqrt()
+            active = (x.abs() > self.activation_threshold * rms).float()
+            self.active.index_add_(0, language, active)
+
+    @property
+    def pooled_norm(self) -> torch.Tensor:
+        """``[in]``: root-mean-square activation over all tokens of all languages."""
+        total = self.tokens.sum().clamp_min(1.0).float()
+        return (self.sum_squares.sum(dim=0) / total).sqrt()
+
+    @property
+    def language_norms(self) -> torch.Tensor:
+        """``[L, in]``: root-mean-square activation per language."""
+        return (self.sum_squares / self.tokens.clamp_min(1.0).float().unsqueeze(1)).sqrt()
+
+    @property
+    def activation_probability(self) -> torch.Tensor:
+        """``[L, in]``: share of each language's tokens on which a feature is active."""
+        if self.active is None:
+            raise RuntimeError("activation probability was not tracked for this statistic")
+        return self.active / self.tokens.clamp_min(1.0).float().unsqueeze(1)
+
+
+class HessianStatistics:
+    """``H = 2 X^T X / T`` accumulated in float32 for SparseGPT, plus Wanda-style norms for schedules."""
+
+    def __init__(self, in_features: int, num_languages: int, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.features = FeatureStatistics(in_features, num_languages, device=device)
+        self.count = 0
+
+    def update(self, x: torch.Tensor, language: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            return
+        self.features.update(x, language)
+        x = x.to(device=self.hessian.device, dtype=torch.float32)
+        # Running mean keeps H on the same scale whatever the number of tokens.
+        new_count = self.count + x.shape[0]
+        self.hessian.mul_(self.count / new_count)
+        self.hessian.addmm_(x.t(), x, alpha=2.0 / new_count)
+        self.count = new_count

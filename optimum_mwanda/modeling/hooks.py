@@ -1,0 +1,126 @@
+"""Forward pre-hooks that feed a layer's linear-module inputs into running statistics.
+
+The hooks only move tensors: they drop padding tokens, tag each token with its language and hand the rows
+to a statistics object from ``methods.statistics``. Modules that read the very same input tensor (q/k/v,
+gate/up) are detected at run time and share one statistic, so it is computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .linear import PrunableLinear
+
+
+class LayerStatisticsCollector:
+    """Collects input statistics for the prunable modules of one decoder layer.
+
+    Args:
+        modules: the layer's prunable linear modules.
+        new_statistic: ``(in_features, device) -> statistic`` with an ``update(x, language)`` method.
+        new_negative_statistic: same, for negative-calibration batches (optional).
+    """
+
+    def __init__(
+        self,
+        modules: list[PrunableLinear],
+        new_statistic: Callable[[int, torch.device], Any],
+        new_negative_statistic: Callable[[int, torch.device], Any] | None = None,
+    ):
+        self.modules = modules
+        self.new_statistic = new_statistic
+        self.new_negative_statistic = new_negative_statistic
+        self.group_of: dict[str, int] = {}
+        self.statistics: list[Any] = []
+        self.negative_statistics: list[Any] = []
+        self._valid: torch.Tensor | None = None
+        self._language: torch.Tensor | None = None
+        self._negative = False
+        self._seen: dict[tuple, int] = {}
+        self._alive: list[torch.Tensor] = []
+
+    @property
+    def groups(self) -> list[list[PrunableLinear]]:
+        """Modules grouped by shared input, in order of first use."""
+        grouped: list[list[PrunableLinear]] = [[] for _ in self.statistics]
+        for module in self.modules:
+            if module.name in self.group_of:
+                grouped[self.group_of[module.name]].append(module)
+        return grouped
+
+    def set_batch(
+        self, attention_mask: torch.Tensor, language_per_sequence: torch.Tensor, negative: bool = False
+    ):
+        """Declare the batch about to run: its padding mask ``[b, L]`` and sequence languages ``[b]``."""
+        seq_len = attention_mask.shape[1]
+        self._valid = attention_mask.reshape(-1).bool()
+        self._language = language_per_sequence.repeat_interleave(seq_len)
+        self._negative = negative
+        self._seen.clear()
+        self._alive.clear()
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+        self._alive.clear()
+
+    def _hook(self, module: PrunableLinear):
+        def pre_hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+            if key in self._seen:
+                self.group_of.setdefault(module.name, self._seen[key])
+                return None
+            # Keep the tensor alive for the rest of the layer call so its address cannot be reused.
+            self._alive.append(x)
+            if module.name not in self.group_of:
+                self.group_of[module.name] = len(self.statistics)
+                device = x.device
+                self.statistics.append(self.new_statistic(module.in_features, device))
+                if self.new_negative_statistic is not None:
+                    self.negative_statistics.append(self.new_negative_statistic(module.in_features, device))
+            group = self.group_of[module.name]
+            self._seen[key] = group
+            self._update(group, x)
+            return None
+
+        return pre_hook
+
+    def _update(self, group: int, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        valid, language = self._valid, self._language
+        if rows.shape[0] != valid.shape[0]:
+            raise RuntimeError(
+                f"a linear module saw {rows.shape[0]} token rows for a batch of {valid.shape[0]} tokens; "
+                "modules that see a subset of tokens (e.g. mixture-of-experts) are not supported"
+            )
+        valid = valid.to(rows.device)
+        rows = rows[valid]
+        language = language.to(rows.device)[valid]
+        if self._negative:
+            self.negative_statistics[group].update(rows, torch.zeros_like(language))
+        else:
+            self.statistics[group].update(rows, language)
+
+    @contextmanager
+    def attached(self):
+        handles = [m.module.register_forward_pre_hook(self._hook(m), with_kwargs=True) for m in self.modules]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.end_batch()
+
+    def statistic_for(self, module: PrunableLinear) -> Any:
+        if module.name not in self.group_of:
+            raise RuntimeError(
+                f"{module.name} never ran during calibration: it is unused by this model's forward pass"
+            )
+        return self.statistics[self.group_of[module.name]]
+
+    def negative_statistic_for(self, module: PrunableLinear) -> Any:
+        return self.negative_statistics[self.group_of[module.name]]

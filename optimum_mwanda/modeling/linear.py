@@ -1,0 +1,73 @@
+"""The prunable linear modules of a decoder layer and their weights as ``[out, in]`` matrices."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .offload import execution_device, read_parameter, write_parameter
+
+# Never pruned, whatever the user's patterns: output heads and embeddings.
+ALWAYS_DENSE = ("lm_head", "embed", "wte", "wpe", "word_embeddings", "shared")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D: a linear layer whose weight is stored [in, out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_prunable_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def matches_pattern(name: str, patterns: list[str]) -> bool:
+    """``fnmatch`` glob or plain substring match of a module name."""
+    return any(fnmatch.fnmatchcase(name, p) or p in name for p in patterns)
+
+
+@dataclass
+class PrunableLinear:
+    """A linear module to prune, with access to its weight in ``[out_features, in_features]`` orientation."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        return _is_conv1d(self.module)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.module.weight.shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return execution_device(self.module)
+
+    def read_weight(self) -> torch.Tensor:
+        weight = read_parameter(self.module, "weight")
+        return weight.t() if self.transposed else weight
+
+    def write_weight(self, weight: torch.Tensor) -> None:
+        write_parameter(self.module, "weight", weight.t() if self.transposed else weight)
+
+
+def find_prunable_linears(layer: nn.Module, layer_name: str, ignore: list[str]) -> list[PrunableLinear]:
+    """Linear (and Conv1D) modules inside ``layer`` not excluded by ``ignore`` nor always dense."""
+    found = []
+    for sub_name, module in layer.named_modules():
+        if not sub_name or not is_prunable_linear(module):
+            continue
+        full = f"{layer_name}.{sub_name}"
+        if matches_pattern(full, ignore) or any(part in sub_name.split(".") for part in ALWAYS_DENSE):
+            continue
+        found.append(PrunableLinear(full, module))
+    return found

@@ -1,0 +1,114 @@
+"""Reading and writing parameters of modules that Accelerate dispatched, offloaded or not.
+
+Accelerate keeps an offloaded module's parameters on the ``meta`` device between forward passes; the real
+values live in the ``weights_map`` of the module's ``AlignDevicesHook``: a dict of CPU tensors (CPU offload)
+or an ``OffloadedWeightsLoader`` that reads memory-mapped ``.dat`` files or the original safetensors
+checkpoint (disk offload). This module is the only place that knows that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # accelerate is a dependency, but keep plain models working if it is absent.
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+    from accelerate.utils import OffloadedWeightsLoader, offload_weight
+except ImportError:  # pragma: no cover
+    AlignDevicesHook = SequentialHook = OffloadedWeightsLoader = None  # type: ignore[assignment,misc]
+    offload_weight = None  # type: ignore[assignment]
+
+
+def _align_hooks(module: nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or AlignDevicesHook is None:
+        return []
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return [h for h in hooks if isinstance(h, AlignDevicesHook)]
+
+
+def _offload_hook(module: nn.Module):
+    for hook in _align_hooks(module):
+        if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+            return hook
+    return None
+
+
+def is_offloaded(module: nn.Module, name: str = "weight") -> bool:
+    """Whether the parameter ``name`` of ``module`` lives in an Accelerate weights map (on ``meta`` here)."""
+    param = getattr(module, name)
+    return param.device.type == "meta" and _offload_hook(module) is not None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: its Accelerate execution device, else where its weight is."""
+    for hook in _align_hooks(module):
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    for param in module.parameters(recurse=True):
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def read_parameter(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The real values of ``module.<name>`` (a detached tensor, possibly read from the offload store)."""
+    param = getattr(module, name)
+    if param.device.type != "meta":
+        return param.detach()
+    hook = _offload_hook(module)
+    if hook is None:
+        raise RuntimeError(
+            f"{type(module).__name__}.{name} is on the meta device and no Accelerate offload hook holds its "
+            "values: the model was not fully loaded"
+        )
+    return hook.weights_map[name].detach()
+
+
+def write_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the values of ``module.<name>`` wherever they really live, keeping dtype and shape.
+
+    For disk offload the new values are written as a fresh ``.dat`` file in the offload folder and the index
+    updated, so the user's original checkpoint files are never modified.
+    """
+    param = getattr(module, name)
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"new {name} has shape {tuple(value.shape)}, the module has {tuple(param.shape)}")
+    if param.device.type != "meta":
+        with torch.no_grad():
+            param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+        return
+    hook = _offload_hook(module)
+    if hook is None:
+        raise RuntimeError(f"cannot write {type(module).__name__}.{name}: it is on meta with no offload hook")
+    weights_map = hook.weights_map
+    key = weights_map.prefix + name
+    store = weights_map.dataset
+    if OffloadedWeightsLoader is not None and isinstance(store, OffloadedWeightsLoader):
+        if key in store.state_dict:
+            _copy_into(store.state_dict, key, value)
+        elif store.save_folder is not None:
+            dtype = _stored_dtype(store.index.get(key, {}), param.dtype)
+            offload_weight(value.detach().to("cpu", dtype), key, store.save_folder, index=store.index)
+        else:
+            store.state_dict[key] = value.detach().to("cpu", param.dtype)
+    elif isinstance(store, dict):
+        _copy_into(store, key, value)
+    else:
+        raise RuntimeError(f"unsupported Accelerate weights map {type(store).__name__} for {key}")
+
+
+def _copy_into(store: dict, key: str, value: torch.Tensor) -> None:
+    current = store[key]
+    if isinstance(current, torch.Tensor) and current.shape == value.shape:
+        with torch.no_grad():
+            current.copy_(value.to(device=current.device, dtype=current.dtype))
+    else:
+        store[key] = value.detach().cpu()
+
+
+def _stored_dtype(entry: dict, default: torch.dtype) -> torch.dtype:
+    name = entry.get("dtype")
+    if not name:
+        return default
+    return getattr(torch, str(name).replace("torch.", ""), default)
