@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from optimum_mwanda import MWandaConfig, PruningConfig, SparseGPTConfig, WandaConfig, __version__
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_sparsity_out_of_range(sparsity):
+    with pytest.raises(ValueError, match="0 <= sparsity < 1"):
+        WandaConfig(sparsity=sparsity)
+
+
+@pytest.mark.parametrize("structure", ["2-4", "2:", "a:b", "24", ""])
+def test_malformed_nm(structure):
+    with pytest.raises(ValueError, match="malformed"):
+        WandaConfig(mask_structure=structure)
+
+
+@pytest.mark.parametrize("structure", ["4:4", "0:4", "5:4", "1:1"])
+def test_impossible_nm(structure):
+    with pytest.raises(ValueError, match="impossible"):
+        WandaConfig(mask_structure=structure)
+
+
+def test_nm_sparsity_must_match():
+    assert WandaConfig(mask_structure="2:4").nm_structure == (2, 4)
+    assert SparseGPTConfig(sparsity=0.75, mask_structure="1:4").nm_structure == (1, 4)
+    with pytest.raises(ValueError, match="set sparsity=0.75"):
+        WandaConfig(sparsity=0.5, mask_structure="1:4")
+
+
+def test_cwl_only_for_mwanda():
+    with pytest.raises(ValueError, match="not available for WandaConfig"):
+        WandaConfig(layerwise="cwl")
+    with pytest.raises(ValueError, match="not available"):
+        SparseGPTConfig(layerwise="cwl")
+    assert MWandaConfig(layerwise="cwl").layerwise == "cwl"
+    assert WandaConfig(layerwise="owl").layerwise_range == 0.08
+
+
+def test_layerwise_range_must_fit():
+    with pytest.raises(ValueError, match="layerwise_range"):
+        WandaConfig(sparsity=0.95, layerwise="owl", layerwise_range=0.08)
+
+
+def test_other_field_errors():
+    with pytest.raises(ValueError, match="block_size"):
+        SparseGPTConfig(block_size=0)
+    with pytest.raises(ValueError, match="dampening"):
+        SparseGPTConfig(dampening=0)
+    with pytest.raises(ValueError, match="variance_weight"):
+        MWandaConfig(variance_weight=-1)
+    with pytest.raises(ValueError, match="samples_per_language"):
+        WandaConfig(samples_per_language=0)
+    with pytest.raises(TypeError, match="ignore"):
+        WandaConfig(ignore=[""])
+
+
+def test_method_is_fixed_per_class():
+    assert WandaConfig().method == "wanda"
+    assert SparseGPTConfig().method == "sparsegpt"
+    assert MWandaConfig().method == "mwanda"
+    assert SparseGPTConfig().block_size == 128 and SparseGPTConfig().dampening == 0.01
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        WandaConfig(sparsity=0.6, ignore=["*.o_proj"], layerwise="owl"),
+        SparseGPTConfig(mask_structure="2:4", block_size=64),
+        MWandaConfig(variance_weight=0.5, layerwise="cwl", cwl_protect="shared"),
+    ],
+)
+def test_round_trip(config, tmp_path):
+    data = config.to_dict()
+    assert data["method"] == config.method
+    assert data["optimum_mwanda_version"] == __version__
+    assert PruningConfig.from_dict(data) == config
+    assert type(config).from_dict(data) == config
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    assert json.loads(path.read_text())["method"] == config.method
+    assert PruningConfig.from_json_file(path) == config
+
+
+def test_from_dict_errors():
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        PruningConfig.from_dict({"method": "magnitude"})
+    with pytest.raises(ValueError, match="unknown WandaConfig fields"):
+        WandaConfig.from_dict({"method": "wanda", "block_size": 3})
+    with pytest.raises(ValueError, match="cannot load"):
+        WandaConfig.from_dict(SparseGPTConfig().to_dict())

@@ -1,0 +1,198 @@
+"""The pure maths: masks, scores, SparseGPT, schedules, statistics."""
+
+import pytest
+import torch
+
+from optimum_mwanda.methods import (
+    CholeskyError,
+    FeatureStatistics,
+    HessianStatistics,
+    cross_lingual_correlation,
+    cwl_schedule,
+    mask_from_scores,
+    mwanda_feature_importance,
+    negative_feature_factor,
+    nm_mask,
+    outlier_ratio,
+    owl_schedule,
+    per_row_mask,
+    schedule_from_signal,
+    sparsegpt_prune,
+    wanda_scores,
+)
+from optimum_mwanda.methods.sparsegpt import inverse_hessian_cholesky
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.77])
+def test_per_row_mask_exact(sparsity):
+    scores = torch.rand(17, 40)
+    mask = per_row_mask(scores, sparsity)
+    assert (mask.sum(dim=1) == int(40 * sparsity)).all()
+    # Every pruned score is <= every kept score of the same row.
+    for row in range(17):
+        if mask[row].any() and (~mask[row]).any():
+            assert scores[row][mask[row]].max() <= scores[row][~mask[row]].min()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_valid(n, m):
+    scores = torch.rand(9, 32)
+    mask = nm_mask(scores, n, m)
+    kept = (~mask).reshape(9, 32 // m, m).sum(dim=2)
+    assert (kept == n).all()
+    groups = scores.reshape(9, -1, m)
+    gmask = mask.reshape(9, -1, m)
+    assert (groups.masked_fill(~gmask, -1).amax(2) <= groups.masked_fill(gmask, 2).amin(2)).all()
+
+
+def test_nm_mask_indivisible():
+    with pytest.raises(ValueError, match="divisible"):
+        nm_mask(torch.rand(3, 10), 2, 4)
+
+
+def test_nonfinite_scores_rejected():
+    scores = torch.rand(3, 8)
+    scores[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        per_row_mask(scores, 0.5)
+
+
+def test_wanda_mask_matches_loop_reference():
+    torch.manual_seed(0)
+    weight = torch.randn(12, 20)
+    x = torch.randn(50, 20) * torch.rand(20) * 3
+    stats = FeatureStatistics(20, 1)
+    stats.update(x, torch.zeros(50, dtype=torch.long))
+    mask = mask_from_scores(wanda_scores(weight, stats.pooled_norm), 0.5, None)
+    # Independent computation: ||X_j||_2 over tokens, then per row the 10 lowest |W| * norm.
+    norms = [sum(float(x[t, j]) ** 2 for t in range(50)) ** 0.5 for j in range(20)]
+    for i in range(12):
+        row = sorted(range(20), key=lambda j: abs(float(weight[i, j])) * norms[j])
+        assert set(torch.nonzero(mask[i]).flatten().tolist()) == set(row[:10])
+
+
+def test_statistics_per_language():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    lang = torch.tensor([0, 0, 1])
+    stats = FeatureStatistics(2, 2, track_activation=True, activation_threshold=1.0)
+    stats.update(x, lang)
+    torch.testing.assert_close(stats.language_norms, torch.tensor([[5.0**0.5, 0.0], [0.0, 2.0]]))
+    torch.testing.assert_close(stats.pooled_norm, torch.tensor([(10 / 3) ** 0.5, (4 / 3) ** 0.5]))
+    torch.testing.assert_close(stats.activation_probability, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(FloatingPointError):
+        stats.update(torch.tensor([[float("inf"), 0.0]]), torch.tensor([0]))
+
+
+def test_hessian_is_running_mean():
+    torch.manual_seed(0)
+    x = torch.randn(30, 5)
+    h = HessianStatistics(5, 1)
+    h.update(x[:10], torch.zeros(10, dtype=torch.long))
+    h.update(x[10:], torch.zeros(20, dtype=torch.long))
+    torch.testing.assert_close(h.hessian, 2 * x.t() @ x / 30)
+
+
+def test_mwanda_reduces_to_pooled_norm():
+    pooled = torch.rand(8)
+    lang = torch.rand(3, 8)
+    prob = torch.rand(3, 8)
+    assert torch.equal(mwanda_feature_importance(pooled, lang, prob, 0.0, 0.0), pooled)
+    boosted = mwanda_feature_importance(pooled, lang, prob, 1.0, 0.0)
+    torch.testing.assert_close(boosted, pooled + lang.std(0, unbiased=False))
+    protected = mwanda_feature_importance(pooled, lang, prob, 0.0, 2.0)
+    torch.testing.assert_close(protected, pooled * (1 + 2 * prob.amax(0)))
+
+
+def test_negative_factor_penalises_negative_features():
+    norm = torch.tensor([1.0, 1.0])
+    negative = torch.tensor([0.5, 4.0])
+    factor = negative_feature_factor(norm, negative)
+    torch.testing.assert_close(factor, torch.tensor([2.0, 0.25]))
+    assert torch.equal(negative_feature_factor(norm, negative, power=0.0), torch.ones(2))
+
+
+def _correlated_inputs(n=400, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 4, generator=g)
+    mix = torch.randn(4, d, generator=g)
+    return base @ mix + 0.3 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_reconstructs_better_than_wanda(nm):
+    x = _correlated_inputs()
+    torch.manual_seed(1)
+    weight = torch.randn(24, 32)
+    hessian = HessianStatistics(32, 1)
+    hessian.update(x, torch.zeros(x.shape[0], dtype=torch.long))
+    pruned, mask = sparsegpt_prune(weight, hessian.hessian, 0.5, nm=nm, block_size=8)
+    assert torch.equal(pruned == 0, mask)
+    wanda_mask = mask_from_scores(wanda_scores(weight, hessian.features.pooled_norm), 0.5, nm)
+    wanda = weight.masked_fill(wanda_mask, 0.0)
+    err_sparsegpt = (x @ (weight - pruned).t()).norm()
+    err_wanda = (x @ (weight - wanda).t()).norm()
+    assert err_sparsegpt < err_wanda
+    assert abs(float(mask.float().mean()) - 0.5) < 1e-6
+    if nm is not None:
+        assert ((~mask).reshape(24, 8, 4).sum(2) == 2).all()
+
+
+def test_sparsegpt_dead_columns_and_retry():
+    x = _correlated_inputs(d=16)
+    x[:, 3] = 0.0  # a dead input feature
+    h = 2 * x.t() @ x / x.shape[0]
+    pruned, _ = sparsegpt_prune(torch.randn(8, 16), h, 0.5, block_size=16)
+    assert (pruned[:, 3] == 0).all()
+    # A matrix that is not positive definite even after dampening: a clear error.
+    bad = -torch.eye(4)
+    with pytest.raises(CholeskyError, match="dampening"):
+        inverse_hessian_cholesky(bad, 0.01, retries=2)
+    # A singular-but-fixable Hessian (rank 1) succeeds thanks to dampening.
+    v = torch.randn(4, 1)
+    upper, dead, damp = inverse_hessian_cholesky(v @ v.t(), 0.01)
+    assert torch.isfinite(upper).all() and damp >= 0.01
+
+
+def test_sparsegpt_retries_with_more_dampening():
+    # Tiny negative eigenvalue: fails with 1e-4 dampening, passes after one x10 increase.
+    h = torch.diag(torch.tensor([1.0, 1.0, -5e-4]))
+    _, _, damp = inverse_hessian_cholesky(h, 1e-4)
+    assert damp > 1e-4
+
+
+@pytest.mark.parametrize("bound", [0.02, 0.08, 0.2])
+def test_schedule_bounds_and_weighted_mean(bound):
+    torch.manual_seed(0)
+    signal = torch.rand(12).tolist()
+    counts = (torch.rand(12) * 100 + 1).tolist()
+    sched = schedule_from_signal(signal, counts, 0.5, bound, higher_signal_prunes_less=True)
+    assert all(0.5 - bound - 1e-9 <= s <= 0.5 + bound + 1e-9 for s in sched)
+    mean = sum(s * c for s, c in zip(sched, counts)) / sum(counts)
+    assert abs(mean - 0.5) < 1e-9
+    # Monotone: a higher signal never gets a higher sparsity.
+    order = sorted(range(12), key=lambda i: signal[i])
+    assert all(sched[order[i]] >= sched[order[i + 1]] - 1e-12 for i in range(11))
+
+
+def test_constant_signal_is_uniform():
+    assert schedule_from_signal([0.3] * 4, [1] * 4, 0.6, 0.08, True) == [0.6] * 4
+
+
+def test_owl_and_cwl_directions():
+    counts = [1.0, 1.0, 1.0]
+    owl = owl_schedule([0.1, 0.2, 0.3], counts, 0.5, 0.08)
+    assert owl[0] > owl[1] > owl[2]  # more outliers -> keep more
+    specific = cwl_schedule([0.9, 0.5, 0.7], counts, 0.5, 0.08, protect="specific")
+    assert specific[1] < specific[2] < specific[0]  # less correlated -> keep more
+    shared = cwl_schedule([0.9, 0.5, 0.7], counts, 0.5, 0.08, protect="shared")
+    assert shared[0] < shared[2] < shared[1]
+
+
+def test_outlier_ratio_and_correlation():
+    scores = [torch.tensor([1.0, 1.0, 1.0, 100.0])]
+    assert outlier_ratio(scores, 2.0) == 0.25
+    profiles = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [3.0, 2.0, 1.0]])
+    # pairs: (0,1)=1, (0,2)=-1, (1,2)=-1
+    assert cross_lingual_correlation(profiles) == pytest.approx(-1 / 3)
+    with pytest.raises(ValueError):
+        cross_lingual_correlation(profiles[:1])

@@ -1,0 +1,152 @@
+"""Tiny causal LMs built from configs (offline) and a tiny tokenizer, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 320
+HIDDEN = 64
+
+
+def _configs() -> dict:
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "llama": (
+            LlamaForCausalLM,
+            LlamaConfig(
+                hidden_size=HIDDEN,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **common,
+            ),
+        ),
+        "qwen2": (
+            Qwen2ForCausalLM,
+            Qwen2Config(
+                hidden_size=HIDDEN,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **common,
+            ),
+        ),
+        "mistral": (
+            MistralForCausalLM,
+            MistralConfig(
+                hidden_size=HIDDEN,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                sliding_window=16,
+                **common,
+            ),
+        ),
+        "gemma3": (
+            Gemma3ForCausalLM,
+            Gemma3TextConfig(
+                hidden_size=HIDDEN,
+                intermediate_size=128,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=16,
+                sliding_window=8,
+                **common,
+            ),
+        ),
+        "bloom": (BloomForCausalLM, BloomConfig(hidden_size=HIDDEN, n_layer=2, n_head=4, **common)),
+        "gpt2": (GPT2LMHeadModel, GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, **common)),
+        "opt": (
+            OPTForCausalLM,
+            OPTConfig(
+                hidden_size=HIDDEN,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=HIDDEN,
+                max_position_embeddings=128,
+                **common,
+            ),
+        ),
+    }
+
+
+ARCHITECTURES = list(_configs())
+
+
+def make_model(architecture: str = "llama", seed: int = 0) -> torch.nn.Module:
+    model_class, config = _configs()[architecture]
+    torch.manual_seed(seed)
+    model = model_class(config)
+    # Larger-than-default initial weights make activations (and so scores) less uniform, like real models.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def make_token_calibration(languages=("en", "de", "sw"), n: int = 4, seq_len: int = 24, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    # Different languages draw from different (overlapping) token ranges, like real scripts do.
+    out = {}
+    for i, lang in enumerate(languages):
+        low = 3 + 60 * i
+        out[lang] = torch.randint(low, low + 120, (n, seq_len), generator=generator)
+    return out
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory on a few sentences (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Der schnelle braune Fuchs springt über den faulen Hund.",
+        "Mbweha mwepesi wa kahawia anaruka juu ya mbwa mvivu.",
+    ] * 10
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def text_corpus() -> dict[str, list[str]]:
+    en = [f"Line {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(60)]
+    de = [f"Zeile {i}: der schnelle braune Fuchs springt über den faulen Hund {i}." for i in range(60)]
+    sw = [f"Mstari {i}: mbweha mwepesi anaruka juu ya mbwa mvivu {i}." for i in range(60)]
+    return {"en": en, "de": de, "sw": sw}
+
+
+def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
