@@ -7,6 +7,7 @@ where a model keeps its layers and weights lives in ``modeling/``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -234,6 +235,7 @@ class Pruner:
             layerwise_signal=signal,
             calibration_sources=dict(calibration_set.sources),
             architecture=type(model).__name__,
+            base_model=str(getattr(model, "name_or_path", "") or ""),
         )
         return self.report
 
@@ -362,6 +364,88 @@ class Pruner:
         if self.report is None:
             raise RuntimeError("no pruning report yet: call prune_model(...) before saving or pushing")
         return self.report
+
+    def _base_model(self, base_model: str | None) -> str | None:
+        if base_model is not None:
+            return base_model
+        name = self._require_report().base_model
+        # A local folder is no Hub id: the card then names no base model unless told.
+        return name if name and not os.path.exists(name) else None
+
+    def save_pretrained(
+        self,
+        model: nn.Module,
+        save_directory: str | os.PathLike,
+        tokenizer=None,
+        compressed: bool = False,
+        eval_results: dict[str, dict[str, float]] | None = None,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ):
+        """Save the pruned ``model`` as a transformers checkpoint with ``sparsity_config`` in ``config.json``,
+        ``pruning_report.json`` and a model card, atomically. ``compressed=True`` writes the bitmask-packed
+        sparse format that :func:`optimum_mwanda.load_pruned_model` restores. Returns the folder path.
+        """
+        from .hub import save_pruned_model
+
+        return save_pruned_model(
+            model,
+            save_directory,
+            self._require_report(),
+            tokenizer=tokenizer,
+            compressed=compressed,
+            eval_results=eval_results,
+            base_model=self._base_model(base_model),
+            **kwargs,
+        )
+
+    def create_model_card(
+        self,
+        base_model: str | None = None,
+        eval_results: dict[str, dict[str, float]] | None = None,
+        **kwargs: Any,
+    ):
+        """The ``huggingface_hub.ModelCard`` of the last pruning run, without pushing anything.
+
+        ``eval_results`` is ``{"before": {language: perplexity}, "after": {language: perplexity}}``.
+        """
+        from .hub import create_model_card
+
+        return create_model_card(
+            self._require_report(),
+            base_model=self._base_model(base_model),
+            eval_results=eval_results,
+            **kwargs,
+        )
+
+    def push_to_hub(
+        self,
+        model: nn.Module,
+        repo_id: str,
+        tokenizer=None,
+        eval_results: dict[str, dict[str, float]] | None = None,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ):
+        """Create ``repo_id`` if needed and upload weights, config, tokenizer, card and plot in one commit,
+        retrying transient failures. Returns the commit info."""
+        from .hub import push_pruned_model
+
+        return push_pruned_model(
+            model,
+            repo_id,
+            self._require_report(),
+            tokenizer=tokenizer,
+            eval_results=eval_results,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            base_model=self._base_model(base_model),
+            **kwargs,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

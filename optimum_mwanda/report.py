@@ -25,6 +25,7 @@ class PruningReport:
             CWL cross-lingual correlation), empty for uniform.
         calibration_sources: ``{language: source}`` when known.
         architecture: the model's class name.
+        base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
     """
 
     method: str
@@ -39,6 +40,7 @@ class PruningReport:
     layerwise_signal: list[float] = field(default_factory=list)
     calibration_sources: dict[str, str] = field(default_factory=dict)
     architecture: str = ""
+    base_model: str = ""
 
     @property
     def achieved_sparsity(self) -> float:
