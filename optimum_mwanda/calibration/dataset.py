@@ -28,7 +28,9 @@ class CalibrationSet:
         if not isinstance(self.input_ids, torch.Tensor) or self.input_ids.dim() != 2:
             raise ValueError("CalibrationSet.input_ids must be a 2-D LongTensor [n_sequences, seq_len]")
         if self.input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"CalibrationSet.input_ids must hold integer token ids, got {self.input_ids.dtype}")
+            raise ValueError(
+                f"CalibrationSet.input_ids must hold integer token ids, got {self.input_ids.dtype}"
+            )
         self.input_ids = self.input_ids.long()
         if self.attention_mask is None:
             self.attention_mask = torch.ones_like(self.input_ids)
