@@ -28,7 +28,7 @@ from .methods import (
     negative_feature_factor,
     outlier_ratio,
     owl_schedule,
-    sparsegpt_prune,
+    sparsegpt_prune_group,
     wanda_scores,
 )
 from .methods.layerwise import uniform_schedule
@@ -193,13 +193,15 @@ class Pruner:
                     timings["statistics"] += time.perf_counter() - t
 
                     t = time.perf_counter()
-                    for module in modules:
-                        weight = module.read_weight()
-                        originals[module.name] = (module, weight.detach().to("cpu", copy=True))
-                        new_weight = self._prune_module(module, weight, collector, layer_sparsity[index])
-                        module.write_weight(new_weight.to(weight.dtype))
-                        module_sparsity[module.name] = float((new_weight == 0).float().mean())
-                        module_shapes[module.name] = list(module.shape)
+                    for group in collector.groups:
+                        weights = [module.read_weight() for module in group]
+                        for module, weight in zip(group, weights):
+                            originals[module.name] = (module, weight.detach().to("cpu", copy=True))
+                        new_weights = self._prune_group(group, weights, collector, layer_sparsity[index])
+                        for module, weight, new_weight in zip(group, weights, new_weights):
+                            module.write_weight(new_weight.to(weight.dtype))
+                            module_sparsity[module.name] = float((new_weight == 0).float().mean())
+                            module_shapes[module.name] = list(module.shape)
                     timings["pruning"] += time.perf_counter() - t
 
                 if index == len(stack.layers) - 1:
@@ -265,30 +267,34 @@ class Pruner:
 
         return LayerStatisticsCollector(modules, factory, negative_factory if negative else None)
 
-    def _prune_module(
+    def _prune_group(
         self,
-        module: PrunableLinear,
-        weight: torch.Tensor,
+        group: list[PrunableLinear],
+        weights: list[torch.Tensor],
         collector: LayerStatisticsCollector,
         sparsity: float,
-    ) -> torch.Tensor:
+    ) -> list[torch.Tensor]:
+        """New float32 weights for modules that read the same input (and so share one statistic)."""
         config = self.config
-        statistic = collector.statistic_for(module)
-        device = statistic.features.sum_squares.device if isinstance(statistic, HessianStatistics) else None
+        statistic = collector.statistic_for(group[0])
         if isinstance(config, SparseGPTConfig):
-            new_weight, _ = sparsegpt_prune(
-                weight.to(device),
+            device = statistic.hessian.device
+            new_weights, _ = sparsegpt_prune_group(
+                [w.to(device) for w in weights],
                 statistic.hessian,
                 sparsity,
                 nm=config.nm_structure,
                 block_size=config.block_size,
                 dampening=config.dampening,
             )
-            return new_weight
-        importance = self._feature_importance(module, statistic, collector)
-        weight = weight.to(importance.device)
-        mask = mask_from_scores(wanda_scores(weight, importance), sparsity, config.nm_structure)
-        return weight.float().masked_fill(mask, 0.0)
+            return new_weights
+        importance = self._feature_importance(group[0], statistic, collector)
+        pruned = []
+        for weight in weights:
+            weight = weight.to(importance.device).float()
+            mask = mask_from_scores(wanda_scores(weight, importance), sparsity, config.nm_structure)
+            pruned.append(weight.masked_fill(mask, 0.0))
+        return pruned
 
     def _feature_importance(self, module, statistic: FeatureStatistics, collector) -> torch.Tensor:
         config = self.config

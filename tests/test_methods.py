@@ -18,6 +18,7 @@ from optimum_mwanda.methods import (
     per_row_mask,
     schedule_from_signal,
     sparsegpt_prune,
+    sparsegpt_prune_group,
     wanda_scores,
 )
 from optimum_mwanda.methods.sparsegpt import inverse_hessian_cholesky
@@ -196,3 +197,16 @@ def test_outlier_ratio_and_correlation():
     assert cross_lingual_correlation(profiles) == pytest.approx(-1 / 3)
     with pytest.raises(ValueError):
         cross_lingual_correlation(profiles[:1])
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_group_equals_separate(nm):
+    x = _correlated_inputs(d=32)
+    h = 2 * x.t() @ x / x.shape[0]
+    torch.manual_seed(2)
+    a, b = torch.randn(10, 32), torch.randn(6, 32) * 3
+    grouped, masks = sparsegpt_prune_group([a, b], h, 0.5, nm=nm, block_size=16)
+    for weight, new, mask in zip((a, b), grouped, masks):
+        alone, alone_mask = sparsegpt_prune(weight, h, 0.5, nm=nm, block_size=16)
+        assert torch.equal(mask, alone_mask)
+        torch.testing.assert_close(new, alone)

@@ -9,7 +9,7 @@ from .layerwise import (
 )
 from .masks import mask_from_scores, nm_mask, per_row_mask
 from .mwanda import mwanda_feature_importance
-from .sparsegpt import CholeskyError, sparsegpt_prune
+from .sparsegpt import CholeskyError, sparsegpt_prune, sparsegpt_prune_group
 from .statistics import FeatureStatistics, HessianStatistics
 from .wanda import negative_feature_factor, wanda_scores
 
@@ -28,5 +28,6 @@ __all__ = [
     "per_row_mask",
     "schedule_from_signal",
     "sparsegpt_prune",
+    "sparsegpt_prune_group",
     "wanda_scores",
 ]

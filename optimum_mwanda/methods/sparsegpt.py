@@ -60,54 +60,81 @@ def sparsegpt_prune(
     whole block for unstructured sparsity, per group of ``M`` for N:M). Returns ``(new_weight, mask)`` with
     ``new_weight`` in float32 and ``mask`` ``True`` where pruned.
     """
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
-    rows, cols = weight.shape
+    (new_weight,), (mask,) = sparsegpt_prune_group([weight], hessian, sparsity, nm, block_size, dampening)
+    return new_weight, mask
+
+
+def sparsegpt_prune_group(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    dampening: float = 0.01,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`sparsegpt_prune` for several weights that read the same input (q/k/v, gate/up).
+
+    They share the Hessian, so its inverse is factorised once and the column sweep runs once over their
+    stacked rows. Each weight still gets its own adaptive mask selection, so the result is exactly that of
+    pruning each weight on its own.
+    """
+    cols = hessian.shape[0]
+    if (
+        hessian.dim() != 2
+        or hessian.shape[1] != cols
+        or any(w.dim() != 2 or w.shape[1] != cols for w in weights)
+    ):
+        raise ValueError(
+            f"weights {[tuple(w.shape) for w in weights]} and Hessian {tuple(hessian.shape)} do not match"
+        )
     if nm is not None and cols % nm[1]:
         raise ValueError(f"N:M with M={nm[1]} needs in_features divisible by {nm[1]}, got {cols}")
-    w = weight.detach().float().contiguous().clone()
-    hinv, dead, _ = inverse_hessian_cholesky(hessian.to(w.device), dampening)
-    w[:, dead] = 0.0
-    mask = torch.zeros_like(w, dtype=torch.bool)
+    device = weights[0].device
+    # Work on W^T ([in, rows]) so that each column of W is a contiguous row: the sweep touches one per step.
+    wt = torch.cat([w.detach().float() for w in weights], dim=0).t().contiguous()
+    row_slices, start_row = [], 0
+    for w in weights:
+        row_slices.append(slice(start_row, start_row + w.shape[0]))
+        start_row += w.shape[0]
+    hinv, dead, _ = inverse_hessian_cholesky(hessian.to(device), dampening)
+    wt[dead, :] = 0.0
+    mask_t = torch.zeros_like(wt, dtype=torch.bool)
 
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        count = end - start
-        w_block = w[:, start:end].clone()
-        quantised = torch.zeros_like(w_block)
-        errors = torch.zeros_like(w_block)
+        block = wt[start:end].clone()
         hinv_block = hinv[start:end, start:end]
-        diag = torch.diagonal(hinv_block)
-
+        diag = torch.diagonal(hinv_block).unsqueeze(1)
+        block_mask = torch.zeros_like(block, dtype=torch.bool)
         if nm is None:
-            saliency = w_block.pow(2) / diag.pow(2).unsqueeze(0)
-            n_pruned = int(saliency.numel() * sparsity)
-            block_mask = torch.zeros(rows, count, dtype=torch.bool, device=w.device)
-            if n_pruned:
-                order = torch.sort(saliency.flatten(), stable=True).indices[:n_pruned]
-                block_mask.view(-1)[order] = True
-        else:
-            block_mask = torch.zeros(rows, count, dtype=torch.bool, device=w.device)
-
-        for i in range(count):
-            column = w_block[:, i]
-            d = diag[i]
-            if nm is not None and i % nm[1] == 0:
-                n_keep, m = nm
-                group = w_block[:, i : i + m].pow(2) / diag[i : i + m].pow(2).unsqueeze(0)
-                drop = torch.sort(group, dim=1, stable=True).indices[:, : m - n_keep]
-                block_mask[:, i : i + m].scatter_(1, drop, True)
-            q = column.masked_fill(block_mask[:, i], 0.0)
-            quantised[:, i] = q
-            err = (column - q) / d
-            # OBS update of the not-yet-processed columns of this block.
-            w_block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            errors[:, i] = err
-
-        w[:, start:end] = quantised
-        mask[:, start:end] = block_mask
+            saliency = block.pow(2) / diag.pow(2)
+            for rows in row_slices:
+                part = saliency[:, rows]
+                n_pruned = int(part.numel() * sparsity)
+                if n_pruned:
+                    order = torch.sort(part.t().flatten(), stable=True).indices[:n_pruned]
+                    sub = torch.zeros(part.shape[1] * part.shape[0], dtype=torch.bool, device=device)
+                    sub[order] = True
+                    block_mask[:, rows] = sub.view(part.shape[1], part.shape[0]).t()
+        errors = torch.empty_like(block)
+        n_keep, m = nm if nm is not None else (0, 0)
+        for i in range(end - start):
+            if nm is not None and i % m == 0:
+                group = block[i : i + m].pow(2) / diag[i : i + m].pow(2)
+                drop = torch.sort(group, dim=0, stable=True).indices[: m - n_keep]
+                block_mask[i : i + m].scatter_(0, drop, True)
+            # err = (w - q) / d with q the pruned column; the update below then turns row i into q itself.
+            err = block[i].mul(block_mask[i]).div_(diag[i])
+            block[i:].addr_(hinv_block[i, i:], err, alpha=-1.0)
+            errors[i] = err
+        block.masked_fill_(block_mask, 0.0)
+        wt[start:end] = block
+        mask_t[start:end] = block_mask
         # Lazy update of every later block at once.
-        w[:, end:] -= errors @ hinv[start:end, end:]
+        wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)
 
-    w[mask] = 0.0
-    return w, mask
+    new_weight = wt.t()
+    mask = mask_t.t()
+    return [new_weight[rows].contiguous() for rows in row_slices], [
+        mask[rows].contiguous() for rows in row_slices
+    ]
