@@ -188,7 +188,7 @@ class Pruner:
                             collector.set_batch(
                                 batch["attention_mask"], batch["language"], negative=b >= n_main
                             )
-                            captured.call(hidden[b], layer, index, b)
+                            collector.run(captured.call, hidden[b], layer, index, b)
                             collector.end_batch()
                     timings["statistics"] += time.perf_counter() - t
 

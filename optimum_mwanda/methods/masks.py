@@ -5,21 +5,34 @@ from __future__ import annotations
 import torch
 
 
+def lowest_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``True`` at the ``k`` lowest values of every row of a 2-D tensor; ties go to the earlier position.
+
+    Selection in O(n) per row (``kthvalue`` for the threshold), not a full sort: the same mask a stable
+    sort would give.
+    """
+    rows, cols = values.shape
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(values, dtype=torch.bool)
+    threshold = torch.kthvalue(values, k, dim=1, keepdim=True).values
+    below = values < threshold
+    # Among values equal to the threshold, take the first (k - #below) by position.
+    missing = k - below.sum(dim=1, keepdim=True)
+    equal = values == threshold
+    return below | (equal & (equal.cumsum(dim=1) <= missing))
+
+
 def per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(in_features * sparsity)`` lowest-scoring weights of every output row.
 
-    Ties are broken by position (stable sort), so the result is deterministic.
+    Ties are broken by position (the earlier weight is pruned first), so the result is deterministic.
     """
     _check_scores(scores)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    rows, cols = scores.shape
-    n_pruned = int(cols * sparsity)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if n_pruned == 0:
-        return mask
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :n_pruned]
-    return mask.scatter_(1, order, True)
+    return lowest_k_mask(scores, int(scores.shape[1] * sparsity))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -46,4 +59,6 @@ def _check_scores(scores: torch.Tensor) -> None:
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out_features, in_features], got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
-        raise ValueError("pruning scores contain NaN or infinite values")
+        raise FloatingPointError(
+            "pruning scores contain NaN or infinite values (non-finite weights or activation statistics)"
+        )

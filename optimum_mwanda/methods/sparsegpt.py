@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import lowest_k_mask
+
 
 class CholeskyError(RuntimeError):
     """The dampened Hessian could not be factorised even after raising the dampening."""
@@ -24,7 +26,7 @@ def inverse_hessian_cholesky(
         raise ValueError(f"the Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise FloatingPointError("the Hessian contains NaN or infinite values")
-    h = hessian.double().clone()
+    h = hessian.float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     diag_mean = torch.diagonal(h).mean()
@@ -37,7 +39,7 @@ def inverse_hessian_cholesky(
             inverse = torch.cholesky_inverse(factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
-                return upper.float(), dead, damp
+                return upper, dead, damp
         damp *= 10.0
     raise CholeskyError(
         f"the Hessian is not positive definite even with dampening {damp / 10:g}: the calibration "
@@ -110,12 +112,11 @@ def sparsegpt_prune_group(
             saliency = block.pow(2) / diag.pow(2)
             for rows in row_slices:
                 part = saliency[:, rows]
-                n_pruned = int(part.numel() * sparsity)
-                if n_pruned:
-                    order = torch.sort(part.t().flatten(), stable=True).indices[:n_pruned]
-                    sub = torch.zeros(part.shape[1] * part.shape[0], dtype=torch.bool, device=device)
-                    sub[order] = True
-                    block_mask[:, rows] = sub.view(part.shape[1], part.shape[0]).t()
+                # One adaptive selection over the whole block of this weight (column-major order
+                # matches W's row-major order for tie-breaking).
+                flat = part.t().reshape(1, -1)
+                chosen = lowest_k_mask(flat, int(flat.numel() * sparsity))
+                block_mask[:, rows] = chosen.view(part.shape[1], part.shape[0]).t()
         errors = torch.empty_like(block)
         n_keep, m = nm if nm is not None else (0, 0)
         for i in range(end - start):

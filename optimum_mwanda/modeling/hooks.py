@@ -16,6 +16,10 @@ import torch
 from .linear import PrunableLinear
 
 
+class StopLayerForward(Exception):
+    """Raised by the last module's hook: the rest of the layer's forward pass is not needed."""
+
+
 class LayerStatisticsCollector:
     """Collects input statistics for the prunable modules of one decoder layer.
 
@@ -38,10 +42,16 @@ class LayerStatisticsCollector:
         self.statistics: list[Any] = []
         self.negative_statistics: list[Any] = []
         self._valid: torch.Tensor | None = None
+        self._all_valid = True
         self._language: torch.Tensor | None = None
         self._negative = False
         self._seen: dict[tuple, int] = {}
         self._alive: list[torch.Tensor] = []
+        # Order in which the modules ran on the first batch; once known, the pass over later batches stops
+        # right after the last module's input is recorded (its matmul and the rest of the layer are skipped).
+        self._order: list[str] = []
+        self._order_known = False
+        self._stop_early = False
 
     @property
     def groups(self) -> list[list[PrunableLinear]]:
@@ -58,6 +68,8 @@ class LayerStatisticsCollector:
         """Declare the batch about to run: its padding mask ``[b, L]`` and sequence languages ``[b]``."""
         seq_len = attention_mask.shape[1]
         self._valid = attention_mask.reshape(-1).bool()
+        # Boolean selection copies every row: skip it when the batch has no padding (the common case).
+        self._all_valid = bool(self._valid.all())
         self._language = language_per_sequence.repeat_interleave(seq_len)
         self._negative = negative
         self._seen.clear()
@@ -66,13 +78,18 @@ class LayerStatisticsCollector:
     def end_batch(self) -> None:
         self._seen.clear()
         self._alive.clear()
+        if self._order and not self._order_known:
+            self._order_known = True
 
     def _hook(self, module: PrunableLinear):
         def pre_hook(_module, args, kwargs):
+            if not self._order_known:
+                self._order.append(module.name)
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
             if key in self._seen:
                 self.group_of.setdefault(module.name, self._seen[key])
+                self._maybe_stop(module)
                 return None
             # Keep the tensor alive for the rest of the layer call so its address cannot be reused.
             self._alive.append(x)
@@ -85,9 +102,25 @@ class LayerStatisticsCollector:
             group = self.group_of[module.name]
             self._seen[key] = group
             self._update(group, x)
+            self._maybe_stop(module)
             return None
 
         return pre_hook
+
+    def _maybe_stop(self, module: PrunableLinear) -> None:
+        if self._stop_early and self._order_known and module.name == self._order[-1]:
+            raise StopLayerForward
+
+    def run(self, forward: Callable[..., Any], *args: Any) -> None:
+        """Call ``forward(*args)`` for statistics only: its output is not needed, so the call is cut short
+        right after the last module's input has been recorded (from the second batch on)."""
+        self._stop_early = True
+        try:
+            forward(*args)
+        except StopLayerForward:
+            pass
+        finally:
+            self._stop_early = False
 
     def _update(self, group: int, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1])
@@ -97,9 +130,10 @@ class LayerStatisticsCollector:
                 f"a linear module saw {rows.shape[0]} token rows for a batch of {valid.shape[0]} tokens; "
                 "modules that see a subset of tokens (e.g. mixture-of-experts) are not supported"
             )
-        valid = valid.to(rows.device)
-        rows = rows[valid]
-        language = language.to(rows.device)[valid]
+        language = language.to(rows.device)
+        if not self._all_valid:
+            valid = valid.to(rows.device)
+            rows, language = rows[valid], language[valid]
         if self._negative:
             self.negative_statistics[group].update(rows, torch.zeros_like(language))
         else:
