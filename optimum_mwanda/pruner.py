@@ -238,6 +238,7 @@ class Pruner:
             calibration_sources=dict(calibration_set.sources),
             architecture=type(model).__name__,
             base_model=str(getattr(model, "name_or_path", "") or ""),
+            negative_calibration_tokens=sum(negative_set.token_counts.values()) if negative_set is not None else 0,
         )
         return self.report
 

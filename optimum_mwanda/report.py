@@ -26,6 +26,7 @@ class PruningReport:
         calibration_sources: ``{language: source}`` when known.
         architecture: the model's class name.
         base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
+        negative_calibration_tokens: tokens of negative calibration text (Kim et al.), 0 when none was used.
     """
 
     method: str
@@ -41,6 +42,7 @@ class PruningReport:
     calibration_sources: dict[str, str] = field(default_factory=dict)
     architecture: str = ""
     base_model: str = ""
+    negative_calibration_tokens: int = 0
 
     @property
     def achieved_sparsity(self) -> float:

@@ -208,7 +208,7 @@ def _citations(report: PruningReport, languages: list[Language]) -> list[Citatio
     if [lang.code for lang in languages] not in ([], ["en"], ["eng"]):
         keys.append("kurz")
     sources = " ".join(report.calibration_sources.values()).lower()
-    if "translation" in sources or report.config.get("negative_calibration"):
+    if "translation" in sources or report.negative_calibration_tokens > 0:
         keys.append("kim")
     return [_CITATIONS[key] for key in keys]
 
