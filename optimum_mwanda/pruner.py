@@ -42,6 +42,7 @@ from .modeling import (
     find_prunable_linears,
 )
 from .report import PruningReport
+from .resume import PruningCheckpoint, ResumeState, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Pruner:
         tokenizer=None,
         negative_calibration: CalibrationSet | Mapping[str, Any] | Sequence[str] | None = None,
         show_progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> PruningReport:
         """Prune ``model`` in place and return a :class:`PruningReport` (also kept as ``self.report``).
 
@@ -94,6 +96,10 @@ class Pruner:
             negative_calibration: text (or token ids) whose activations should *lower* importance (Kim et
                 al.), e.g. code. Wanda and M-Wanda only.
             show_progress: show tqdm progress bars.
+            checkpoint_dir: persist progress there after every decoder layer (pruned weights, the next
+                layer's inputs, the layer schedule). A run killed part-way and started again with the same
+                arguments on a freshly loaded model resumes at the first unfinished layer and produces the
+                same masks as an uninterrupted run.
 
         Every input is validated before any weight is touched; if pruning fails part-way, the weights
         already changed are restored before the exception propagates.
@@ -120,6 +126,12 @@ class Pruner:
         ]
         _validate_modules(layer_modules, config)
         _validate_token_ids(model, calibration_set, negative_set)
+        checkpoint, resume = None, None
+        if checkpoint_dir is not None:
+            checkpoint = PruningCheckpoint(
+                checkpoint_dir, _fingerprint(config, model, layer_modules, calibration_set, negative_set)
+            )
+            resume = checkpoint.load_state()
 
         # 2. Capture what each decoder layer is called with.
         was_training = model.training
@@ -143,7 +155,9 @@ class Pruner:
 
         # 3. Per-layer sparsity: uniform, or from a dense pass measuring the schedule's signal.
         signal: list[float] = []
-        if config.layerwise == "uniform":
+        if resume is not None and resume.layer_sparsity:
+            layer_sparsity, signal = list(resume.layer_sparsity), list(resume.layerwise_signal)
+        elif config.layerwise == "uniform":
             layer_sparsity = uniform_schedule(len(stack.layers), config.sparsity)
         else:
             t = time.perf_counter()
@@ -168,18 +182,35 @@ class Pruner:
         # 4. Sequential walk: statistics -> prune -> propagate, layer by layer.
         hidden = captured.hidden_states[: len(all_batches)]
         originals: dict[str, tuple[PrunableLinear, torch.Tensor]] = {}
-        module_sparsity: dict[str, float] = {}
-        module_shapes: dict[str, list[int]] = {}
+        state = resume or ResumeState(fingerprint=checkpoint.fingerprint if checkpoint else "")
+        state.layer_sparsity, state.layerwise_signal = list(layer_sparsity), list(signal)
+        module_sparsity, module_shapes = state.module_sparsity, state.module_shapes
+        first_layer = state.completed_layers
         timings.update(statistics=0.0, pruning=0.0, propagation=0.0)
         try:
+            if first_layer:
+                # Resume: re-apply the finished layers' pruned weights and reload the next layer's inputs.
+                for index in range(first_layer):
+                    saved = checkpoint.load_layer(index)
+                    for module in layer_modules[index]:
+                        weight = module.read_weight()
+                        originals[module.name] = (module, weight.detach().to("cpu", copy=True))
+                        module.write_weight(saved[module.name].to(weight.dtype))
+                if first_layer < len(stack.layers):
+                    hidden = checkpoint.load_hidden()
+            elif checkpoint is not None:
+                checkpoint.save_progress(state, None)  # the schedule, so a resume skips the signal pass
             progress = tqdm(
-                list(enumerate(stack.layers)),
+                list(enumerate(stack.layers))[first_layer:],
+                initial=first_layer,
+                total=len(stack.layers),
                 desc=f"Pruning ({config.method})",
                 unit="layer",
                 disable=not show_progress,
             )
             for index, layer in progress:
                 modules = layer_modules[index]
+                pruned_layer: dict[str, torch.Tensor] = {}
                 if modules:
                     t = time.perf_counter()
                     collector = self._new_collector(modules, len(languages), negative=n_negative > 0)
@@ -200,11 +231,17 @@ class Pruner:
                         new_weights = self._prune_group(group, weights, collector, layer_sparsity[index])
                         for module, weight, new_weight in zip(group, weights, new_weights):
                             module.write_weight(new_weight.to(weight.dtype))
+                            pruned_layer[module.name] = new_weight.to(weight.dtype)
                             module_sparsity[module.name] = float((new_weight == 0).float().mean())
                             module_shapes[module.name] = list(module.shape)
                     timings["pruning"] += time.perf_counter() - t
+                    if checkpoint is not None:
+                        checkpoint.save_layer(index, pruned_layer)
 
                 if index == len(stack.layers) - 1:
+                    if checkpoint is not None:
+                        state.completed_layers = index + 1
+                        checkpoint.save_progress(state, None)
                     break  # nothing reads the last layer's outputs
                 t = time.perf_counter()
                 with torch.no_grad():
@@ -215,6 +252,9 @@ class Pruner:
                                 f"decoder layer {index} produced NaN or infinite hidden states after pruning"
                             )
                 timings["propagation"] += time.perf_counter() - t
+                if checkpoint is not None:
+                    state.completed_layers = index + 1
+                    checkpoint.save_progress(state, hidden)
         except BaseException:
             # Leave the model as it was: restore every weight already changed.
             for module, weight in originals.values():
@@ -238,7 +278,10 @@ class Pruner:
             calibration_sources=dict(calibration_set.sources),
             architecture=type(model).__name__,
             base_model=str(getattr(model, "name_or_path", "") or ""),
-            negative_calibration_tokens=sum(negative_set.token_counts.values()) if negative_set is not None else 0,
+            negative_calibration_tokens=sum(negative_set.token_counts.values())
+            if negative_set is not None
+            else 0,
+            resumed_from_layer=first_layer,
         )
         return self.report
 
@@ -495,6 +538,19 @@ def _as_calibration_set(calibration, tokenizer, config: PruningConfig, what: str
             seed=config.seed,
         )
     raise TypeError(f"{what} values must all be LongTensors of token ids or all be lists of strings")
+
+
+def _fingerprint(config, model, layer_modules, calibration_set, negative_set) -> str:
+    config_data = {k: v for k, v in config.to_dict().items() if k != "optimum_mwanda_version"}
+    tensors = [calibration_set.input_ids, calibration_set.attention_mask, calibration_set.language_index]
+    if negative_set is not None:
+        tensors += [negative_set.input_ids, negative_set.attention_mask]
+    layout = {
+        "architecture": type(model).__name__,
+        "languages": calibration_set.language_list,
+        "modules": [[m.name, list(m.shape)] for modules in layer_modules for m in modules],
+    }
+    return run_fingerprint(config_data, tensors, layout)
 
 
 def _validate_modules(layer_modules: list[list[PrunableLinear]], config: PruningConfig) -> None:

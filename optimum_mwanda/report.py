@@ -27,6 +27,7 @@ class PruningReport:
         architecture: the model's class name.
         base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
         negative_calibration_tokens: tokens of negative calibration text (Kim et al.), 0 when none was used.
+        resumed_from_layer: the first decoder layer this call pruned (> 0 when it resumed a checkpoint).
     """
 
     method: str
@@ -43,6 +44,7 @@ class PruningReport:
     architecture: str = ""
     base_model: str = ""
     negative_calibration_tokens: int = 0
+    resumed_from_layer: int = 0
 
     @property
     def achieved_sparsity(self) -> float:
