@@ -33,6 +33,7 @@ from .methods import (
 )
 from .methods.layerwise import uniform_schedule
 from .modeling import (
+    ActivationStore,
     CapturedInputs,
     LayerStatisticsCollector,
     PrunableLinear,
@@ -82,6 +83,8 @@ class Pruner:
         negative_calibration: CalibrationSet | Mapping[str, Any] | Sequence[str] | None = None,
         show_progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
+        activations_device: str | torch.device | None = None,
+        activations_max_memory: int | None = None,
     ) -> PruningReport:
         """Prune ``model`` in place and return a :class:`PruningReport` (also kept as ``self.report``).
 
@@ -100,6 +103,10 @@ class Pruner:
                 layer's inputs, the layer schedule). A run killed part-way and started again with the same
                 arguments on a freshly loaded model resumes at the first unfinished layer and produces the
                 same masks as an uninterrupted run.
+            activations_device: where calibration activations wait between layers (e.g. ``"cpu"`` to keep
+                them off the accelerator); ``None`` leaves them where they were produced.
+            activations_max_memory: bytes of activations kept in memory; further batches are spilled to a
+                temporary folder on disk (``None``: no limit).
 
         Every input is validated before any weight is touched; if pruning fails part-way, the weights
         already changed are restored before the exception propagates.
@@ -180,7 +187,10 @@ class Pruner:
             timings["layerwise_signal"] = time.perf_counter() - t
 
         # 4. Sequential walk: statistics -> prune -> propagate, layer by layer.
-        hidden = captured.hidden_states[: len(all_batches)]
+        hidden = ActivationStore(
+            captured.hidden_states[: len(all_batches)], activations_device, activations_max_memory
+        )
+        captured.hidden_states.clear()  # the store holds the only copy now
         originals: dict[str, tuple[PrunableLinear, torch.Tensor]] = {}
         state = resume or ResumeState(fingerprint=checkpoint.fingerprint if checkpoint else "")
         state.layer_sparsity, state.layerwise_signal = list(layer_sparsity), list(signal)
@@ -197,7 +207,8 @@ class Pruner:
                         originals[module.name] = (module, weight.detach().to("cpu", copy=True))
                         module.write_weight(saved[module.name].to(weight.dtype))
                 if first_layer < len(stack.layers):
-                    hidden = checkpoint.load_hidden()
+                    for b, tensor in enumerate(checkpoint.load_hidden()):
+                        hidden[b] = tensor
             elif checkpoint is not None:
                 checkpoint.save_progress(state, None)  # the schedule, so a resume skips the signal pass
             progress = tqdm(
@@ -254,13 +265,14 @@ class Pruner:
                 timings["propagation"] += time.perf_counter() - t
                 if checkpoint is not None:
                     state.completed_layers = index + 1
-                    checkpoint.save_progress(state, hidden)
+                    checkpoint.save_progress(state, hidden.as_list())
         except BaseException:
             # Leave the model as it was: restore every weight already changed.
             for module, weight in originals.values():
                 module.write_weight(weight)
             raise
         finally:
+            hidden.close()
             model.train(was_training)
 
         timings["total"] = time.perf_counter() - start

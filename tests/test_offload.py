@@ -20,7 +20,12 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 def _disk_device_map(num_layers: int) -> dict[str, str]:
-    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     for i in range(num_layers):
         device_map[f"model.layers.{i}"] = "disk" if i % 2 == 0 else "cpu"
     return device_map
@@ -72,3 +77,43 @@ def test_offloaded_models_prune_like_in_memory(checkpoint, tmp_path, config):
     for name, weight in _weights(reloaded).items():
         assert torch.equal(weight == 0, expected[name] == 0), name
     assert (checkpoint / "model.safetensors").read_bytes() == source_checkpoint
+
+
+def test_model_larger_than_max_memory_prunes_with_disk_offload(checkpoint, tmp_path):
+    calibration = make_token_calibration()
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    Pruner(WandaConfig()).prune_model(reference, calibration, show_progress=False)
+    # A CPU budget below the model's size: from_pretrained puts what does not fit on disk.
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, device_map="auto", max_memory={"cpu": "250KB"}, offload_folder=str(tmp_path / "off")
+    ).eval()
+    assert "disk" in set(model.hf_device_map.values())
+    Pruner(WandaConfig()).prune_model(model, calibration, show_progress=False)
+    for name, weight in _weights(reference).items():
+        assert torch.equal(_weights(model)[name] == 0, weight == 0), name
+
+
+def test_activations_spill_to_disk_with_identical_masks():
+    calibration = make_token_calibration()
+    in_memory, spilled = make_model("llama"), make_model("llama")
+    Pruner(SparseGPTConfig(block_size=32)).prune_model(in_memory, calibration, show_progress=False)
+    # A budget of one batch: the other batches of every layer's inputs go to disk and back.
+    one_batch = 4 * 24 * 64 * 4
+    Pruner(SparseGPTConfig(block_size=32)).prune_model(
+        spilled, calibration, show_progress=False, activations_device="cpu", activations_max_memory=one_batch
+    )
+    for name, weight in _weights(in_memory).items():
+        assert torch.equal(_weights(spilled)[name], weight), name
+
+
+def test_activation_store_budget(tmp_path):
+    from optimum_mwanda.modeling import ActivationStore
+
+    tensors = [torch.full((2, 3), float(i)) for i in range(4)]
+    store = ActivationStore(tensors, device="cpu", max_memory_bytes=2 * 6 * 4, spill_dir=tmp_path)
+    assert store.bytes_in_memory == 48 and store.batches_on_disk == 2
+    assert [float(store[i][0, 0]) for i in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    store[3] = torch.zeros(2, 3)
+    assert torch.equal(store[3], torch.zeros(2, 3))
+    store.close()
+    assert not any(tmp_path.iterdir())

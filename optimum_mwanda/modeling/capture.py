@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .decoder import DecoderStack
+from .offload import execution_device
 
 
 class _StopForward(Exception):
@@ -38,11 +39,15 @@ class CapturedInputs:
     calls: list[list[LayerCall]] = field(default_factory=list)  # [layer][batch]
     returns_tuple: bool = False
     tuple_length: int = 1
+    devices: dict[int, torch.device] = field(default_factory=dict)
 
     def call(self, hidden: torch.Tensor, layer: nn.Module, index: int, batch: int) -> torch.Tensor:
         """Run decoder layer ``index`` on ``hidden`` with the arguments captured for ``batch``."""
         recorded = self.calls[index][batch]
-        output = layer(hidden, *recorded.args, **recorded.kwargs)
+        device = self.devices.get(index)
+        if device is None:
+            device = self.devices[index] = execution_device(layer)
+        output = layer(hidden.to(device), *recorded.args, **recorded.kwargs)
         return output[0] if isinstance(output, (tuple, list)) else output
 
 
