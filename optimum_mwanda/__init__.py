@@ -1,9 +1,18 @@
 """optimum-mwanda: one-shot pruning of multilingual causal language models."""
 
-from .calibration import CalibrationSet, build_calibration
+from .calibration import (
+    CalibrationSet,
+    build_calibration,
+    default_calibration,
+    load_bundled_corpus,
+    translation_demonstrations,
+)
 from .configuration import MWandaConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .evaluation import evaluate_perplexity
+from .hub import load_pruned_model, verify_sparsity
 from .pruner import Pruner
 from .report import PruningReport
+from .training import SparsityKeeper, merge_and_reprune, preserve_sparsity
 from .version import __version__
 
 __all__ = [
@@ -16,4 +25,24 @@ __all__ = [
     "WandaConfig",
     "__version__",
     "build_calibration",
+    "default_calibration",
+    "load_bundled_corpus",
+    "translation_demonstrations",
+    "evaluate_perplexity",
+    "load_pruned_model",
+    "verify_sparsity",
+    "SparsityKeeper",
+    "SparsityPreservingCallback",
+    "merge_and_reprune",
+    "preserve_sparsity",
 ]
+
+
+def __getattr__(name: str):
+    # SparsityPreservingCallback subclasses transformers.TrainerCallback, whose import takes seconds: load it
+    # on first use only, so `import optimum_mwanda` stays fast.
+    if name == "SparsityPreservingCallback":
+        from .training import SparsityPreservingCallback
+
+        return SparsityPreservingCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
