@@ -27,6 +27,12 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.pop(_name, None)
 
+# The tests run tiny models whose ops are too small to gain from intra-op threads; one thread avoids
+# OpenMP overhead (and spinning when the machine is busy). The real-model benchmarks set their own.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 WRITE_TOKEN = "hf_test_write_token"
 READ_TOKEN = "hf_test_read_token"
 

@@ -1,0 +1,243 @@
+"""Fast screening of M-Wanda importance formulations on Gemma 3 270M.
+
+The real pruner is sequential (each layer's statistics come from the already-pruned earlier layers), so
+comparing N formulations costs N full prunes. For *screening* this script collects per-language
+statistics of every linear module once, on the dense model, then builds each variant's masks from those
+statistics and measures held-out perplexity. Variants that win here are then confirmed with the real
+sequential pruner in ``benchmarks/multilingual_study.py``; only those numbers decide the defaults.
+
+Usage: ``python benchmarks/mwanda_screening.py`` (writes ``benchmarks/results/mwanda_screening.{json,md}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
+from optimum_mwanda.demo import load_demo_model
+from optimum_mwanda.evaluation import evaluate_perplexity
+from optimum_mwanda.methods import (
+    FeatureStatistics,
+    cross_lingual_correlation,
+    cwl_schedule,
+    mask_from_scores,
+    wanda_scores,
+)
+from optimum_mwanda.modeling import LayerStatisticsCollector, find_decoder_stack, find_prunable_linears
+
+RESULTS = Path(__file__).parent / "results"
+LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
+THRESHOLDS = (1.0, 2.0, 3.0)
+
+
+def collect_dense_statistics(model, calibration, batch_size: int = 4):
+    """Per-language statistics of every prunable module's input, from one dense forward pass."""
+    stack = find_decoder_stack(model)
+    modules = [
+        m
+        for i, layer in enumerate(stack.layers)
+        for m in find_prunable_linears(layer, stack.layer_name(i), [])
+    ]
+    n_lang = len(calibration.language_list)
+    collectors = {
+        t: LayerStatisticsCollector(
+            modules,
+            lambda n, device, t=t: FeatureStatistics(
+                n, n_lang, device, track_activation=True, activation_threshold=t
+            ),
+        )
+        for t in THRESHOLDS
+    }
+    index = calibration.language_index
+    from contextlib import ExitStack
+
+    with ExitStack() as stack_ctx, torch.no_grad():
+        for collector in collectors.values():
+            stack_ctx.enter_context(collector.attached())
+        for start in range(0, len(calibration), batch_size):
+            ids = calibration.input_ids[start : start + batch_size]
+            mask = calibration.attention_mask[start : start + batch_size]
+            for collector in collectors.values():
+                collector.set_batch(mask, index[start : start + batch_size])
+            model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+            for collector in collectors.values():
+                collector.end_batch()
+    stats = {t: {m.name: c.statistic_for(m) for m in modules} for t, c in collectors.items()}
+    return modules, stats
+
+
+def generalized_mean(norms: torch.Tensor, p: float) -> torch.Tensor:
+    if math.isinf(p):
+        return norms.amax(0)
+    return norms.pow(p).mean(0).pow(1.0 / p)
+
+
+def variants() -> dict[str, Callable]:
+    """name -> importance(stats_by_threshold, module_name) -> [in]"""
+
+    def wanda(s, n):
+        return s[1.0][n].pooled_norm
+
+    def variance(w, t=1.0):
+        return lambda s, n: s[t][n].pooled_norm + w * s[t][n].language_norms.std(0, unbiased=False)
+
+    def prob(w, t):
+        return lambda s, n: s[t][n].pooled_norm * (1 + w * s[t][n].activation_probability.amax(0))
+
+    def prob_mean(w, t):
+        return lambda s, n: s[t][n].pooled_norm * (1 + w * s[t][n].activation_probability.mean(0))
+
+    def pmean(p):
+        return lambda s, n: generalized_mean(s[1.0][n].language_norms, p)
+
+    def balanced(s, n):
+        norms = s[1.0][n].language_norms
+        scale = norms.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+        return (norms / scale).pow(2).mean(0).sqrt()
+
+    def minimum(s, n):
+        return s[1.0][n].language_norms.amin(0)
+
+    return {
+        "wanda": wanda,
+        "variance w=0.25": variance(0.25),
+        "variance w=0.5": variance(0.5),
+        "variance w=1": variance(1.0),
+        "variance w=2": variance(2.0),
+        "variance w=-0.25": variance(-0.25),
+        "p-mean p=4": pmean(4.0),
+        "p-mean p=8": pmean(8.0),
+        "p-mean p=inf (max)": pmean(math.inf),
+        "p-mean p=1": pmean(1.0),
+        "min over languages": minimum,
+        "language-balanced": balanced,
+        "max-prob w=0.25 t=1": prob(0.25, 1.0),
+        "max-prob w=1 t=1": prob(1.0, 1.0),
+        "max-prob w=0.25 t=2": prob(0.25, 2.0),
+        "max-prob w=0.5 t=3": prob(0.5, 3.0),
+        "mean-prob w=0.5 t=2": prob_mean(0.5, 2.0),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--samples-per-language", type=int, default=4)
+    parser.add_argument("--max-windows", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument(
+        "--cwl", action="store_true", help="also screen CWL layer schedules with the Wanda score"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "mwanda_screening")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_demo_model()
+    model.eval()
+    calibration = default_calibration(
+        tokenizer, languages=LANGUAGES, samples_per_language=args.samples_per_language
+    )
+    heldout = load_bundled_corpus("heldout", languages=LANGUAGES)
+    t = time.perf_counter()
+    modules, stats = collect_dense_statistics(model, calibration)
+    print(f"[screening] dense statistics in {time.perf_counter() - t:.0f} s", flush=True)
+    originals = {m.name: m.read_weight().clone() for m in modules}
+    layer_of = {m.name: int(m.name.split(".")[-3]) for m in modules}
+    n_layers = max(layer_of.values()) + 1
+
+    def run(name, importance, layer_sparsity=None):
+        for m in modules:
+            weight = originals[m.name]
+            sparsity = layer_sparsity[layer_of[m.name]] if layer_sparsity else args.sparsity
+            mask = mask_from_scores(wanda_scores(weight, importance(stats, m.name)), sparsity, None)
+            m.write_weight(weight.masked_fill(mask, 0.0))
+        ppl = evaluate_perplexity(
+            model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
+        )
+        for m in modules:
+            m.write_weight(originals[m.name])
+        geo = math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl))
+        print(
+            f"[screening] {name:28s} geomean {geo:8.2f}  " + " ".join(f"{k}={v:.1f}" for k, v in ppl.items()),
+            flush=True,
+        )
+        return {"perplexity": ppl, "geomean": geo}
+
+    results = {}
+    out_json = args.output.with_suffix(".json")
+    if out_json.exists():
+        results = json.loads(out_json.read_text()).get("results", {})
+    todo = {k: v for k, v in variants().items() if not args.only or k in args.only}
+    if "dense" not in results:
+        ppl = evaluate_perplexity(
+            model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
+        )
+        results["dense"] = {
+            "perplexity": ppl,
+            "geomean": math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)),
+        }
+    for name, importance in todo.items():
+        if name not in results:
+            results[name] = run(name, importance)
+            _write(args, results)
+    if args.cwl:
+        corr = []
+        for layer in range(n_layers):
+            names = [m.name for m in modules if layer_of[m.name] == layer]
+            profiles = torch.cat([stats[1.0][n].language_norms for n in names], dim=1)
+            corr.append(cross_lingual_correlation(profiles))
+        counts = [sum(originals[n].numel() for n in originals if layer_of[n] == i) for i in range(n_layers)]
+        for protect in ("specific", "shared"):
+            name = f"wanda + CWL {protect}"
+            if name not in results:
+                schedule = cwl_schedule(corr, counts, args.sparsity, 0.08, protect)
+                results[name] = run(name, variants()["wanda"], schedule)
+                results[name]["schedule"] = schedule
+                results[name]["correlation"] = corr
+                _write(args, results)
+    _write(args, results)
+
+
+def _write(args, results) -> None:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/mwanda_screening.py" + (" --cwl" if args.cwl else "")
+    args.output.with_suffix(".json").write_text(
+        json.dumps(
+            {"command": command, "settings": vars(args) | {"output": str(args.output)}, "results": results},
+            indent=2,
+        )
+        + "\n"
+    )
+    wanda = results.get("wanda", {}).get("geomean")
+    lines = [
+        "# M-Wanda screening (dense statistics, one-shot masks)",
+        "",
+        f"Command: `{command}`. Calibration: 7 languages x {args.samples_per_language} x 512 tokens of the bundled "
+        f"corpus; held-out: {args.max_windows} windows of 512 tokens per language; sparsity {args.sparsity}.",
+        "Statistics from the dense model (not sequential): a screen, not the final numbers.",
+        "",
+        "| variant | geomean | vs Wanda | " + " | ".join(LANGUAGES) + " |",
+        "|---|---:|---:|" + "---:|" * len(LANGUAGES),
+    ]
+    for name, res in results.items():
+        rel = f"{res['geomean'] / wanda:.3f}" if wanda else "-"
+        lines.append(
+            f"| {name} | {res['geomean']:.2f} | {rel} | "
+            + " | ".join(f"{res['perplexity'][lang]:.1f}" for lang in LANGUAGES)
+            + " |"
+        )
+    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

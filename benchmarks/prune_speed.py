@@ -1,0 +1,190 @@
+"""Prune time of Wanda, SparseGPT and M-Wanda as ratios to a plain forward pass, plus peak RSS.
+
+Every measurement runs in its own Python process (fresh peak-RSS counter, no warm caches shared between
+methods) on the same model and the same calibration tokens:
+
+- the floor: one plain forward pass of the decoder over the calibration data (``model.get_decoder()``, no
+  LM head), in batches of ``--batch-size``: the least work any calibration-based pruner must do. Each
+  process measures it right before its own run, so every ratio compares timings taken under the same load;
+- ``floor_with_logits``: the same through the full model (LM head and logits included), for reference;
+- one run of ``Pruner.prune_model`` per method.
+
+Usage (the committed results came from exactly this)::
+
+    python benchmarks/prune_speed.py                 # Gemma 3 270M, bundled corpus, 7 x 8 x 512 tokens
+
+Writes ``benchmarks/results/prune_speed.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
+RESULTS = Path(__file__).parent / "results"
+
+
+def _load(args):
+    import torch
+
+    from optimum_mwanda.calibration import default_calibration
+
+    if args.model == "demo":
+        from optimum_mwanda.demo import load_demo_model
+
+        model, tokenizer = load_demo_model(dtype=torch.float32)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model.eval()
+    calibration = default_calibration(
+        tokenizer,
+        languages=args.languages,
+        samples_per_language=args.samples_per_language,
+        seq_len=args.seq_len,
+    )
+    return model, calibration
+
+
+def _config(name: str, args):
+    from optimum_mwanda import MWandaConfig, SparseGPTConfig, WandaConfig
+
+    common = dict(sparsity=args.sparsity, batch_size=args.batch_size)
+    return {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "mwanda": MWandaConfig}[name](**common)
+
+
+def worker(name: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, calibration = _load(args)
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result: dict = {"name": name, "tokens": int(calibration.attention_mask.sum())}
+
+    def forward_pass(runner) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(calibration), args.batch_size):
+                runner(
+                    input_ids=calibration.input_ids[i : i + args.batch_size],
+                    attention_mask=calibration.attention_mask[i : i + args.batch_size],
+                    use_cache=False,
+                )
+        return time.perf_counter() - start
+
+    # Every process measures its own floor right before its run: the ratio then compares two timings
+    # taken under the same machine load.
+    result["floor_seconds"] = forward_pass(model.get_decoder())
+    if name == "floor_with_logits":
+        result["seconds"] = forward_pass(model)
+    else:
+        from optimum_mwanda import Pruner
+
+        config = _config(name, args)
+        start = time.perf_counter()
+        report = Pruner(config).prune_model(model, calibration, show_progress=False)
+        result["seconds"] = time.perf_counter() - start
+        result["timings"] = report.timings
+        result["achieved_sparsity"] = report.achieved_sparsity
+        result["config"] = config.to_dict()
+    result["ratio_to_floor"] = result["seconds"] / result["floor_seconds"]
+    # Other processes on the machine inflate both timings; the load average says how busy it was.
+    result["load_average_1min"] = os.getloadavg()[0]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["rss_after_load_mb"] = rss_loaded
+    result["model_parameters"] = sum(p.numel() for p in model.parameters())
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="demo", help="'demo' (Gemma 3 270M from its PyPI package) or a path/id"
+    )
+    parser.add_argument("--languages", nargs="+", default=DEFAULT_LANGUAGES)
+    parser.add_argument("--samples-per-language", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", nargs="+", default=["floor_with_logits", "wanda", "mwanda", "sparsegpt"])
+    parser.add_argument("--output", type=Path, default=RESULTS / "prune_speed")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
+        return
+
+    results = {}
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for name in args.runs:
+        print(f"[prune_speed] running {name} ...", flush=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--worker", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if out.returncode != 0 or line is None:
+            sys.stderr.write(out.stderr[-4000:])
+            raise SystemExit(f"{name} failed with exit code {out.returncode}")
+        results[name] = json.loads(line[len("RESULT ") :])
+        print(
+            f"[prune_speed] {name}: {results[name]['seconds']:.1f} s, peak RSS {results[name]['peak_rss_mb']:.0f} MB"
+        )
+
+    summary = {
+        "command": "python benchmarks/prune_speed.py " + " ".join(passthrough),
+        "machine": {
+            "cpu_threads": args.threads,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "output")},
+        "results": results,
+        "ratios": {f"{name}/floor": res["ratio_to_floor"] for name, res in results.items()},
+    }
+    if "wanda" in results:
+        for name in ("mwanda", "sparsegpt"):
+            if name in results:
+                summary["ratios"][f"{name}/wanda"] = (
+                    results[name]["ratio_to_floor"] / results["wanda"]["ratio_to_floor"]
+                )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    lines = [
+        "# Prune speed",
+        "",
+        f"Command: `{summary['command']}`  ",
+        f"Tokens: {next(iter(results.values()))['tokens']} calibration tokens, {args.threads} CPU threads, "
+        f"{platform.platform()}",
+        "",
+        "| run | seconds | floor seconds (same process) | x floor | peak RSS (MB) | load avg |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, res in results.items():
+        lines.append(
+            f"| {name} | {res['seconds']:.1f} | {res['floor_seconds']:.1f} | {res['ratio_to_floor']:.2f} | "
+            f"{res['peak_rss_mb']:.0f} | {res['load_average_1min']:.1f} |"
+        )
+    lines += ["", *(f"- {k}: {v:.2f}" for k, v in summary["ratios"].items() if "/wanda" in k)]
+    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
