@@ -206,6 +206,7 @@ def calibration_language_sweep(
     include_dense: bool = True,
     fixed_budget: bool = True,
     show_progress: bool = True,
+    add_bos: bool | None = None,
 ) -> SweepResult:
     """Prune a fresh copy of a model once per calibration language (and mix) and evaluate every language.
 
@@ -225,6 +226,7 @@ def calibration_language_sweep(
             (``config.samples_per_language``), split equally among a mix's languages (at least one each);
             with ``False`` a mix gets ``samples_per_language`` sequences per language.
         show_progress: progress bars for evaluation.
+        add_bos: prepend BOS to evaluation windows (``None``: when the tokenizer has one).
 
     Returns:
         A :class:`SweepResult`.
@@ -248,10 +250,11 @@ def calibration_language_sweep(
         "batch_size": batch_size,
         "max_windows": max_windows,
         "show_progress": show_progress,
+        "add_bos": add_bos,
     }
     # Check the evaluation settings and build every calibration set before any model work, so a bad setting
     # or a language with too little text fails at once rather than after the first pruning run.
-    prepare_evaluation(tokenizer, evaluation, seq_len, stride, batch_size, max_windows)
+    prepare_evaluation(tokenizer, evaluation, seq_len, stride, batch_size, max_windows, add_bos=add_bos)
     calibration_sets = {
         name: _calibration_for(langs, calibration, tokenizer, config, fixed_budget)
         for name, langs in plan.items()
