@@ -1,0 +1,254 @@
+"""Per-language perplexity (and optionally lm-evaluation-harness tasks) of pruned or dense models.
+
+Each MODEL is ``demo`` (the embedded Gemma 3 270M), a local folder (a pruned checkpoint saved by
+optimum-mwanda, dense or compressed, or any transformers checkpoint) or a Hub id. Models are evaluated one
+after the other on the bundled held-out text (or ``--data``: a folder of ``{lang}.txt`` files, one text per
+line) and printed as one table, a column per model, with the measured sparsity of each.
+
+``--lm-eval-tasks xnli,xstorycloze,xcopa,belebele`` additionally runs EleutherAI's lm-evaluation-harness
+(``pip install lm_eval``; it downloads the task datasets from the Hugging Face Hub when run). It is
+optional: when it is not installed and tasks are requested, the script says so and exits with status 2
+before loading any model.
+
+Usage::
+
+    python examples/evaluate_pruned.py demo gemma-3-270m-mwanda-50
+    python examples/evaluate_pruned.py gemma-3-270m-mwanda-50 --languages en sw de --json ppl.json
+    python examples/evaluate_pruned.py gemma-3-270m-mwanda-50 --lm-eval-tasks xnli_sw,xstorycloze_sw --lm-eval-limit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
+LM_EVAL_MISSING = (
+    "lm-evaluation-harness is not installed, so --lm-eval-tasks cannot run: pip install lm_eval "
+    "(its tasks download their datasets from the Hugging Face Hub at run time)"
+)
+
+
+def lm_eval_available() -> bool:
+    """Whether the optional ``lm_eval`` package can be imported."""
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def parse_tasks(spec: str | None) -> list[str]:
+    """``"xnli, xstorycloze"`` -> ``["xnli", "xstorycloze"]`` (empty names dropped, order kept, no repeats)."""
+    if not spec:
+        return []
+    return list(dict.fromkeys(task.strip() for task in spec.split(",") if task.strip()))
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        return math.nan
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def format_table(
+    columns: Mapping[str, Mapping[str, float]],
+    languages: Sequence[str],
+    sparsity: Mapping[str, float] | None = None,
+) -> str:
+    """Perplexity per language (rows) and model (columns), their geometric mean and the models' sparsity."""
+    names = list(columns)
+    width = max(10, *(len(n) for n in names))
+    lines = ["language".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
+    lines.append("-" * len(lines[0]))
+    for lang in languages:
+        lines.append(
+            lang.ljust(10) + "".join(f"{columns[n].get(lang, math.nan):.2f}".rjust(width + 2) for n in names)
+        )
+    means = [geometric_mean([columns[n].get(lang, math.nan) for lang in languages]) for n in names]
+    lines.append("geomean".ljust(10) + "".join(f"{m:.2f}".rjust(width + 2) for m in means))
+    if sparsity is not None:
+        lines.append("sparsity".ljust(10) + "".join(f"{sparsity[n]:.3f}".rjust(width + 2) for n in names))
+    return "\n".join(lines)
+
+
+def flatten_lm_eval_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``simple_evaluate``'s ``results["results"]`` as ``{task: {metric: value}}``.
+
+    The harness keys metrics as ``"<metric>,<filter>"`` (``"acc,none"``, ``"acc_stderr,none"``); the default
+    ``none`` filter is dropped from the name, non-numeric entries (aliases) are skipped.
+    """
+    flat: dict[str, dict[str, float]] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        row = {}
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, _, filter_name = key.partition(",")
+            row[metric if filter_name in ("", "none") else f"{metric} ({filter_name})"] = float(value)
+        if row:
+            flat[task] = row
+    return flat
+
+
+def run_lm_eval(
+    model, tokenizer, tasks: list[str], batch_size: int, limit: int | None, num_fewshot: int | None
+) -> dict[str, dict[str, float]]:
+    """Run lm-evaluation-harness tasks on an in-memory model (``HFLM(pretrained=model)``)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit)
+    return flatten_lm_eval_results(results or {})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="'demo', a folder or a Hub id")
+    parser.add_argument("--languages", nargs="+", default=None, help="default: ar de en es ru sw zh")
+    parser.add_argument("--data", type=Path, help="a folder of {lang}.txt files to evaluate on instead")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: none)")
+    parser.add_argument("--max-windows", type=int, default=4, help="windows per language (0: all)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    harness = parser.add_argument_group("lm-evaluation-harness (optional, needs `pip install lm_eval`)")
+    harness.add_argument("--lm-eval-tasks", default=None, help="comma-separated tasks, e.g. xnli,xstorycloze")
+    harness.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task (quick runs)")
+    harness.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples")
+    harness.add_argument("--lm-eval-batch-size", type=int, default=1)
+    return parser
+
+
+def _load(reference: str, dtype):
+    from transformers import AutoTokenizer
+
+    if reference == "demo":
+        from optimum_mwanda.demo import load_demo_model
+
+        return load_demo_model(dtype=dtype)
+    from optimum_mwanda import load_pruned_model
+
+    # load_pruned_model reads dense and compressed optimum-mwanda checkpoints and plain ones alike.
+    model = load_pruned_model(reference, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(reference)
+
+
+def _texts(args: argparse.Namespace) -> dict[str, list[str]]:
+    from optimum_mwanda.calibration import load_bundled_corpus, load_local_texts
+
+    if args.data is None:
+        return load_bundled_corpus("heldout", args.languages or DEFAULT_LANGUAGES)
+    if not args.data.is_dir():
+        raise SystemExit(f"--data {args.data} is not a folder of {{lang}}.txt files")
+    texts = load_local_texts(args.data, languages=args.languages)
+    if not texts:
+        raise SystemExit(f"--data {args.data}: no texts found for languages {args.languages}")
+    return texts
+
+
+def _unique_labels(references: Sequence[str]) -> list[str]:
+    """Short column labels (folder or repo names), made unique."""
+    labels: list[str] = []
+    for reference in references:
+        label = Path(reference.rstrip("/")).name or reference
+        candidate, n = label, 2
+        while candidate in labels:
+            candidate, n = f"{label}#{n}", n + 1
+        labels.append(candidate)
+    return labels
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    tasks = parse_tasks(args.lm_eval_tasks)
+    if tasks and not lm_eval_available():
+        print(f"error: {LM_EVAL_MISSING}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.max_windows < 0 or args.seq_len < 2 or args.batch_size < 1:
+        raise SystemExit("--max-windows must be >= 0, --seq-len >= 2 and --batch-size >= 1")
+
+    import torch
+
+    from optimum_mwanda import evaluate_perplexity, verify_sparsity
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = _texts(args)
+    languages = list(texts)
+    dtype = getattr(torch, args.dtype)
+
+    columns: dict[str, dict[str, float]] = {}
+    sparsity: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    for reference, label in zip(args.models, _unique_labels(args.models)):
+        print(f"evaluating {reference} ...", flush=True)
+        start = time.perf_counter()
+        model, tokenizer = _load(reference, dtype)
+        result = evaluate_perplexity(
+            model,
+            tokenizer,
+            texts,
+            seq_len=args.seq_len,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            max_windows=args.max_windows or None,
+            return_details=True,
+        )
+        columns[label] = result.perplexities
+        try:
+            sparsity[label] = verify_sparsity(model).overall
+        except ValueError:  # no decoder layers found: report perplexity only
+            sparsity[label] = math.nan
+        entry: dict[str, Any] = {
+            "model": reference,
+            "perplexity": result.perplexities,
+            "scored_tokens": result.tokens,
+            "sparsity": None if math.isnan(sparsity[label]) else sparsity[label],
+        }
+        if tasks:
+            entry["lm_eval"] = run_lm_eval(
+                model, tokenizer, tasks, args.lm_eval_batch_size, args.lm_eval_limit, args.lm_eval_fewshot
+            )
+        entry["seconds"] = time.perf_counter() - start
+        details[label] = entry
+        del model  # one model in memory at a time
+
+    print()
+    window = f"{args.max_windows} windows" if args.max_windows else "all windows"
+    print(f"Held-out perplexity ({window} of {args.seq_len} tokens per language):")
+    print(format_table(columns, languages, sparsity))
+    for label, entry in details.items():
+        for task, metrics in entry.get("lm_eval", {}).items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"{label} | {task}: {shown}")
+
+    output = {
+        "settings": {
+            "languages": languages,
+            "data": str(args.data) if args.data else "bundled heldout",
+            "seq_len": args.seq_len,
+            "stride": args.stride,
+            "max_windows": args.max_windows,
+            "dtype": args.dtype,
+            "lm_eval_tasks": tasks,
+            "lm_eval_limit": args.lm_eval_limit,
+        },
+        "models": details,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(output, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return output
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
