@@ -28,6 +28,8 @@ from optimum_mwanda.methods import (
     cross_lingual_correlation,
     cwl_schedule,
     mask_from_scores,
+    outlier_ratio,
+    owl_schedule,
     wanda_scores,
 )
 from optimum_mwanda.modeling import LayerStatisticsCollector, find_decoder_stack, find_prunable_linears
@@ -105,6 +107,27 @@ def variants() -> dict[str, Callable]:
     def minimum(s, n):
         return s[1.0][n].language_norms.amin(0)
 
+    def ria(power, per_language=None):
+        # RIA-style relative importance (Zhang et al., 2024): |W| relative to its row and column sums,
+        # times the activation norm to a power; optionally the norm is a per-language generalised mean.
+        def score(s, n, weight):
+            w = weight.abs().float()
+            relative = w / w.sum(1, keepdim=True).clamp_min(1e-12) + w / w.sum(0, keepdim=True).clamp_min(
+                1e-12
+            )
+            norm = (
+                s[1.0][n].pooled_norm
+                if per_language is None
+                else generalized_mean(s[1.0][n].language_norms, per_language)
+            )
+            return relative * norm.pow(power).unsqueeze(0)
+
+        score.needs_weight = True
+        return score
+
+    def wanda_power(power):
+        return lambda s, n: s[1.0][n].pooled_norm.pow(power)
+
     return {
         "wanda": wanda,
         "variance w=0.25": variance(0.25),
@@ -123,6 +146,13 @@ def variants() -> dict[str, Callable]:
         "max-prob w=0.25 t=2": prob(0.25, 2.0),
         "max-prob w=0.5 t=3": prob(0.5, 3.0),
         "mean-prob w=0.5 t=2": prob_mean(0.5, 2.0),
+        "max-prob w=1 t=3": prob(1.0, 3.0),
+        "max-prob w=2 t=3": prob(2.0, 3.0),
+        "RIA a=0.5": ria(0.5),
+        "RIA a=1": ria(1.0),
+        "RIA a=0.5 p-mean p=4": ria(0.5, 4.0),
+        "norm^0.5": wanda_power(0.5),
+        "norm^1.5": wanda_power(1.5),
     }
 
 
@@ -159,7 +189,9 @@ def main(argv=None) -> None:
         for m in modules:
             weight = originals[m.name]
             sparsity = layer_sparsity[layer_of[m.name]] if layer_sparsity else args.sparsity
-            mask = mask_from_scores(wanda_scores(weight, importance(stats, m.name)), sparsity, None)
+            value = importance(stats, m.name) if not getattr(importance, "needs_weight", False) else None
+            scores = wanda_scores(weight, value) if value is not None else importance(stats, m.name, weight)
+            mask = mask_from_scores(scores, sparsity, None)
             m.write_weight(weight.masked_fill(mask, 0.0))
         ppl = evaluate_perplexity(
             model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
@@ -197,6 +229,17 @@ def main(argv=None) -> None:
             profiles = torch.cat([stats[1.0][n].language_norms for n in names], dim=1)
             corr.append(cross_lingual_correlation(profiles))
         counts = [sum(originals[n].numel() for n in originals if layer_of[n] == i) for i in range(n_layers)]
+        name = "wanda + OWL"
+        if name not in results:
+            ratios = []
+            for layer in range(n_layers):
+                names = [m.name for m in modules if layer_of[m.name] == layer]
+                scores = [wanda_scores(originals[n], stats[1.0][n].pooled_norm) for n in names]
+                ratios.append(outlier_ratio(scores, 5.0))
+            schedule = owl_schedule(ratios, counts, args.sparsity, 0.08)
+            results[name] = run(name, variants()["wanda"], schedule)
+            results[name]["schedule"] = schedule
+            _write(args, results)
         for protect in ("specific", "shared"):
             name = f"wanda + CWL {protect}"
             if name not in results:

@@ -249,9 +249,11 @@ class MWandaConfig(WandaConfig):
     method: ClassVar[str] = "mwanda"
     allowed_layerwise: ClassVar[tuple[str, ...]] = LAYERWISE_SCHEDULES
 
-    variance_weight: float = 1.0
+    # Defaults are the best setting measured on Gemma 3 270M (benchmarks/results/multilingual_study.md):
+    # the variance term and CWL made perplexity worse there, so they are off unless asked for.
+    variance_weight: float = 0.0
     activation_probability_weight: float = 1.0
-    activation_threshold: float = 1.0
+    activation_threshold: float = 3.0
     cwl_protect: str = "specific"
 
     def validate(self) -> None:
