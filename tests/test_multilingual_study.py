@@ -1,0 +1,134 @@
+"""The multilingual study's pure helpers (names, means, verdict, tables, report) on made-up numbers."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "multilingual_study.py"
+_spec = importlib.util.spec_from_file_location("multilingual_study", _PATH)
+study = importlib.util.module_from_spec(_spec)
+sys.modules["multilingual_study"] = study  # dataclasses look the module up by name
+_spec.loader.exec_module(study)
+
+LANGS = ["ar", "de", "en", "es", "ru", "sw", "zh"]
+
+
+def _record(ppl: dict, sparsity: float, settings=None, prune_seconds=100.0) -> dict:
+    return {"settings": settings, "sparsity": sparsity, "perplexity": ppl, "prune_seconds": prune_seconds}
+
+
+def test_geometric_mean():
+    assert study.geometric_mean([4.0, 9.0]) == pytest.approx(6.0)
+    assert study.geometric_mean([10.0]) == pytest.approx(10.0)
+    assert math.isnan(study.geometric_mean([]))
+    assert math.isnan(study.geometric_mean([2.0, float("inf")]))
+    assert math.isnan(study.geometric_mean([2.0, 0.0]))
+
+
+def test_parse_names_aliases_and_defaults():
+    assert study.parse_config_name("dense").name == "dense"
+    config = study.parse_config_name("mwanda[variance_weight=0.5]@50")
+    assert (config.method, config.sparsity, config.options) == ("mwanda", 0.5, (("variance_weight", 0.5),))
+    # An option equal to the default is dropped: one configuration, one cache key.
+    assert study.parse_config_name("mwanda[variance_weight=0.0]@50").name == "mwanda@50"
+    assert (
+        study.parse_config_name("mwanda-no-actprob@60").name == "mwanda[activation_probability_weight=0]@60"
+    )
+    english = study.parse_config_name("wanda-en@50")
+    assert english.english_only and english.method == "wanda" and english.name == "wanda-en@50"
+    built = study.parse_config_name("mwanda[layerwise=cwl,cwl_protect=shared]@50").pruning_config()
+    assert (built.layerwise, built.cwl_protect, built.sparsity) == ("cwl", "shared", 0.5)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("bogus@50", "unknown configuration base"),
+        ("wanda", "names no sparsity"),
+        ("wanda[layerwise=cwl]@50", "cwl"),  # CWL is M-Wanda only: the config refuses it
+        ("mwanda[no_such_field=1]@50", "no_such_field"),
+        ("mwanda[variance_weight]@50", "malformed option"),
+        ("dense@50", "takes no options"),
+        ("wanda@@50", "malformed configuration name"),
+    ],
+)
+def test_parse_names_rejects_bad_input(name, message):
+    with pytest.raises(ValueError, match=message):
+        study.parse_config_name(name)
+
+
+def test_expand_groups_without_duplicates():
+    names = [c.name for c in study.expand_config_names(["main", "wanda@50", "mwanda"], [0.5, 0.6])]
+    assert names == [
+        "dense",
+        "wanda@50",
+        "sparsegpt@50",
+        "mwanda@50",
+        "wanda@60",
+        "sparsegpt@60",
+        "mwanda@60",
+    ]
+    ablations = [c.name for c in study.expand_config_names(["ablations"], [0.5, 0.6])]
+    assert ablations[:3] == [
+        "wanda-en@50",
+        "mwanda[variance_weight=1]@50",
+        "mwanda[activation_probability_weight=0]@50",
+    ]
+    assert len(ablations) == 4 and ablations[3].startswith("mwanda[layerwise=")
+
+
+def test_compare_and_verdict():
+    wanda = dict(zip(LANGS, [100.0, 80.0, 60.0, 70.0, 120.0, 300.0, 90.0]))
+    better = {lang: v * 0.9 for lang, v in wanda.items()}
+    better["sw"] = 310.0  # worse on one language only
+    results = {"wanda@50": _record(wanda, 0.5), "mwanda@50": _record(better, 0.5)}
+    verdict = study.research_verdict(results, LANGS, 0.5)
+    assert verdict["n_wins"] == 6 and "sw" not in verdict["wins"]
+    assert verdict["beats_geomean"] and verdict["beats_mean"] and verdict["beats"]
+    # Mean lower but only 4 wins: not enough.
+    mixed = dict(wanda, ar=50.0, de=40.0, en=30.0, es=35.0, ru=130.0, sw=310.0, zh=95.0)
+    results["mwanda@50"] = _record({**mixed, "ar": 50.0}, 0.5)
+    mixed_verdict = study.research_verdict(results, LANGS, 0.5)
+    assert mixed_verdict["n_wins"] == 4 and mixed_verdict["beats_geomean"] and not mixed_verdict["beats"]
+    assert study.research_verdict(results, LANGS, 0.6) is None
+    with pytest.raises(ValueError, match="no perplexity"):
+        study.compare_configs({"en": 1.0}, wanda, LANGS)
+
+
+def test_tables_and_report(tmp_path):
+    args = study.build_parser().parse_args(["--output", str(tmp_path / "study")])
+    key = study.settings_key(args)
+    extras = args.extra_eval_languages
+    dense = {lang: 20.0 + i for i, lang in enumerate(LANGS + extras)}
+    wanda = {lang: 3 * v for lang, v in dense.items()}
+    mwanda = {lang: 2.5 * v for lang, v in dense.items()}
+    cache = {
+        "results": {
+            "dense": _record(dense, 0.0, key, prune_seconds=None),
+            "wanda@50": _record(wanda, 0.5, key),
+            "mwanda@50": _record(mwanda, 0.5, key, prune_seconds=123.4),
+            "mwanda[variance_weight=2]@50": {
+                "settings": key,
+                "sparsity": 0.5,
+                "error": "FloatingPointError: x",
+            },
+            "wanda@60": _record(wanda, 0.6, {"other": "settings"}),  # stale: left out of the report
+        },
+        "environment": {"threads": 1},
+    }
+    (tmp_path / "study.json").write_text(json.dumps(cache))
+    markdown = study.write_report(study.load_cache(tmp_path / "study.json"), args, "python x.py")
+    rows = [line for line in markdown.splitlines() if line.startswith("| mwanda@50 |")]
+    geo = study.geometric_mean(mwanda[lang] for lang in LANGS)
+    assert rows and f"**{geo:.1f}**" in rows[0] and rows[0].rstrip(" |").endswith("123")
+    assert "- 50%: **yes**" in markdown and "lower on 7/7" in markdown
+    assert "- 60%: not measured yet" in markdown
+    assert not any(line.startswith("| wanda@60 |") for line in markdown.splitlines())
+    assert "failed: FloatingPointError" in markdown
+    assert "-16.7%" in markdown  # 2.5/3 - 1 in the comparison table
+    assert (tmp_path / "study.md").read_text() == markdown
+    assert (tmp_path / "study.png").stat().st_size > 1000
