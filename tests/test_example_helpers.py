@@ -1,0 +1,59 @@
+"""The pure helpers and the command line of examples/prune_and_evaluate.py (no model is loaded)."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "examples" / "prune_and_evaluate.py"
+_spec = importlib.util.spec_from_file_location("prune_and_evaluate", _PATH)
+example = importlib.util.module_from_spec(_spec)
+sys.modules["prune_and_evaluate"] = example
+_spec.loader.exec_module(example)
+
+
+def test_split_heldout_keeps_the_tail_out_of_calibration():
+    texts = {"en": [f"e{i}" for i in range(20)], "sw": ["s0", "s1", "s2"]}
+    calibration, heldout = example.split_heldout(texts, 0.1)
+    assert heldout["en"] == ["e18", "e19"] and calibration["en"] == [f"e{i}" for i in range(18)]
+    # At least one text on each side, however small the fraction.
+    assert calibration["sw"] == ["s0", "s1"] and heldout["sw"] == ["s2"]
+    assert example.split_heldout({"de": ["a", "b"]}, 0.9) == ({"de": ["a"]}, {"de": ["b"]})
+
+
+@pytest.mark.parametrize(
+    "texts, fraction, message", [({"en": ["only"]}, 0.1, "'en' has 1"), ({"en": ["a", "b"]}, 1.0, "fraction")]
+)
+def test_split_heldout_rejects(texts, fraction, message):
+    with pytest.raises(ValueError, match=message):
+        example.split_heldout(texts, fraction)
+
+
+def test_format_table_rows_and_geomean():
+    columns = {"dense": {"en": 10.0, "sw": 40.0}, "M-Wanda": {"en": 20.0, "sw": 80.0}}
+    table = example.format_table(columns, ["en", "sw"]).splitlines()
+    assert table[0].split() == ["language", "dense", "M-Wanda"]
+    assert table[2].split() == ["en", "10.00", "20.00"]
+    assert table[-1].split() == ["geomean", "20.00", "40.00"]
+    assert math.isnan(example.geometric_mean([1.0, float("nan")]))
+
+
+def test_command_line_defaults_and_switches():
+    args = example.build_parser().parse_args([])
+    assert (args.model, args.method, args.sparsity, args.compare, args.data) == (
+        "demo",
+        "mwanda",
+        0.5,
+        True,
+        None,
+    )
+    args = example.build_parser().parse_args(
+        ["--no-compare", "--method", "sparsegpt", "--languages", "en", "de"]
+    )
+    assert not args.compare and args.method == "sparsegpt" and args.languages == ["en", "de"]
+    with pytest.raises(SystemExit):
+        example.build_parser().parse_args(["--method", "magnitude"])
+    with pytest.raises(SystemExit, match="sparsity"):
+        example.main(["--sparsity", "1.5"])
