@@ -130,12 +130,15 @@ def main(argv=None) -> None:
     for hidden in (256, 512, 768, 1024):
         results["hidden"].append(_run({**base, "method": "sparsegpt", "hidden": hidden}))
 
+    command = "python benchmarks/scaling.py" + " ".join(
+        [""] + list(argv if argv is not None else sys.argv[1:])
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(
-        json.dumps({"command": "python benchmarks/scaling.py", "results": results}, indent=2) + "\n"
+        json.dumps({"command": command, "results": results}, indent=2) + "\n"
     )
     _plot(results, args.output.with_suffix(".png"))
-    lines = ["# Scaling", "", "Command: `python benchmarks/scaling.py`", ""]
+    lines = ["# Scaling", "", f"Command: `{command}`", ""]
     for key in ("layers", "tokens", "hidden"):
         lines += [
             f"## prune time vs {key}",
