@@ -395,10 +395,41 @@ def settings_key(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# Config fields that are study settings (recorded in ``settings_key``), not part of a configuration's name.
+_SETTING_FIELDS = {"method", "sparsity", "samples_per_language", "calibration_seq_len", "batch_size", "seed"}
+
+
+def canonical_name(key: str, record: Mapping[str, Any]) -> str:
+    """The name a cached record has under the *current* config defaults.
+
+    Names drop options equal to the defaults, so when a default changes (as MWandaConfig's did after the
+    first study) an old ``mwanda@50`` record no longer means the default; renaming it from its stored
+    config keeps every row truthful.
+    """
+    config = record.get("config")
+    if not config or key == "dense":
+        return key
+    from optimum_mwanda.configuration import config_class_for_method
+
+    cls = config_class_for_method(config["method"])
+    defaults = cls(sparsity=config["sparsity"]).to_dict()
+    options = {
+        k: v
+        for k, v in config.items()
+        if k not in _SETTING_FIELDS and k != "optimum_mwanda_version" and k in defaults and defaults[k] != v
+    }
+    english_only = key.startswith("wanda-en")
+    return StudyConfig(
+        config["method"], config["sparsity"], tuple(sorted(options.items())), english_only
+    ).name
+
+
 def load_cache(path: Path) -> dict[str, Any]:
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return {"results": {}}
+    if not path.is_file():
+        return {"results": {}}
+    cache = json.loads(path.read_text(encoding="utf-8"))
+    cache["results"] = {canonical_name(k, r): r for k, r in cache.get("results", {}).items()}
+    return cache
 
 
 def save_cache(path: Path, cache: Mapping[str, Any]) -> None:

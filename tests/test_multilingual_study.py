@@ -132,3 +132,15 @@ def test_tables_and_report(tmp_path):
     assert "-16.7%" in markdown  # 2.5/3 - 1 in the comparison table
     assert (tmp_path / "study.md").read_text() == markdown
     assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+def test_cached_records_are_renamed_from_their_config():
+    from optimum_mwanda import MWandaConfig
+
+    old_default = MWandaConfig(sparsity=0.5, variance_weight=1.0, activation_threshold=1.0).to_dict()
+    assert study.canonical_name("mwanda@50", {"config": old_default}) == (
+        "mwanda[activation_threshold=1,variance_weight=1]@50"
+    )
+    current = MWandaConfig(sparsity=0.5).to_dict()
+    assert study.canonical_name("mwanda@50", {"config": current}) == "mwanda@50"
+    assert study.canonical_name("dense", {}) == "dense"
