@@ -11,8 +11,10 @@ Configurations are named ``BASE[option=value,...]@SPARSITY_PERCENT``:
 - ``wanda-en``: Wanda calibrated on English only, with the same total number of sequences;
 - aliases for the M-Wanda ablations, each switching one component against its default:
   ``mwanda-no-variance`` / ``mwanda-variance`` (``variance_weight=0`` / ``1``),
-  ``mwanda-no-actprob`` (``activation_probability_weight=0``) and the layer schedule switched against
-  its default (``mwanda-uniform`` when the default is non-uniform, else ``mwanda-cwl``);
+  ``mwanda-no-actprob`` (``activation_probability_weight=0``), the layer schedule switched against
+  its default (``mwanda-uniform`` when the default is non-uniform, else ``mwanda-cwl``),
+  ``mwanda-no-compensation`` and ``mwanda-pooled-compensation`` (``mean_compensation="none"`` /
+  ``"pooled"``: no update of the kept weights / the all-language mean only);
 - any config field in brackets, e.g. ``mwanda[variance_weight=0.5]@50``, ``wanda[layerwise=owl]@50``.
 
 ``--configs`` takes such names, bare names (expanded over ``--sparsities``) and the groups ``main``,
@@ -138,6 +140,8 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mwanda-no-actprob": ("mwanda", {"activation_probability_weight": 0.0}),
     "mwanda-uniform": ("mwanda", {"layerwise": "uniform"}),
     "mwanda-cwl": ("mwanda", {"layerwise": "cwl"}),
+    "mwanda-no-compensation": ("mwanda", {"mean_compensation": "none"}),
+    "mwanda-pooled-compensation": ("mwanda", {"mean_compensation": "pooled"}),
 }
 
 
@@ -209,6 +213,8 @@ def expand_config_names(
                     mwanda_variance_ablation(),
                     "mwanda-no-actprob",
                     mwanda_layerwise_ablation(),
+                    "mwanda-no-compensation",
+                    "mwanda-pooled-compensation",
                 )
             ]
         elif item == "explore":
@@ -395,6 +401,9 @@ def settings_key(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# Fields added to a config after results were cached, with the behaviour the code had before them.
+_LEGACY_VALUES: dict[str, dict[str, Any]] = {"mwanda": {"mean_compensation": "none"}}
+
 # Config fields that are study settings (recorded in ``settings_key``), not part of a configuration's name.
 _SETTING_FIELDS = {"method", "sparsity", "samples_per_language", "calibration_seq_len", "batch_size", "seed"}
 
@@ -413,6 +422,8 @@ def canonical_name(key: str, record: Mapping[str, Any]) -> str:
 
     cls = config_class_for_method(config["method"])
     defaults = cls(sparsity=config["sparsity"]).to_dict()
+    # A field added after a record was written did not exist then: the record ran with its legacy value.
+    config = {**_LEGACY_VALUES.get(config["method"], {}), **config}
     options = {
         k: v
         for k, v in config.items()

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 from .version import __version__
 
-LAYERWISE_SCHEDULES = ("uniform", "owl", "cwl")
+LAYERWISE_SCHEDULES = ("uniform", "depth", "owl", "cwl")
+MEAN_COMPENSATIONS = ("language", "pooled", "none")
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -52,8 +53,8 @@ class PruningConfig:
         mask_structure: ``"unstructured"`` (per output row) or ``"N:M"`` (``N`` kept in each group of ``M``).
         ignore: module-name patterns (``fnmatch`` globs or plain substrings) left dense. The LM head and the
             embeddings are never pruned.
-        layerwise: per-layer sparsity schedule: ``"uniform"``, ``"owl"`` (outlier-weighted) or ``"cwl"``
-            (cross-lingual correlation, M-Wanda only).
+        layerwise: per-layer sparsity schedule: ``"uniform"``, ``"depth"`` (rising linearly with depth),
+            ``"owl"`` (outlier-weighted) or ``"cwl"`` (cross-lingual correlation, M-Wanda only).
         layerwise_range: the bound ``lambda`` of a non-uniform schedule: every layer's sparsity stays within
             ``sparsity +/- layerwise_range``.
         owl_outlier_threshold: OWL's ``M``: a weight is an outlier when its score exceeds ``M`` times the
@@ -67,7 +68,7 @@ class PruningConfig:
     """
 
     method: ClassVar[str] = "base"
-    allowed_layerwise: ClassVar[tuple[str, ...]] = ("uniform", "owl")
+    allowed_layerwise: ClassVar[tuple[str, ...]] = ("uniform", "depth", "owl")
 
     sparsity: float = 0.5
     mask_structure: str = "unstructured"
@@ -234,7 +235,7 @@ class MWandaConfig(WandaConfig):
     """M-Wanda: Wanda with language-aware statistics (Choenni & Titov, 2025). See ``docs/mwanda.md``.
 
     With ``variance_weight=0``, ``activation_probability_weight=0`` and ``layerwise="uniform"`` the masks are
-    exactly Wanda's on the same calibration data.
+    exactly Wanda's on the same calibration data (and with ``mean_compensation="none"`` the weights too).
 
     Args:
         variance_weight: weight of the cross-lingual spread of a feature's per-language activation norm.
@@ -244,18 +245,24 @@ class MWandaConfig(WandaConfig):
             token's root-mean-square activation.
         cwl_protect: with ``layerwise="cwl"``: ``"specific"`` gives layers whose languages correlate less
             (language-specific layers) lower sparsity; ``"shared"`` does the opposite.
+        mean_compensation: after masking, adjust each row's kept weights in closed form so that its expected
+            output is restored: ``"language"`` in every calibration language at once (per-language input
+            means), ``"pooled"`` on the all-language mean only, ``"none"`` leaves the kept weights as they
+            were (Wanda). Pruned positions stay exactly zero. See
+            :func:`optimum_mwanda.methods.mean_shift_compensation`.
     """
 
     method: ClassVar[str] = "mwanda"
     allowed_layerwise: ClassVar[tuple[str, ...]] = LAYERWISE_SCHEDULES
 
     # Defaults are the best setting measured on Gemma 3 270M (benchmarks/results/multilingual_study.md):
-    # the variance term and CWL made perplexity worse there, so they are off unless asked for; the
-    # activation-probability term at 0.25 ties Wanda at 50% and is 0.5% better at 60% (within noise).
+    # per-language mean compensation is what beats Wanda; the variance term and CWL made perplexity worse
+    # there, so they are off unless asked for.
     variance_weight: float = 0.0
     activation_probability_weight: float = 0.25
     activation_threshold: float = 3.0
     cwl_protect: str = "specific"
+    mean_compensation: str = "language"
 
     def validate(self) -> None:
         super().validate()
@@ -266,6 +273,10 @@ class MWandaConfig(WandaConfig):
             raise ValueError(f"activation_threshold must be > 0, got {self.activation_threshold}")
         if self.cwl_protect not in ("specific", "shared"):
             raise ValueError(f"cwl_protect must be 'specific' or 'shared', got {self.cwl_protect!r}")
+        if self.mean_compensation not in MEAN_COMPENSATIONS:
+            raise ValueError(
+                f"mean_compensation must be one of {list(MEAN_COMPENSATIONS)}, got {self.mean_compensation!r}"
+            )
 
 
 _CONFIG_CLASSES: dict[str, type[PruningConfig]] = {

@@ -23,7 +23,9 @@ from .methods import (
     HessianStatistics,
     cross_lingual_correlation,
     cwl_schedule,
+    depth_schedule,
     mask_from_scores,
+    mean_shift_compensation,
     mwanda_feature_importance,
     negative_feature_factor,
     outlier_ratio,
@@ -148,7 +150,7 @@ class Pruner:
         batches = _batches(calibration_set, config.batch_size)
         negative_batches = _batches(negative_set, config.batch_size) if negative_set is not None else []
         signal_batches: list[dict[str, torch.Tensor]] = []
-        if config.layerwise != "uniform":
+        if config.layerwise in ("owl", "cwl"):  # schedules that measure a signal
             signal_batches = _batches(_signal_subset(calibration_set, config), config.batch_size)
         input_device = execution_device(model.get_input_embeddings())
         captured = capture_layer_inputs(
@@ -166,6 +168,8 @@ class Pruner:
             layer_sparsity, signal = list(resume.layer_sparsity), list(resume.layerwise_signal)
         elif config.layerwise == "uniform":
             layer_sparsity = uniform_schedule(len(stack.layers), config.sparsity)
+        elif config.layerwise == "depth":
+            layer_sparsity = depth_schedule(param_counts, config.sparsity, config.layerwise_range)
         else:
             t = time.perf_counter()
             signal = self._measure_layer_signal(
@@ -308,6 +312,7 @@ class Pruner:
         else:
             track = isinstance(config, MWandaConfig) and config.activation_probability_weight > 0
             threshold = config.activation_threshold if isinstance(config, MWandaConfig) else 1.0
+            track_mean = isinstance(config, MWandaConfig) and config.mean_compensation != "none"
 
             def factory(in_features, device):
                 return FeatureStatistics(
@@ -316,6 +321,7 @@ class Pruner:
                     device=device,
                     track_activation=track,
                     activation_threshold=threshold,
+                    track_mean=track_mean,
                 )
 
         def negative_factory(in_features, device):
@@ -345,11 +351,19 @@ class Pruner:
             )
             return new_weights
         importance = self._feature_importance(group[0], statistic, collector)
+        compensation = config.mean_compensation if isinstance(config, MWandaConfig) else "none"
+        if compensation == "language":
+            moments = (statistic.language_means, statistic.language_second_moments, statistic.language_shares)
+        elif compensation == "pooled":
+            moments = (statistic.pooled_mean, statistic.pooled_second_moment, torch.ones(1))
         pruned = []
         for weight in weights:
             weight = weight.to(importance.device).float()
             mask = mask_from_scores(wanda_scores(weight, importance), sparsity, config.nm_structure)
-            pruned.append(weight.masked_fill(mask, 0.0))
+            if compensation == "none":
+                pruned.append(weight.masked_fill(mask, 0.0))
+            else:
+                pruned.append(mean_shift_compensation(weight, mask, *moments))
         return pruned
 
     def _feature_importance(self, module, statistic: FeatureStatistics, collector) -> torch.Tensor:

@@ -9,6 +9,7 @@ from optimum_mwanda.methods import (
     HessianStatistics,
     cross_lingual_correlation,
     cwl_schedule,
+    depth_schedule,
     mask_from_scores,
     mwanda_feature_importance,
     negative_feature_factor,
@@ -201,6 +202,18 @@ def test_owl_and_cwl_directions():
     assert specific[1] < specific[2] < specific[0]  # less correlated -> keep more
     shared = cwl_schedule([0.9, 0.5, 0.7], counts, 0.5, 0.08, protect="shared")
     assert shared[0] < shared[2] < shared[1]
+
+
+def test_depth_schedule_rises_linearly_with_weighted_mean():
+    sched = depth_schedule([1.0] * 5, 0.6, 0.1)
+    assert sched[0] == pytest.approx(0.5) and sched[-1] == pytest.approx(0.7)
+    steps = [b - a for a, b in zip(sched, sched[1:])]
+    assert all(step == pytest.approx(0.05) for step in steps)
+    counts = [3.0, 1.0, 1.0, 1.0, 2.0]
+    sched = depth_schedule(counts, 0.6, 0.1)
+    assert sched == sorted(sched) and 0.5 - 1e-9 <= sched[0] and sched[-1] <= 0.7 + 1e-9
+    assert sum(s * c for s, c in zip(sched, counts)) / sum(counts) == pytest.approx(0.6, abs=1e-9)
+    assert depth_schedule([1.0], 0.5, 0.1) == [0.5]
 
 
 def test_outlier_ratio_and_correlation():

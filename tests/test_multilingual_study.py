@@ -78,7 +78,8 @@ def test_expand_groups_without_duplicates():
         "mwanda[variance_weight=1]@50",
         "mwanda[activation_probability_weight=0]@50",
     ]
-    assert len(ablations) == 4 and ablations[3].startswith("mwanda[layerwise=")
+    assert len(ablations) == 6 and ablations[3].startswith("mwanda[layerwise=")
+    assert ablations[4:] == ["mwanda[mean_compensation=none]@50", "mwanda[mean_compensation=pooled]@50"]
 
 
 def test_compare_and_verdict():
@@ -144,3 +145,14 @@ def test_cached_records_are_renamed_from_their_config():
     current = MWandaConfig(sparsity=0.5).to_dict()
     assert study.canonical_name("mwanda@50", {"config": current}) == "mwanda@50"
     assert study.canonical_name("dense", {}) == "dense"
+
+
+def test_records_written_before_a_field_existed_keep_their_legacy_behaviour():
+    from optimum_mwanda import MWandaConfig
+
+    before_compensation = MWandaConfig(sparsity=0.6).to_dict()
+    del before_compensation["mean_compensation"]
+    assert study.canonical_name("mwanda@60", {"config": before_compensation}) == (
+        "mwanda[mean_compensation=none]@60"
+    )
+    assert study.parse_config_name("mwanda-no-compensation@60").name == "mwanda[mean_compensation=none]@60"

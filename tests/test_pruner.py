@@ -99,11 +99,17 @@ def test_mwanda_with_zero_weights_equals_wanda():
     Pruner(WandaConfig(sparsity=0.6)).prune_model(wanda_model, calibration, show_progress=False)
     Pruner(
         MWandaConfig(
-            sparsity=0.6, variance_weight=0.0, activation_probability_weight=0.0, layerwise="uniform"
+            sparsity=0.6,
+            variance_weight=0.0,
+            activation_probability_weight=0.0,
+            layerwise="uniform",
+            mean_compensation="none",
         )
     ).prune_model(mwanda_model, calibration, show_progress=False)
     for name, mask in _masks(wanda_model).items():
         assert torch.equal(mask, _masks(mwanda_model)[name]), name
+    for (name, a), b in zip(wanda_model.named_parameters(), mwanda_model.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_mwanda_terms_change_masks():
@@ -117,7 +123,11 @@ def test_mwanda_terms_change_masks():
     assert different > 0
 
 
-@pytest.mark.parametrize("config", [WandaConfig(layerwise="owl"), MWandaConfig(layerwise="cwl")])
+@pytest.mark.parametrize(
+    "config",
+    [WandaConfig(layerwise="owl"), MWandaConfig(layerwise="cwl"), MWandaConfig(layerwise="depth")],
+    ids=["owl", "cwl", "depth"],
+)
 def test_layerwise_schedule_bounds_and_mean(config):
     model = make_model("llama")
     report = Pruner(config).prune_model(model, make_token_calibration(), show_progress=False)
@@ -134,7 +144,15 @@ def test_layerwise_schedule_bounds_and_mean(config):
     ]
     mean = sum(s * c for s, c in zip(report.layer_sparsity, counts)) / sum(counts)
     assert mean == pytest.approx(config.sparsity, abs=1e-9)
-    assert len(report.layerwise_signal) == len(report.layer_sparsity)
+    if config.layerwise == "depth":  # no signal pass: sparsity rises with depth
+        assert report.layerwise_signal == []
+        assert report.layer_sparsity == sorted(report.layer_sparsity)
+    else:
+        assert len(report.layerwise_signal) == len(report.layer_sparsity)
+    # Measured per-layer sparsity follows the schedule.
+    for i, target in enumerate(report.layer_sparsity):
+        layer = [n for n in report.module_sparsity if f".{i}." in n]
+        assert sum(report.module_sparsity[n] for n in layer) / len(layer) == pytest.approx(target, abs=0.02)
 
 
 def test_same_seed_same_masks_and_text_calibration():

@@ -13,7 +13,7 @@ import argparse
 
 METHODS = ("wanda", "sparsegpt", "mwanda")
 DEFAULT_METHOD = "mwanda"
-LAYERWISE = ("uniform", "owl", "cwl")
+LAYERWISE = ("uniform", "depth", "owl", "cwl")
 #: ``--hub-dataset`` names -> keys of ``optimum_mwanda.calibration.HUB_CORPORA``
 HUB_DATASETS = {
     "culturax": "culturax",

@@ -252,7 +252,9 @@ def plot_layer_sparsity(report: PruningReport, path: str | os.PathLike) -> Path:
     )
     axes.set_ylim(0, min(100.0, top * 1.25 + 1))
     method = _METHOD_NAMES.get(report.method, report.method)
-    schedule = {"owl": "OWL", "cwl": "CWL"}.get(report.config.get("layerwise", "uniform"), "uniform")
+    schedule = {"owl": "OWL", "cwl": "CWL", "depth": "depth"}.get(
+        report.config.get("layerwise", "uniform"), "uniform"
+    )
     axes.set_title(f"{method}: sparsity per layer ({schedule} schedule)")
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
@@ -281,6 +283,8 @@ def _card_context(
     width = config.get("layerwise_range")
     if layerwise == "uniform":
         schedule = "uniform: every decoder layer at the target sparsity"
+    elif layerwise == "depth":
+        schedule = f"depth ramp (deeper layers sparser), layer sparsities within ±{_pct(width)} of the target"
     elif layerwise == "owl":
         schedule = f"OWL (outlier-weighted), layer sparsities within ±{_pct(width)} of the target"
     else:

@@ -1,8 +1,10 @@
 """Pure pruning math: scores, masks, layer schedules and running statistics (no hooks, no I/O)."""
 
+from .compensation import mean_shift_compensation
 from .layerwise import (
     cross_lingual_correlation,
     cwl_schedule,
+    depth_schedule,
     outlier_ratio,
     owl_schedule,
     schedule_from_signal,
@@ -19,7 +21,9 @@ __all__ = [
     "HessianStatistics",
     "cross_lingual_correlation",
     "cwl_schedule",
+    "depth_schedule",
     "mask_from_scores",
+    "mean_shift_compensation",
     "mwanda_feature_importance",
     "negative_feature_factor",
     "nm_mask",

@@ -1,4 +1,5 @@
-"""Per-decoder-layer sparsity schedules: uniform, OWL (outlier ratio) and CWL (cross-lingual correlation)."""
+"""Per-decoder-layer sparsity schedules: uniform, depth ramp, OWL (outlier ratio) and CWL (cross-lingual
+correlation)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,15 @@ def schedule_from_signal(
             hi = mid
     shift = 0.5 * (lo + hi)
     return [float(s) for s in (target + offsets + shift).clamp(low, high)]
+
+
+def depth_schedule(param_counts: Sequence[float], target: float, bound: float) -> list[float]:
+    """Sparsity rising linearly with depth, from ``target - bound`` to ``target + bound`` before the shift
+    that makes the parameter-weighted mean equal ``target``: early layers, whose errors every later layer
+    inherits, keep more weights."""
+    return schedule_from_signal(
+        list(range(len(param_counts))), param_counts, target, bound, higher_signal_prunes_less=False
+    )
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], threshold: float) -> float:

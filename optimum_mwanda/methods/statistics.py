@@ -10,7 +10,7 @@ import torch
 
 
 class FeatureStatistics:
-    """Per-language sums of squares (norms), token counts and, optionally, activation counts.
+    """Per-language sums of squares (norms), token counts and, optionally, sums and activation counts.
 
     ``pooled_norm`` is Wanda's ``||X_j||`` up to a constant per-token scale, which leaves the per-row ranking
     of scores unchanged: ``sqrt(sum_t x_tj^2 / T)``.
@@ -23,6 +23,7 @@ class FeatureStatistics:
         device: torch.device | str = "cpu",
         track_activation: bool = False,
         activation_threshold: float = 1.0,
+        track_mean: bool = False,
     ):
         self.sum_squares = torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
         self.tokens = torch.zeros(num_languages, dtype=torch.float64, device=device)
@@ -32,6 +33,11 @@ class FeatureStatistics:
             else None
         )
         self.activation_threshold = activation_threshold
+        self.sum = (
+            torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
+            if track_mean
+            else None
+        )
 
     def update(self, x: torch.Tensor, language: torch.Tensor) -> None:
         """Add tokens ``x`` (``[T, in]``) whose languages are ``language`` (``LongTensor[T]``)."""
@@ -44,6 +50,8 @@ class FeatureStatistics:
         squares = x * x
         self.sum_squares.index_add_(0, language, squares)
         self.tokens.index_add_(0, language, torch.ones_like(language, dtype=torch.float64))
+        if self.sum is not None:
+            self.sum.index_add_(0, language, x)
         if self.active is not None:
             # A feature is active on a token when it stands out from that token's typical magnitude:
             # |x_tj| > threshold * rms(x_t). Relative to the token so that scale differences between
@@ -62,6 +70,36 @@ class FeatureStatistics:
     def language_norms(self) -> torch.Tensor:
         """``[L, in]``: root-mean-square activation per language."""
         return (self.sum_squares / self.tokens.clamp_min(1.0).float().unsqueeze(1)).sqrt()
+
+    @property
+    def language_shares(self) -> torch.Tensor:
+        """``[L]``: share of the calibration tokens in each language (zeros when there were none)."""
+        total = self.tokens.sum()
+        return self.tokens / total if total > 0 else torch.zeros_like(self.tokens)
+
+    @property
+    def language_means(self) -> torch.Tensor:
+        """``[L, in]``: mean activation per language."""
+        if self.sum is None:
+            raise RuntimeError("means were not tracked for this statistic")
+        return self.sum / self.tokens.clamp_min(1.0).float().unsqueeze(1)
+
+    @property
+    def language_second_moments(self) -> torch.Tensor:
+        """``[L, in]``: mean squared activation per language."""
+        return self.sum_squares / self.tokens.clamp_min(1.0).float().unsqueeze(1)
+
+    @property
+    def pooled_mean(self) -> torch.Tensor:
+        """``[1, in]``: mean activation over all tokens of all languages."""
+        if self.sum is None:
+            raise RuntimeError("means were not tracked for this statistic")
+        return (self.sum.sum(dim=0) / self.tokens.sum().clamp_min(1.0).float()).unsqueeze(0)
+
+    @property
+    def pooled_second_moment(self) -> torch.Tensor:
+        """``[1, in]``: mean squared activation over all tokens of all languages."""
+        return (self.sum_squares.sum(dim=0) / self.tokens.sum().clamp_min(1.0).float()).unsqueeze(0)
 
     @property
     def activation_probability(self) -> torch.Tensor:
