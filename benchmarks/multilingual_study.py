@@ -443,6 +443,21 @@ def load_cache(path: Path) -> dict[str, Any]:
     return cache
 
 
+def merge_caches(cache: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``cache`` with the finished records and the commands of ``others`` added; a record ``cache`` already
+    has is kept (the first run of a configuration under the same settings wins)."""
+    results = cache.setdefault("results", {})
+    commands = cache.setdefault("commands", [])
+    for other in others:
+        for name, record in other.get("results", {}).items():
+            if "perplexity" in record and name not in results:
+                results[name] = record
+        for command in other.get("commands", []):
+            if command not in commands:
+                commands.append(command)
+    return cache
+
+
 def save_cache(path: Path, cache: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -757,6 +772,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="path without suffix")
     parser.add_argument("--report-only", action="store_true", help="rewrite md/png from the JSON cache")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="JSON",
+        help="add the finished results (and commands) of other study outputs, e.g. shards run in parallel "
+        "with --output elsewhere; implies --report-only",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return parser
 
@@ -773,8 +797,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "python benchmarks/multilingual_study.py " + " ".join(shlex.quote(a) for a in argv)
     json_path = args.output.with_suffix(".json")
-    if args.report_only:
+    if args.report_only or args.merge:
         cache = load_cache(json_path)
+        if args.merge:
+            cache = merge_caches(cache, [load_cache(path) for path in args.merge])
+            save_cache(json_path, cache)
     else:
         cache = run_study(args, configs)
         commands = cache.setdefault("commands", [])

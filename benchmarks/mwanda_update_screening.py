@@ -270,6 +270,8 @@ def main(argv=None) -> None:
         "wanda mean-comp per-language": (wanda_imp, uniform, mean_comp(True)),
         "mwanda-default mean-comp per-language": (mwanda_imp, uniform, mean_comp(True)),
         "wanda mean-comp per-language ramp+0.05": (wanda_imp, depth_ramp(0.05), mean_comp(True)),
+        "wanda mean-comp per-language ramp+0.08": (wanda_imp, depth_ramp(0.08), mean_comp(True)),
+        "wanda mean-comp per-language ramp+0.12": (wanda_imp, depth_ramp(0.12), mean_comp(True)),
     }
     if args.groups != "language":
         variants = {f"{k} [groups={args.groups}]": v for k, v in variants.items() if "per-language" in k}

@@ -54,7 +54,10 @@ class PruningConfig:
         ignore: module-name patterns (``fnmatch`` globs or plain substrings) left dense. The LM head and the
             embeddings are never pruned.
         layerwise: per-layer sparsity schedule: ``"uniform"``, ``"depth"`` (rising linearly with depth),
-            ``"owl"`` (outlier-weighted) or ``"cwl"`` (cross-lingual correlation, M-Wanda only).
+            ``"owl"`` (outlier-weighted) or ``"cwl"`` (cross-lingual correlation, M-Wanda only). ``None``
+            (the default) picks the method's default: ``"uniform"`` for Wanda and SparseGPT, ``"depth"`` for
+            M-Wanda, and ``"uniform"`` whenever a non-uniform schedule is impossible (``N:M`` structure, or
+            ``sparsity +/- layerwise_range`` outside ``[0, 1)``).
         layerwise_range: the bound ``lambda`` of a non-uniform schedule: every layer's sparsity stays within
             ``sparsity +/- layerwise_range``.
         owl_outlier_threshold: OWL's ``M``: a weight is an outlier when its score exceeds ``M`` times the
@@ -69,11 +72,12 @@ class PruningConfig:
 
     method: ClassVar[str] = "base"
     allowed_layerwise: ClassVar[tuple[str, ...]] = ("uniform", "depth", "owl")
+    default_layerwise: ClassVar[str] = "uniform"
 
     sparsity: float = 0.5
     mask_structure: str = "unstructured"
     ignore: list[str] = field(default_factory=list)
-    layerwise: str = "uniform"
+    layerwise: str | None = None
     layerwise_range: float = 0.08
     owl_outlier_threshold: float = 5.0
     layerwise_samples_per_language: int | None = 2
@@ -94,6 +98,9 @@ class PruningConfig:
             raise ValueError(f"sparsity must satisfy 0 <= sparsity < 1, got {self.sparsity}")
         self.sparsity = float(self.sparsity)
         nm = parse_mask_structure(self.mask_structure)
+        if self.layerwise is None:
+            fits = 0 <= self.sparsity - self.layerwise_range and self.sparsity + self.layerwise_range < 1
+            self.layerwise = self.default_layerwise if nm is None and fits else "uniform"
         if nm is not None:
             implied = 1.0 - nm[0] / nm[1]
             if abs(implied - self.sparsity) > 1e-9:
@@ -254,10 +261,11 @@ class MWandaConfig(WandaConfig):
 
     method: ClassVar[str] = "mwanda"
     allowed_layerwise: ClassVar[tuple[str, ...]] = LAYERWISE_SCHEDULES
+    default_layerwise: ClassVar[str] = "depth"
 
     # Defaults are the best setting measured on Gemma 3 270M (benchmarks/results/multilingual_study.md):
-    # per-language mean compensation is what beats Wanda; the variance term and CWL made perplexity worse
-    # there, so they are off unless asked for.
+    # per-language mean compensation is what beats Wanda, the depth schedule (default_layerwise) adds to
+    # it; the variance term and CWL made perplexity worse there, so they are off unless asked for.
     variance_weight: float = 0.0
     activation_probability_weight: float = 0.25
     activation_threshold: float = 3.0

@@ -91,3 +91,22 @@ def test_from_dict_errors():
         WandaConfig.from_dict({"method": "wanda", "block_size": 3})
     with pytest.raises(ValueError, match="cannot load"):
         WandaConfig.from_dict(SparseGPTConfig().to_dict())
+
+
+def test_default_layer_schedule_is_resolved_per_method():
+    from optimum_mwanda import MWandaConfig, SparseGPTConfig, WandaConfig
+
+    assert MWandaConfig().layerwise == "depth"
+    assert WandaConfig().layerwise == "uniform" and SparseGPTConfig().layerwise == "uniform"
+    # Where a non-uniform schedule is impossible the default falls back to uniform instead of failing...
+    assert MWandaConfig(sparsity=0.5, mask_structure="2:4").layerwise == "uniform"
+    assert MWandaConfig(sparsity=0.05).layerwise == "uniform"
+    # ...while an explicit request still fails clearly.
+    with pytest.raises(ValueError, match="N:M"):
+        MWandaConfig(sparsity=0.5, mask_structure="2:4", layerwise="depth")
+    # The resolved value is what is stored, so a saved config rebuilds the same schedule.
+    data = MWandaConfig().to_dict()
+    assert data["layerwise"] == "depth" and MWandaConfig.from_dict(data) == MWandaConfig()
+    assert WandaConfig(layerwise="depth").layerwise == "depth"
+    with pytest.raises(ValueError, match="not available"):
+        WandaConfig(layerwise="cwl")

@@ -193,3 +193,11 @@ def test_licence_is_carried_from_the_hub_cache(model, monkeypatch, tmp_path):
     assert data.base_model == "google/gemma-3-270m"
     assert data.license == "gemma"
     assert _reparse(create_model_card(report, license="mit")).data.license == "mit"  # a parameter wins
+
+
+def test_card_says_how_the_kept_weights_were_changed(model):
+    mwanda = str(create_model_card(make_report(model, ["en", "sw"], method="mwanda")))
+    assert "restore the row's mean output in every calibration language" in mwanda
+    assert "| `mean_compensation` | language |" in mwanda
+    wanda = str(create_model_card(make_report(model, ["en", "sw"], method="wanda")))
+    assert "No weight was retrained." in wanda and "restore the row's mean output" not in wanda

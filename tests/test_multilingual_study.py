@@ -156,3 +156,20 @@ def test_records_written_before_a_field_existed_keep_their_legacy_behaviour():
         "mwanda[mean_compensation=none]@60"
     )
     assert study.parse_config_name("mwanda-no-compensation@60").name == "mwanda[mean_compensation=none]@60"
+
+
+def test_merging_parallel_shards_adds_finished_records_and_commands():
+    main = {"results": {"wanda@50": {"perplexity": {"en": 1.0}}}, "commands": ["a"]}
+    shard = {
+        "results": {
+            "wanda@50": {"perplexity": {"en": 9.0}},
+            "mwanda@50": {"perplexity": {"en": 2.0}},
+            "mwanda@60": {"error": "FloatingPointError"},
+        },
+        "commands": ["a", "b --output /tmp/shard"],
+    }
+    merged = study.merge_caches(main, [shard])
+    assert merged["results"]["wanda@50"]["perplexity"]["en"] == 1.0  # the existing record wins
+    assert merged["results"]["mwanda@50"]["perplexity"]["en"] == 2.0
+    assert "mwanda@60" not in merged["results"]  # unfinished records are not merged
+    assert merged["commands"] == ["a", "b --output /tmp/shard"]

@@ -30,7 +30,12 @@ _METHOD_NOTES = {
 _METHOD_KEYS = {
     "wanda": ("negative_weight",),
     "sparsegpt": ("block_size", "dampening"),
-    "mwanda": ("variance_weight", "activation_probability_weight", "activation_threshold"),
+    "mwanda": (
+        "mean_compensation",
+        "variance_weight",
+        "activation_probability_weight",
+        "activation_threshold",
+    ),
 }
 _SCHEDULE_KEYS = ("calibration_seq_len", "samples_per_language", "seed")
 
@@ -368,6 +373,7 @@ def _card_context(
         "method_key": report.method,
         "method_name": method_name,
         "method_note": _METHOD_NOTES.get(report.method, ""),
+        "mean_compensation": config.get("mean_compensation", "none") if report.method == "mwanda" else "none",
         "base_model": base_model,
         "target_sparsity": _pct(report.target_sparsity),
         "achieved_sparsity": _pct(achieved),
