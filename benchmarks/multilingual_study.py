@@ -525,6 +525,7 @@ def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[
         languages=args.languages,
         samples_per_language=args.samples_per_language,
         seq_len=args.seq_len,
+        seed=args.seed,
     )
     # Same total budget, one language: every sequence English.
     english = default_calibration(
@@ -532,6 +533,7 @@ def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[
         languages=["en"],
         samples_per_language=args.samples_per_language * len(args.languages),
         seq_len=args.seq_len,
+        seed=args.seed,
     )
     heldout = load_bundled_corpus("heldout", args.languages)
     extra = load_bundled_corpus("heldout", args.extra_eval_languages) if args.extra_eval_languages else {}
