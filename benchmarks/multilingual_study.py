@@ -619,7 +619,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
 
 def _ordered_names(results: Mapping[str, Any], sparsities: Sequence[float]) -> list[str]:
     """Dense, then per sparsity: main methods, ablations, the rest alphabetically."""
-    order = ["dense"]
+    order = ["dense"] if "dense" in results else []
     known = set(order)
     all_sparsities = sorted({r.get("sparsity", 0.0) for r in results.values()} | set(sparsities))
     for s in all_sparsities:

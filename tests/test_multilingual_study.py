@@ -173,3 +173,13 @@ def test_merging_parallel_shards_adds_finished_records_and_commands():
     assert merged["results"]["mwanda@50"]["perplexity"]["en"] == 2.0
     assert "mwanda@60" not in merged["results"]  # unfinished records are not merged
     assert merged["commands"] == ["a", "b --output /tmp/shard"]
+
+
+def test_report_without_a_dense_row(tmp_path):
+    """A shard that ran only some configurations (no dense baseline) still gets its report."""
+    args = study.build_parser().parse_args(["--output", str(tmp_path / "study"), "--seed", "1"])
+    key = study.settings_key(args)
+    wanda = {lang: 30.0 + i for i, lang in enumerate(LANGS + args.extra_eval_languages)}
+    cache = {"results": {"wanda@50": _record(wanda, 0.5, key)}}
+    markdown = study.write_report(cache, args, "python x.py")
+    assert "| wanda@50 |" in markdown and "| dense |" not in markdown
