@@ -45,7 +45,7 @@ from .modeling import (
     find_prunable_linears,
 )
 from .report import PruningReport
-from .resume import PruningCheckpoint, ResumeState, run_fingerprint
+from .resume import PruningCheckpoint, ResumeState, model_weights_digest, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -575,6 +575,7 @@ def _fingerprint(config, model, layer_modules, calibration_set, negative_set) ->
         "architecture": type(model).__name__,
         "languages": calibration_set.language_list,
         "modules": [[m.name, list(m.shape)] for modules in layer_modules for m in modules],
+        "weights": model_weights_digest(model),  # as loaded: called before any weight changes
     }
     return run_fingerprint(config_data, tensors, layout)
 
