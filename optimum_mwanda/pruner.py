@@ -102,9 +102,11 @@ class Pruner:
                 al.), e.g. code. Wanda and M-Wanda only.
             show_progress: show tqdm progress bars.
             checkpoint_dir: persist progress there after every decoder layer (pruned weights, the next
-                layer's inputs, the layer schedule). A run killed part-way and started again with the same
-                arguments on a freshly loaded model resumes at the first unfinished layer and produces the
-                same masks as an uninterrupted run.
+                layer's inputs, the layer schedule), crash-consistently and with checksums. A run killed at
+                any point and started again with the same arguments on a freshly loaded model resumes at the
+                first unfinished layer and produces the same weights as an uninterrupted run; a folder of
+                another run or model, or a damaged file, raises a ``CheckpointError`` first. Only files
+                with the checkpoint's own names are written or deleted there (see ``optimum_mwanda.resume``).
             activations_device: where calibration activations wait between layers (e.g. ``"cpu"`` to keep
                 them off the accelerator); ``None`` leaves them where they were produced.
             activations_max_memory: bytes of activations kept in memory; further batches are spilled to a

@@ -131,9 +131,25 @@ def _is_own_name(name: str) -> bool:
     return base == STATE_FILE or bool(_LAYER_NAME.fullmatch(base) or _HIDDEN_NAME.fullmatch(base))
 
 
-def _state_checksum(document: dict[str, Any]) -> str:
-    body = {k: v for k, v in document.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+# state.json carries the sha256 of its own bytes (computed with this placeholder in its place), first key, so
+# that any changed byte is detected: a check of the parsed values would miss e.g. 0.49999999999999994 ->
+# ...95, which parses to the same float but is still a file someone changed.
+_CHECKSUM_PLACEHOLDER = b"0" * 64
+_CHECKSUM_FIELD = re.compile(rb'\{\s*"sha256": "([0-9a-f]{64})"')
+
+
+def _state_bytes(document: dict[str, Any]) -> bytes:
+    data = json.dumps({"sha256": _CHECKSUM_PLACEHOLDER.decode(), **document}, indent=1).encode()
+    return data.replace(_CHECKSUM_PLACEHOLDER, hashlib.sha256(data).hexdigest().encode(), 1)
+
+
+def _state_intact(data: bytes) -> bool | None:
+    """Whether ``data`` matches the checksum it carries (``None``: it carries none)."""
+    match = _CHECKSUM_FIELD.match(data)
+    if match is None:
+        return None
+    blank = data[: match.start(1)] + _CHECKSUM_PLACEHOLDER + data[match.end(1) :]
+    return hashlib.sha256(blank).hexdigest().encode() == match.group(1)
 
 
 class PruningCheckpoint:
@@ -195,7 +211,9 @@ class PruningCheckpoint:
             raise CheckpointCorruptError(
                 f"{path} is not a valid optimum-mwanda checkpoint state ({error!r}); use another folder"
             ) from None
-        if any(index >= state.completed_layers for index in layers):
+        if any(index >= state.completed_layers for index in layers) or not all(
+            _is_own_name(name) and not name.startswith(TMP_PREFIX) for name in files
+        ):
             raise CheckpointCorruptError(f"{path} is inconsistent; use another folder")
         for record in files.values():
             self._verify(record)
@@ -204,8 +222,14 @@ class PruningCheckpoint:
         return state
 
     def _read_state_document(self, path: Path) -> dict[str, Any]:
+        data = path.read_bytes()
+        intact = _state_intact(data)
+        if intact is False:
+            raise CheckpointCorruptError(
+                f"{path} is damaged (its checksum does not match its content); use another folder"
+            )
         try:
-            document = json.loads(path.read_bytes().decode("utf-8"))
+            document = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointCorruptError(
                 f"{path} is damaged ({error}); the checkpoint cannot be resumed, use another folder"
@@ -218,9 +242,9 @@ class PruningCheckpoint:
                 f"(format {document.get('format_version')!r}, this version reads {FORMAT_VERSION}); "
                 "use another folder"
             )
-        if document.get("sha256") != _state_checksum(document) or "fingerprint" not in document:
+        if intact is None or "fingerprint" not in document:
             raise CheckpointCorruptError(
-                f"{path} is damaged (its checksum does not match its content); use another folder"
+                f"{path} is damaged (no checksum or fingerprint); use another folder"
             )
         return document
 
@@ -305,8 +329,7 @@ class PruningCheckpoint:
             "layers": {str(i): r.name for i, r in sorted(layers.items())},
             "hidden": hidden_record.name if hidden_record is not None else None,
         }
-        document["sha256"] = _state_checksum(document)
-        self._write_file(STATE_FILE, json.dumps(document, indent=1).encode())
+        self._write_file(STATE_FILE, _state_bytes(document))
         # Durable from here on: the previous generation's files are no longer needed.
         self._generation, self._layers, self._hidden = generation, layers, hidden_record
         self._remove_stale()

@@ -55,15 +55,15 @@ def prune(method: str, checkpoint_dir: str | os.PathLike | None, model=None):
 
 @contextlib.contextmanager
 def io_steps(action=None) -> Iterator[list[tuple[str, str]]]:
-    """Record every checkpoint file-system step as ``(operation, file name)``; call ``action(index)`` before
-    each one (it may raise or kill)."""
+    """Record every checkpoint file-system step as ``(operation, file name)``; call
+    ``action(index, operation, file name)`` before each one (it may raise or kill)."""
     steps: list[tuple[str, str]] = []
 
     def event(operation: str, path: Path) -> None:
-        index = len(steps)
-        steps.append((operation, Path(path).name))
+        index, name = len(steps), Path(path).name
+        steps.append((operation, name))
         if action is not None:
-            action(index)
+            action(index, operation, name)
 
     original = resume_module._io_event
     resume_module._io_event = event
@@ -74,15 +74,25 @@ def io_steps(action=None) -> Iterator[list[tuple[str, str]]]:
 
 
 def raise_at(k: int):
-    def action(index: int) -> None:
+    def action(index: int, operation: str, name: str) -> None:
         if index == k:
-            raise InjectedFault(f"fault at checkpoint step {k}")
+            raise InjectedFault(f"fault at checkpoint step {k} ({operation} {name})")
+
+    return action
+
+
+def raise_before(operation: str, name: str):
+    """Fault right before the first step ``operation`` on the file ``name``."""
+
+    def action(index: int, step_operation: str, step_name: str) -> None:
+        if (step_operation, step_name) == (operation, name):
+            raise InjectedFault(f"fault at checkpoint step {index} ({operation} {name})")
 
     return action
 
 
 def kill_at(k: int):
-    def action(index: int) -> None:
+    def action(index: int, operation: str, name: str) -> None:
         if index == k:
             os.kill(os.getpid(), signal.SIGKILL)
 
