@@ -282,7 +282,7 @@ class Pruner:
         timings["total"] = time.perf_counter() - start
         self.report = PruningReport(
             method=config.method,
-            config=config.to_dict(),
+            config=config,
             target_sparsity=config.sparsity,
             layer_sparsity=[float(s) for s in layer_sparsity],
             module_sparsity=module_sparsity,
@@ -298,6 +298,7 @@ class Pruner:
             if negative_set is not None
             else 0,
             resumed_from_layer=first_layer,
+            calibration_settings=_calibration_settings(calibration, config, calibration_set),
         )
         return self.report
 
@@ -441,13 +442,6 @@ class Pruner:
             raise RuntimeError("no pruning report yet: call prune_model(...) before saving or pushing")
         return self.report
 
-    def _base_model(self, base_model: str | None) -> str | None:
-        if base_model is not None:
-            return base_model
-        name = self._require_report().base_model
-        # A local folder is no Hub id: the card then names no base model unless told.
-        return name if name and not os.path.exists(name) else None
-
     def save_pretrained(
         self,
         model: nn.Module,
@@ -459,8 +453,11 @@ class Pruner:
         **kwargs: Any,
     ):
         """Save the pruned ``model`` as a transformers checkpoint with ``sparsity_config`` in ``config.json``,
-        ``pruning_report.json`` and a model card, atomically. ``compressed=True`` writes the bitmask-packed
-        sparse format that :func:`optimum_mwanda.load_pruned_model` restores. Returns the folder path.
+        ``pruning_report.json``, ``eval_results.json`` (when given) and a model card, crash-consistently and
+        keeping every file in the folder that optimum-mwanda did not write (see
+        :func:`optimum_mwanda.hub.save_pruned_model`, also for ``overwrite=True``). ``compressed=True`` writes
+        the bitmask-packed sparse format that :func:`optimum_mwanda.load_pruned_model` restores. Returns the
+        folder path.
         """
         from .hub import save_pruned_model
 
@@ -471,7 +468,7 @@ class Pruner:
             tokenizer=tokenizer,
             compressed=compressed,
             eval_results=eval_results,
-            base_model=self._base_model(base_model),
+            base_model=base_model,
             **kwargs,
         )
 
@@ -489,7 +486,7 @@ class Pruner:
 
         return create_model_card(
             self._require_report(),
-            base_model=self._base_model(base_model),
+            base_model=base_model,
             eval_results=eval_results,
             **kwargs,
         )
@@ -519,7 +516,7 @@ class Pruner:
             private=private,
             token=token,
             commit_message=commit_message,
-            base_model=self._base_model(base_model),
+            base_model=base_model,
             **kwargs,
         )
 
@@ -564,6 +561,21 @@ def _as_calibration_set(calibration, tokenizer, config: PruningConfig, what: str
             seed=config.seed,
         )
     raise TypeError(f"{what} values must all be LongTensors of token ids or all be lists of strings")
+
+
+def _calibration_settings(
+    calibration, config: PruningConfig, calibration_set: CalibrationSet
+) -> dict[str, Any]:
+    """The calibration knobs that applied: the config's sampling knobs only when the pruner packed texts."""
+    settings: dict[str, Any] = {"seq_len": int(calibration_set.input_ids.shape[1])}
+    packed_here = calibration is None or (
+        isinstance(calibration, Mapping)
+        and not isinstance(calibration, CalibrationSet)
+        and not all(isinstance(v, torch.Tensor) for v in calibration.values())
+    )
+    if packed_here:
+        settings.update(samples_per_language=config.samples_per_language, seed=config.seed)
+    return settings
 
 
 def _fingerprint(config, model, layer_modules, calibration_set, negative_set) -> str:
