@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from optimum_mwanda.cli.arguments import ExampleHelpFormatter, LanguageListAction
+from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
 from optimum_mwanda.evaluation.summary import format_perplexity_table, geometric_mean  # noqa: F401
 
 DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
@@ -96,12 +96,9 @@ def run_lm_eval(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=ExampleHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="MODEL", help="'demo', a folder or a Hub id")
-    parser.add_argument(
+    add_language_list(
+        parser,
         "--languages",
-        nargs="+",
-        action=LanguageListAction,
-        default=None,
-        metavar="LANG",
         help="languages, comma- or space-separated (None: ar de en es ru sw zh, or every language of --data)",
     )
     parser.add_argument("--data", type=Path, help="a folder of {lang}.txt files to evaluate on instead")

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from optimum_mwanda.cli.arguments import ExampleHelpFormatter, LanguageListAction
+from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
 from optimum_mwanda.evaluation.summary import format_perplexity_table
 
 DEFAULT_CALIBRATION_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
@@ -73,12 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
     )
     source.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
-    source.add_argument(
+    add_language_list(
+        source,
         "--calibration-languages",
-        nargs="+",
-        action=LanguageListAction,
         default=DEFAULT_CALIBRATION_LANGUAGES,
-        metavar="LANG",
         help="calibration languages, comma- or space-separated",
     )
     source.add_argument("--samples-per-language", type=int, default=4, help="calibration sequences")
@@ -102,13 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="training seed")
 
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument(
-        "--eval-languages",
-        nargs="+",
-        action=LanguageListAction,
-        default=None,
-        metavar="LANG",
-        help="comma- or space-separated (None: --language and en)",
+    add_language_list(
+        evaluation, "--eval-languages", help="comma- or space-separated (None: --language and en)"
     )
     evaluation.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
     evaluation.add_argument("--max-windows", type=int, default=3, help="evaluation windows per language")

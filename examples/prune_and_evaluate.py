@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from optimum_mwanda.cli.arguments import ExampleHelpFormatter, LanguageListAction
+from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
 from optimum_mwanda.evaluation.summary import MEAN_LABEL, format_perplexity_table, geometric_mean  # noqa: F401
 
 DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
@@ -70,12 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
     )
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
-    parser.add_argument(
+    add_language_list(
+        parser,
         "--languages",
-        nargs="+",
-        action=LanguageListAction,
-        default=None,
-        metavar="LANG",
         help="languages, comma- or space-separated (None: ar de en es ru sw zh, or every language of --data)",
     )
     parser.add_argument(

@@ -30,15 +30,6 @@ from optimum_mwanda.configuration import _CONFIG_CLASSES, LAYERWISE_SCHEDULES
 SMALL = ["--samples-per-language", "2", "--seq-len", "16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from threads; on a shared CPU the thread pool only slows them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     """A saved tiny Llama with its tokenizer, plus calibration and held-out text files by language."""

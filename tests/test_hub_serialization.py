@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from hub_fixtures import (
+    OFFLOAD_LAYER_1,
     decoder_linears,
     make_report,
     prune_by_magnitude,
@@ -24,15 +25,6 @@ from optimum_mwanda.hub import save_pruned_model
 from optimum_mwanda.hub.atomic import MANIFEST_NAME
 from optimum_mwanda.hub.compression import PackedTensor, pack_bitmask, packing_pays_off, unpack_bitmask
 from optimum_mwanda.modeling import find_decoder_stack, find_prunable_linears
-
-OFFLOAD_LAYER_1 = {
-    "model.embed_tokens": "cpu",
-    "model.layers.0": "cpu",
-    "model.layers.1": "disk",
-    "model.norm": "cpu",
-    "model.rotary_emb": "cpu",
-    "lm_head": "cpu",
-}
 
 
 @pytest.fixture(scope="module")

@@ -106,9 +106,11 @@ class LanguageListAction(argparse.Action):
         setattr(namespace, self.dest, [item for value in values for item in comma_list(value)])
 
 
-def add_language_list(group, *flags: str, help: str) -> None:
-    """A ``LANG [LANG ...]`` option accepting commas and/or spaces."""
-    group.add_argument(*flags, nargs="+", action=LanguageListAction, default=None, metavar="LANG", help=help)
+def add_language_list(group, *flags: str, help: str, default: list[str] | None = None) -> None:
+    """A ``LANG [LANG ...]`` option accepting commas and/or spaces (the CLI's and the examples')."""
+    group.add_argument(
+        *flags, nargs="+", action=LanguageListAction, default=default, metavar="LANG", help=help
+    )
 
 
 def window_budget(value: str) -> int | None:

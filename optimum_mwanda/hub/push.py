@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..report import PruningReport
+from .atomic import MANIFEST_NAME
 from .identity import validate_repo_id
 from .serialization import save_pruned_model
 
@@ -196,7 +197,8 @@ def push_pruned_model(
             datasets=datasets,
             eval_dataset=eval_dataset,
         )
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        # The manifest describes a local folder (which files optimum-mwanda wrote there), not the repo.
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
         api = HfApi(token=token)
         retry = {"repo_id": repo_id, "max_retries": max_retries, "retry_delay": retry_delay}
         repo_url = with_retries(

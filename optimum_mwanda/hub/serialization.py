@@ -226,19 +226,27 @@ def save_pruned_model(
                 **{SPARSE_DIGESTS_KEY: digests},
             )
         if model_card:
-            card = create_model_card(
-                report,
-                base_model=base_model,
-                eval_results=evals or None,
-                model_id=model_id,
-                license=license,
-                datasets=datasets,
-                plot_path=staging / PLOT_FILENAME,
-                compressed=compressed,
-                eval_dataset=eval_dataset,
-            )
-            write_file(staging / CARD_FILENAME, str(card))
+            card_kwargs = {
+                "base_model": base_model,
+                "model_id": model_id,
+                "license": license,
+                "datasets": datasets,
+            }
+            _write_card(staging, report, evals, compressed, eval_dataset, **card_kwargs)
     return target
+
+
+def _write_card(staging: Path, report, evals, compressed: bool, eval_dataset, **card_kwargs: Any) -> None:
+    """``README.md`` and its plot, into the staging folder of a transaction."""
+    card = create_model_card(
+        report,
+        eval_results=evals or None,
+        plot_path=staging / PLOT_FILENAME,
+        compressed=compressed,
+        eval_dataset=eval_dataset,
+        **card_kwargs,
+    )
+    write_file(staging / CARD_FILENAME, str(card))
 
 
 def load_eval_results(folder: str | os.PathLike) -> dict[str, dict[str, float]] | None:
@@ -314,17 +322,8 @@ def rewrite_model_card(
     writes = [CARD_FILENAME, PLOT_FILENAME, *([EVAL_RESULTS_FILENAME] if given else [])]
     check_replaceable(folder, writes=writes)
     with checkpoint_transaction(folder, keep_own=True) as staging:
-        card = create_model_card(
-            report,
-            base_model=base_model,
-            eval_results=evals or None,
-            model_id=model_id,
-            license=license,
-            plot_path=staging / PLOT_FILENAME,
-            compressed=compressed,
-            eval_dataset=eval_dataset,
-        )
-        write_file(staging / CARD_FILENAME, str(card))
+        card_kwargs = {"base_model": base_model, "model_id": model_id, "license": license}
+        _write_card(staging, report, evals, compressed, eval_dataset, **card_kwargs)
         if given:
             write_file(staging / EVAL_RESULTS_FILENAME, json.dumps(evals, indent=2, sort_keys=True) + "\n")
     return {
