@@ -412,7 +412,7 @@ def test_optimum_cli_discovers_the_plugin(tmp_path, workspace):
     assert "Traceback" not in failed.stderr
 
 
-def test_card_keeps_the_evaluation_results_the_save_kept(capsys, workspace, tmp_path, caplog):
+def test_card_keeps_the_evaluation_results_the_save_kept(capsys, workspace, tmp_path):
     out = tmp_path / "pruned"
     code, _, stderr = _prune(
         capsys, workspace, out, "--method", "wanda", "--languages", "en", "de", "--eval",
@@ -428,11 +428,11 @@ def test_card_keeps_the_evaluation_results_the_save_kept(capsys, workspace, tmp_
     assert _table_rows(out / "README.md") == table  # nothing dropped
     # Without eval_results.json the card's model-index is read back (the "after" column), with a warning.
     (out / "eval_results.json").unlink()
-    with caplog.at_level("WARNING"):
-        assert run(capsys, "card", out)[0] == 0
+    code, _, stderr = run(capsys, "card", out)
+    assert code == 0, stderr
     card = ModelCard.load(out / "README.md")
     assert {r.dataset_config for r in card.data.eval_results} == {"en", "de"}
-    assert "cannot be recovered" in capsys.readouterr().err + caplog.text
+    assert "cannot be recovered" in stderr
     assert (out / "notes.md").read_text() == "mine"
 
 
@@ -451,7 +451,7 @@ def test_languages_take_commas_or_spaces_and_eval_has_a_default_budget():
     args = parser.parse_args(["eval", "model-dir", "--languages", "en", "sw"])
     assert args.languages == ["en", "sw"] and args.max_windows == DEFAULT_EVAL_WINDOWS
     assert parser.parse_args(["eval", "m", "--max-windows", "all"]).max_windows is None
-    eval_help = parser._subparsers._group_actions[0].choices["eval"].format_help()
+    eval_help = " ".join(parser._subparsers._group_actions[0].choices["eval"].format_help().split())
     assert f"default: {DEFAULT_EVAL_WINDOWS}" in eval_help and "'all' scores every window" in eval_help
     prune_help = " ".join(parser._subparsers._group_actions[0].choices["prune"].format_help().split())
     assert "depth for mwanda, uniform for wanda and sparsegpt" in prune_help
