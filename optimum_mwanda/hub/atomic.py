@@ -248,9 +248,20 @@ def _link_tree(source: Path, destination: Path) -> None:
                 shutil.copy2(source, destination)
         return
     os.mkdir(destination)
-    shutil.copymode(source, destination)
+    _copy_mode_and_owner(source, destination)
     for entry in source.iterdir():
         _link_tree(entry, destination / entry.name)
+
+
+def _copy_mode_and_owner(source: Path, destination: Path) -> None:
+    """A recreated folder keeps its mode and, where permitted (root), its owner."""
+    shutil.copymode(source, destination)
+    stat = source.stat()
+    if (stat.st_uid, stat.st_gid) != (os.getuid(), os.getgid()):
+        try:
+            os.chown(destination, stat.st_uid, stat.st_gid)
+        except OSError:  # only root may give a folder away; the mode is kept either way
+            pass
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -322,7 +333,7 @@ def checkpoint_transaction(
             kept_own = sorted(
                 own & {entry.name for entry in staging.iterdir()} - set(written) - {MANIFEST_NAME}
             )
-            shutil.copymode(path, staging)
+            _copy_mode_and_owner(path, staging)
         else:
             kept_own = []
         manifest = {
