@@ -21,16 +21,6 @@ TEXTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from intra-op threads, and on a shared CPU the thread pool's spinning makes
-    # them several times slower; restore the setting for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
