@@ -32,14 +32,14 @@ class PruningReport:
         layerwise_signal: the per-layer signal behind a non-uniform schedule (OWL outlier ratio or
             CWL cross-lingual correlation), empty for uniform.
         calibration_sources: ``{language: source}`` when known.
+        calibration_settings: the calibration settings that actually applied
+            (:attr:`optimum_mwanda.CalibrationSet.settings`: ``seq_len``, ``sequences_per_language``, and
+            ``seed`` when texts were packed); the model card shows these, never the config's sampling knobs
+            that did not apply (token ids or a ready :class:`CalibrationSet` given).
         architecture: the model's class name.
         base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
         negative_calibration_tokens: tokens of negative calibration text (Kim et al.), 0 when none was used.
         resumed_from_layer: the first decoder layer this call pruned (> 0 when it resumed a checkpoint).
-        calibration_settings: the calibration knobs that actually applied, e.g. ``{"seq_len": 512,
-            "samples_per_language": 8, "seed": 0}`` when the pruner packed texts itself, or only
-            ``{"seq_len": 512}`` when token ids or a ready :class:`CalibrationSet` were given (the config's
-            sampling knobs were then not used, so the model card does not show them).
         optimum_mwanda_version: the package version that pruned (stored inside ``config`` in the JSON form).
     """
 
@@ -54,11 +54,11 @@ class PruningReport:
     timings: dict[str, float] = field(default_factory=dict)
     layerwise_signal: list[float] = field(default_factory=list)
     calibration_sources: dict[str, str] = field(default_factory=dict)
+    calibration_settings: dict[str, Any] = field(default_factory=dict)
     architecture: str = ""
     base_model: str = ""
     negative_calibration_tokens: int = 0
     resumed_from_layer: int = 0
-    calibration_settings: dict[str, Any] = field(default_factory=dict)
     optimum_mwanda_version: str = __version__
 
     def __post_init__(self) -> None:

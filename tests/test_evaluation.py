@@ -11,8 +11,8 @@ from tiny_models import make_model, make_tokenizer, text_corpus
 from optimum_mwanda import WandaConfig, build_calibration, evaluate_perplexity
 from optimum_mwanda.evaluation import MultilingualPerplexity, SweepResult, calibration_language_sweep
 from optimum_mwanda.evaluation.loss import nll_from_logits, summed_nll_chunked, summed_nll_full
-from optimum_mwanda.evaluation.perplexity import input_device
 from optimum_mwanda.evaluation.windows import IGNORE_INDEX, plan_windows, window_batch
+from optimum_mwanda.modeling import input_device
 from optimum_mwanda.pruner import Pruner
 
 TEXTS = {

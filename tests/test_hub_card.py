@@ -211,9 +211,12 @@ def test_card_shows_only_the_calibration_knobs_that_applied(model):
     text = create_model_card(report).text
     assert "| `calibration seq_len` | 128 |" in text
     assert "samples_per_language" not in text and "`seed`" not in text and "calibration_seq_len" not in text
-    report.calibration_settings = {"seq_len": 512, "samples_per_language": 8, "seed": 3}
+    report.calibration_settings = {"seq_len": 512, "sequences_per_language": {"en": 8, "sw": 8}, "seed": 3}
     text = create_model_card(report).text
-    assert "| `calibration samples_per_language` | 8 |" in text and "| `calibration seed` | 3 |" in text
+    assert "| `calibration sequences_per_language` | 8 per language |" in text
+    assert "| `calibration seed` | 3 |" in text
+    report.calibration_settings = {"seq_len": 512, "sequences_per_language": {"en": 8, "sw": 6}}
+    assert "| `calibration sequences_per_language` | en 8, sw 6 |" in create_model_card(report).text
 
 
 def test_card_mean_is_the_geometric_mean_and_says_so(model):

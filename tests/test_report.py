@@ -63,7 +63,8 @@ def test_pruner_records_the_calibration_knobs_that_applied():
         make_model("llama"), {"en": torch.randint(3, 100, (2, 16))}, show_progress=False
     )
     assert report.config is pruner.config
-    assert report.calibration_settings == {"seq_len": 16}  # token ids: no sampling knobs applied
+    # Token ids: no sampling knob applied, only what the tensors show.
+    assert report.calibration_settings == {"seq_len": 16, "sequences_per_language": {"en": 2}}
 
 
 def test_pruner_records_the_sampling_knobs_when_it_packs_texts():
@@ -77,4 +78,4 @@ def test_pruner_records_the_sampling_knobs_when_it_packs_texts():
     report = Pruner(config).prune_model(
         make_model("llama"), texts, tokenizer=tiny_tokenizer(), show_progress=False
     )
-    assert report.calibration_settings == {"seq_len": 16, "samples_per_language": 2, "seed": 7}
+    assert report.calibration_settings == {"seq_len": 16, "sequences_per_language": {"en": 2}, "seed": 7}

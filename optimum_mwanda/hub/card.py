@@ -74,6 +74,15 @@ def _change(before: float | None, after: float | None) -> str:
     return f"{100 * (after - before) / before:+.1f}%"
 
 
+def _setting_text(value: Any) -> str:
+    """``{"en": 8, "sw": 8}`` -> ``"8 per language"``; ``{"en": 8, "sw": 6}`` -> ``"en 8, sw 6"``."""
+    if isinstance(value, dict):
+        if len(set(value.values())) == 1:
+            return f"{next(iter(value.values()))} per language"
+        return ", ".join(f"{key} {item}" for key, item in value.items())
+    return str(value)
+
+
 def _check_eval_results(eval_results: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
     if eval_results is None:
         return {}
@@ -239,7 +248,9 @@ def _card_context(
     hyperparameters = [
         (key, getattr(config, key)) for key in _METHOD_KEYS.get(report.method, ()) if hasattr(config, key)
     ]
-    hyperparameters += [(f"calibration {key}", value) for key, value in report.calibration_settings.items()]
+    hyperparameters += [
+        (f"calibration {key}", _setting_text(value)) for key, value in report.calibration_settings.items()
+    ]
 
     achieved_layers = achieved_layer_sparsity(report)
     n_layers = max(len(report.layer_sparsity), len(achieved_layers))
