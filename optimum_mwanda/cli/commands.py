@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,15 +281,10 @@ def _check_evaluation(tokenizer, texts, seq_len: int, max_windows: int | None, w
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a temporary file in the same folder, then a rename)."""
-    # open() rather than tempfile, whose files are private (0600): this one joins a shared checkpoint.
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (the package's one atomic file write, :func:`optimum_mwanda.hub.atomic.write_file`)."""
+    from ..hub.atomic import write_file
+
+    write_file(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -592,7 +586,9 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
     files = {kind: output_dir / name for kind, name in SWEEP_FILES.items()}
     _write_json(files["json"], result.to_dict())
     relative = bool(result.dense) and not args.absolute
-    files["markdown"].write_text(result.to_markdown(relative=relative), encoding="utf-8")
+    from ..hub.atomic import write_file
+
+    write_file(files["markdown"], result.to_markdown(relative=relative))
     result.plot_heatmap(files["heatmap"], relative=relative)
     logger.info("Wrote %s", ", ".join(str(p) for p in files.values()))
     payload = {"command": "sweep", "model": model_ref.name, "files": {k: str(p) for k, p in files.items()}}
