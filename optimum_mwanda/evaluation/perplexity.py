@@ -16,8 +16,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling import input_device
 from .inputs import normalize_texts_by_language
 from .loss import DEFAULT_LOGITS_BUDGET, chunked_matches_full, summed_nll_chunked, summed_nll_full
+from .summary import geometric_mean
 from .windows import WindowSpan, plan_windows, window_batch, window_capacity
 
 LossImpl = Literal["auto", "chunked", "full"]
@@ -65,9 +67,9 @@ class PerplexityResult:
 
     @property
     def mean_perplexity(self) -> float:
-        """Unweighted mean over languages, so a language with more text does not dominate."""
-        values = list(self.perplexities.values())
-        return sum(values) / len(values) if values else math.nan
+        """Geometric mean over languages (:func:`~optimum_mwanda.evaluation.summary.geometric_mean`): a
+        language with more text does not dominate, nor does the language with the largest perplexity."""
+        return geometric_mean(self.perplexities.values())
 
     @property
     def tokens_per_second(self) -> float:
@@ -231,20 +233,6 @@ def prepare_evaluation(
                 + ("" if bos_token_id is not None else " without a BOS token")
             )
     return PreparedEvaluation(bos_token_id, streams, plans)
-
-
-def input_device(model: torch.nn.Module) -> torch.device:
-    """Where input ids must go: the embedding's device, or for offloaded (meta) weights its hook's device."""
-    embeddings = model.get_input_embeddings()
-    weight = getattr(embeddings, "weight", None)
-    if weight is not None and weight.device.type != "meta":
-        return weight.device
-    # Accelerate keeps offloaded weights on "meta" and moves them to the hook's execution device per call.
-    for module in (embeddings, *model.modules()):
-        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device(device)
-    return torch.device("cpu")
 
 
 def _resolve_bos(tokenizer, add_bos: bool | None) -> int | None:

@@ -8,6 +8,8 @@ checkpoint (disk offload). This module is the only place that knows that.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -34,12 +36,6 @@ def _offload_hook(module: nn.Module):
     return None
 
 
-def is_offloaded(module: nn.Module, name: str = "weight") -> bool:
-    """Whether the parameter ``name`` of ``module`` lives in an Accelerate weights map (on ``meta`` here)."""
-    param = getattr(module, name)
-    return param.device.type == "meta" and _offload_hook(module) is not None
-
-
 def execution_device(module: nn.Module) -> torch.device:
     """The device ``module`` computes on: its Accelerate execution device, else where its weight is."""
     for hook in _align_hooks(module):
@@ -48,6 +44,23 @@ def execution_device(module: nn.Module) -> torch.device:
     for param in module.parameters(recurse=True):
         if param.device.type != "meta":
             return param.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids must go: the device its input embeddings compute on.
+
+    For an embedding offloaded without a hook of its own (its weight on ``meta``), the first Accelerate
+    execution device found in the model.
+    """
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if _align_hooks(embeddings) or (weight is not None and weight.device.type != "meta"):
+        return execution_device(embeddings)
+    for module in model.modules():
+        for hook in _align_hooks(module):
+            if getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
     return torch.device("cpu")
 
 
@@ -112,3 +125,20 @@ def _stored_dtype(entry: dict, default: torch.dtype) -> torch.dtype:
     if not name:
         return default
     return getattr(torch, str(name).replace("torch.", ""), default)
+
+
+def offload_source_folders(model: nn.Module) -> set[str]:
+    """Folders that an Accelerate-offloaded ``model`` still reads weights from lazily: its offload folder and
+    the checkpoint folder whose safetensors files it maps. Saving must not replace files in them."""
+    folders: set[str] = set()
+    for module in model.modules():
+        hook = _offload_hook(module)
+        store = getattr(getattr(hook, "weights_map", None), "dataset", None)
+        if OffloadedWeightsLoader is None or not isinstance(store, OffloadedWeightsLoader):
+            continue
+        if store.save_folder is not None:
+            folders.add(os.path.abspath(store.save_folder))
+        for entry in (store.index or {}).values():
+            if isinstance(entry, dict) and entry.get("safetensors_file"):
+                folders.add(os.path.dirname(os.path.abspath(entry["safetensors_file"])))
+    return folders
