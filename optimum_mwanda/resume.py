@@ -71,9 +71,10 @@ def model_weights_digest(model: nn.Module) -> str:
 
     Offloaded (meta/disk) parameters are read through :func:`optimum_mwanda.modeling.read_parameter`, so a
     dispatched model digests like the same model in memory. A full hash rather than a sample: on Gemma 3
-    270M (268M float32 parameters, 1.07 GB) it took 1.4 s on a shared 2-core CPU (load average 6), a strided
-    sample of 64k values per tensor 0.7 s (touching the pages dominates), against minutes for the pruning
-    run itself; a full hash also catches models that differ in a few weights only.
+    270M (268M float32 parameters, 1.07 GB) it takes 1.4-1.5 s on a shared 2-core CPU, 0.3% of one decoder
+    forward pass over the calibration tokens (benchmarks/resume_cost.py); a strided sample of 64k values
+    per tensor took 0.7 s (touching the pages dominates), so a full hash, which also catches models that
+    differ in a few weights only, costs little more.
     """
     digest = hashlib.sha256()
     seen: set[int] = set()
