@@ -48,6 +48,25 @@ def _only_final_files(checkpoint_dir: Path, num_layers: int) -> bool:
     return names == {STATE_FILE} | {f"layer_{i}.safetensors" for i in range(num_layers)}
 
 
+def _judge(method: str, label: str, folders: list[Path], steps, expected, expected_report) -> None:
+    """Resume each interrupted checkpoint (the k-th faulted at ``steps[k]``) in a fresh model: every one
+    must be identical to the uninterrupted run (and leave only the final files), none refused nor wrong."""
+    num_layers = len(expected_report.layer_sparsity)
+    outcomes: dict[str, list[int]] = {"identical": [], "refused": [], "wrong": []}
+    for k, checkpoint_dir in enumerate(folders):
+        outcome = _resume_outcome(method, checkpoint_dir, expected, expected_report)
+        outcomes[outcome].append(k)
+        if outcome == "identical":
+            assert _only_final_files(checkpoint_dir, num_layers), sorted(os.listdir(checkpoint_dir))
+    print(
+        f"\n{method}, {label}: {len(folders)} fault points, identical {len(outcomes['identical'])}, "
+        f"refused {len(outcomes['refused'])}, wrong {len(outcomes['wrong'])}"
+    )
+    assert not outcomes["wrong"], [steps[k] for k in outcomes["wrong"]]
+    # A crash never makes a checkpoint unusable: no refusal either.
+    assert not outcomes["refused"], [steps[k] for k in outcomes["refused"]]
+
+
 def _clean_steps(method: str, tmp_path: Path, expected, expected_report) -> list[tuple[str, str]]:
     with fi.io_steps() as steps:
         model, report = fi.prune(method, tmp_path / "clean")
@@ -64,26 +83,13 @@ def test_raise_at_every_checkpoint_step(method, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     expected, expected_report = _reference(method)
     steps = _clean_steps(method, tmp_path, expected, expected_report)
-    num_layers = len(expected_report.layer_sparsity)
     operations = {operation for operation, _ in steps}
     assert {"open", "write", "fsync", "rename", "fsync-dir", "unlink"} <= operations
-
-    outcomes: dict[str, list[int]] = {"identical": [], "refused": [], "wrong": []}
-    for k in range(len(steps)):
-        checkpoint_dir = tmp_path / f"fault{k}"
+    folders = [tmp_path / f"fault{k}" for k in range(len(steps))]
+    for k, checkpoint_dir in enumerate(folders):
         with fi.io_steps(fi.raise_at(k)), pytest.raises(fi.InjectedFault):
             fi.prune(method, checkpoint_dir)
-        outcome = _resume_outcome(method, checkpoint_dir, expected, expected_report)
-        outcomes[outcome].append(k)
-        if outcome == "identical":
-            assert _only_final_files(checkpoint_dir, num_layers), sorted(os.listdir(checkpoint_dir))
-    print(
-        f"\n{method}: {len(steps)} fault points, identical {len(outcomes['identical'])}, "
-        f"refused {len(outcomes['refused'])}, wrong {len(outcomes['wrong'])}"
-    )
-    assert not outcomes["wrong"], [steps[k] for k in outcomes["wrong"]]
-    # A crash never makes a checkpoint unusable: no refusal either.
-    assert not outcomes["refused"], [steps[k] for k in outcomes["refused"]]
+    _judge(method, "raise", folders, steps, expected, expected_report)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +100,6 @@ def test_raise_again_at_every_step_of_the_resumed_run(first_fault, tmp_path, mon
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # as above
     method = "mwanda"
     expected, expected_report = _reference(method)
-    num_layers = len(expected_report.layer_sparsity)
 
     def interrupted(folder: Path) -> Path:
         with fi.io_steps(fi.raise_before(*first_fault)), pytest.raises(fi.InjectedFault):
@@ -105,20 +110,11 @@ def test_raise_again_at_every_step_of_the_resumed_run(first_fault, tmp_path, mon
     with fi.io_steps() as steps:  # the steps of a clean resume from there
         fi.prune(method, base)
     assert steps
-    outcomes: dict[str, list[int]] = {"identical": [], "refused": [], "wrong": []}
-    for k in range(len(steps)):
-        checkpoint_dir = interrupted(tmp_path / f"again{k}")
+    folders = [interrupted(tmp_path / f"again{k}") for k in range(len(steps))]
+    for k, checkpoint_dir in enumerate(folders):
         with fi.io_steps(fi.raise_at(k)), pytest.raises(fi.InjectedFault):
             fi.prune(method, checkpoint_dir)
-        outcome = _resume_outcome(method, checkpoint_dir, expected, expected_report)
-        outcomes[outcome].append(k)
-        if outcome == "identical":
-            assert _only_final_files(checkpoint_dir, num_layers), sorted(os.listdir(checkpoint_dir))
-    print(
-        f"\n{method}, second fault after {first_fault}: {len(steps)} fault points, identical "
-        f"{len(outcomes['identical'])}, refused {len(outcomes['refused'])}, wrong {len(outcomes['wrong'])}"
-    )
-    assert not outcomes["wrong"] and not outcomes["refused"], outcomes
+    _judge(method, f"second fault after {first_fault}", folders, steps, expected, expected_report)
 
 
 def _sigkill_sweep(method: str, tmp_path: Path, kill_each) -> None:
@@ -126,22 +122,11 @@ def _sigkill_sweep(method: str, tmp_path: Path, kill_each) -> None:
     and returns their return codes."""
     expected, expected_report = _reference(method)
     steps = _clean_steps(method, tmp_path, expected, expected_report)
-    num_layers = len(expected_report.layer_sparsity)
     codes = kill_each(len(steps))
-    outcomes: dict[str, list[int]] = {"identical": [], "refused": [], "wrong": []}
     for k, code in enumerate(codes):
         assert code == -signal.SIGKILL, f"step {k} {steps[k]}: child exited with {code}"
-        checkpoint_dir = tmp_path / f"kill{k}"
-        outcome = _resume_outcome(method, checkpoint_dir, expected, expected_report)
-        outcomes[outcome].append(k)
-        if outcome == "identical":
-            assert _only_final_files(checkpoint_dir, num_layers), sorted(os.listdir(checkpoint_dir))
-    print(
-        f"\n{method} SIGKILL: {len(steps)} kill points, identical {len(outcomes['identical'])}, "
-        f"refused {len(outcomes['refused'])}, wrong {len(outcomes['wrong'])}"
-    )
-    assert not outcomes["wrong"], [steps[k] for k in outcomes["wrong"]]
-    assert not outcomes["refused"], [steps[k] for k in outcomes["refused"]]
+    folders = [tmp_path / f"kill{k}" for k in range(len(steps))]
+    _judge(method, "SIGKILL", folders, steps, expected, expected_report)
 
 
 def _child(*args: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
