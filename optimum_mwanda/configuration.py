@@ -275,6 +275,11 @@ class MWandaConfig(WandaConfig):
             means), ``"pooled"`` on the all-language mean only, ``"none"`` leaves the kept weights as they
             were (Wanda). Pruned positions stay exactly zero. See
             :func:`optimum_mwanda.methods.mean_shift_compensation`.
+        compensation_rank: restore more than the means: the compensation also keeps each row's output along
+            the top ``compensation_rank`` principal directions of the pooled within-language input
+            covariance (found from a randomized sketch collected in the same pass; ``0``: means only).
+            Between today's means-only update and SparseGPT's full-covariance one, at a per-row cost of one
+            ``(L + r) x (L + r)`` solve. See :func:`optimum_mwanda.methods.low_rank_compensation`.
     """
 
     method: ClassVar[str] = "mwanda"
@@ -289,6 +294,10 @@ class MWandaConfig(WandaConfig):
     activation_threshold: float = 3.0
     cwl_protect: str = "specific"
     mean_compensation: str = "language"
+    compensation_rank: int = 0
+
+    #: extra columns of the randomized sketch beyond ``compensation_rank`` (accuracy of the directions)
+    sketch_oversampling: ClassVar[int] = 16
 
     def validate(self) -> None:
         super().validate()
@@ -302,6 +311,13 @@ class MWandaConfig(WandaConfig):
         if self.mean_compensation not in MEAN_COMPENSATIONS:
             raise ValueError(
                 f"mean_compensation must be one of {list(MEAN_COMPENSATIONS)}, got {self.mean_compensation!r}"
+            )
+        rank = self.compensation_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"compensation_rank must be a non-negative integer, got {rank!r}")
+        if rank and self.mean_compensation == "none":
+            raise ValueError(
+                'compensation_rank > 0 needs a compensation: mean_compensation "language" or "pooled"'
             )
 
 

@@ -139,3 +139,114 @@ def test_shape_errors_are_clear():
         mean_shift_compensation(weight, mask, torch.zeros(1, 5), torch.ones(1, 5), torch.ones(1))
     with pytest.raises(ValueError, match="non-negative"):
         mean_shift_compensation(weight, mask, torch.zeros(2, 4), torch.ones(2, 4), torch.tensor([1.0, -1.0]))
+
+
+# -- low-rank compensation: means plus the top principal directions of the within-language covariance ----
+
+
+def _correlated_languages(n_lang=3, features=40, tokens=6000, rank=6, seed=0, noise_seed=None):
+    """``x = mu_l + B z + noise``: a few strong shared directions, as real activations have."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(n_lang, features, generator=generator)
+    basis = torch.randn(features, rank, generator=generator) * torch.logspace(0.5, -0.5, rank)
+    if noise_seed is not None:
+        generator = torch.Generator().manual_seed(noise_seed)
+    language = torch.arange(tokens) % n_lang
+    z = torch.randn(tokens, rank, generator=generator)
+    x = means[language] + z @ basis.t() + 0.1 * torch.randn(tokens, features, generator=generator)
+    return x, language
+
+
+def test_low_rank_compensation_is_the_exact_solve_under_its_model():
+    """``delta_K = H_KK^-1 H_KP w_P`` row by row for ``H = U U^T + D`` (a direct solve here)."""
+    from optimum_mwanda.methods import low_rank_compensation
+
+    torch.manual_seed(0)
+    features = 24
+    weight, mask = torch.randn(6, features), torch.rand(6, features) < 0.5
+    factors, diagonal = torch.randn(features, 5), 0.2 + torch.rand(features)
+    new = low_rank_compensation(weight, mask, factors, diagonal)
+    h = (factors @ factors.t() + torch.diag(diagonal)).double()
+    for row in range(weight.shape[0]):
+        kept, pruned = ~mask[row], mask[row]
+        delta = torch.linalg.solve(h[kept][:, kept], h[kept][:, pruned] @ weight[row, pruned].double())
+        torch.testing.assert_close(
+            new[row, kept], (weight[row, kept].double() + delta).float(), atol=1e-4, rtol=1e-4
+        )
+        assert (new[row, pruned] == 0).all()
+
+
+def test_low_rank_with_means_only_is_mean_shift_compensation():
+    from optimum_mwanda.methods import covariance_factors, low_rank_compensation
+
+    x, language = _synthetic_languages(n_lang=3, tokens=600)
+    stats = _statistics(x, language, 3)
+    weight = torch.randn(8, x.shape[1])
+    mask = mask_from_scores(wanda_scores(weight, stats.pooled_norm), 0.5, None)
+    within = (
+        (stats.language_second_moments - stats.language_means.pow(2))
+        * stats.language_shares.float().unsqueeze(1)
+    ).sum(0)
+    factors, diagonal = covariance_factors(stats.language_means, stats.language_shares, None, None, within)
+    expected = mean_shift_compensation(
+        weight, mask, stats.language_means, stats.language_second_moments, stats.language_shares
+    )
+    torch.testing.assert_close(
+        low_rank_compensation(weight, mask, factors, diagonal), expected, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_sketched_directions_match_the_exact_covariance():
+    x, language = _correlated_languages()
+    stats = FeatureStatistics(x.shape[1], 3, track_mean=True, sketch_width=16)
+    for start in range(0, len(x), 1000):
+        stats.update(x[start : start + 1000], language[start : start + 1000])
+    directions, values = stats.sketch.principal_directions(
+        stats.tokens.sum(), stats.language_means, stats.language_shares, 6
+    )
+    covariance = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for lang in range(3):
+        rows = x[language == lang].double()
+        centred = rows - rows.mean(0)
+        covariance += centred.t() @ centred
+    exact_values, exact_vectors = torch.linalg.eigh(covariance / len(x))
+    exact_values, exact_vectors = exact_values.flip(0)[:6], exact_vectors.flip(1)[:, :6]
+    torch.testing.assert_close(values.double(), exact_values, rtol=2e-2, atol=1e-3)
+    overlap = (exact_vectors.float().t() @ directions).pow(2).sum() / 6
+    assert overlap > 0.99
+
+
+def test_more_directions_lower_held_out_error_and_keep_structure():
+    """On inputs with shared low-rank structure, restoring the top directions as well as the means lowers
+    the held-out output error in every language; zeros (and 2:4) are kept exactly."""
+    from optimum_mwanda.algorithms import MWandaAlgorithm
+    from optimum_mwanda.configuration import MWandaConfig
+
+    x, language = _correlated_languages()
+    held_out, held_language = _correlated_languages(noise_seed=1)
+    weight = torch.randn(16, x.shape[1])
+    errors = {}
+    for rank in (0, 6):
+        for structure in ("unstructured", "2:4"):
+            config = MWandaConfig(compensation_rank=rank, mask_structure=structure, layerwise="uniform")
+            algorithm = MWandaAlgorithm(config)
+            stats = algorithm.new_statistic(x.shape[1], 3, torch.device("cpu"))
+            stats.update(x, language)
+            (new,) = algorithm.prune_group("m", [weight], stats, None, 0.5)
+            mask = new == 0
+            assert float(mask.float().mean()) == pytest.approx(0.5, abs=0.02)
+            if structure == "2:4":
+                assert (mask.reshape(16, -1, 4).sum(-1) == 2).all()
+            residual = (held_out @ (weight - new).t()).pow(2)
+            errors[rank, structure] = [float(residual[held_language == lang].mean()) for lang in range(3)]
+    for structure in ("unstructured", "2:4"):
+        assert all(low < high for low, high in zip(errors[6, structure], errors[0, structure]))
+
+
+def test_compensation_rank_is_validated():
+    from optimum_mwanda.configuration import MWandaConfig
+
+    with pytest.raises(ValueError, match="compensation_rank"):
+        MWandaConfig(compensation_rank=-1)
+    with pytest.raises(ValueError, match="needs a compensation"):
+        MWandaConfig(compensation_rank=8, mean_compensation="none")

@@ -9,6 +9,7 @@ import torch
 
 from ..configuration import MWandaConfig
 from ..methods import FeatureStatistics, mean_shift_compensation, mwanda_feature_importance
+from ..methods.compensation import covariance_factors, low_rank_compensation
 from .wanda import WandaAlgorithm
 
 
@@ -27,6 +28,9 @@ class MWandaAlgorithm(WandaAlgorithm):
             track_activation=config.activation_probability_weight > 0,
             activation_threshold=config.activation_threshold,
             track_mean=config.mean_compensation != "none",
+            sketch_width=config.compensation_rank + config.sketch_oversampling
+            if config.compensation_rank
+            else 0,
         )
 
     def feature_importance(self, statistic: FeatureStatistics) -> torch.Tensor:
@@ -50,7 +54,26 @@ class MWandaAlgorithm(WandaAlgorithm):
         if compensation == "none":
             return weight.masked_fill(mask, 0.0)
         if compensation == "language":
-            moments = (statistic.language_means, statistic.language_second_moments, statistic.language_shares)
+            means, second, shares = (
+                statistic.language_means,
+                statistic.language_second_moments,
+                statistic.language_shares,
+            )
         else:  # "pooled": the all-language mean only
-            moments = (statistic.pooled_mean, statistic.pooled_second_moment, torch.ones(1))
-        return mean_shift_compensation(weight, mask, *moments)
+            means, second, shares = statistic.pooled_mean, statistic.pooled_second_moment, torch.ones(1)
+        rank = self.config.compensation_rank
+        if not rank:
+            return mean_shift_compensation(weight, mask, means, second, shares)
+        # Directions of the covariance left once every language's mean is removed (shares as weights).
+        directions, eigenvalues = statistic.sketch.principal_directions(
+            statistic.tokens.sum(), statistic.language_means, statistic.language_shares, rank
+        )
+        within = (statistic.language_second_moments - statistic.language_means.pow(2)).clamp_min(0.0)
+        within = (within * statistic.language_shares.float().unsqueeze(1)).sum(0)
+        if compensation == "pooled":
+            # The pooled mean leaves the between-language spread in the noise: add it to the diagonal.
+            within = (second - means.pow(2)).clamp_min(0.0).squeeze(0)
+        factors, diagonal = covariance_factors(
+            means, shares.to(means.device), directions, eigenvalues, within
+        )
+        return low_rank_compensation(weight, mask, factors, diagonal)

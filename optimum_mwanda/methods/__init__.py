@@ -1,6 +1,6 @@
 """Pure pruning math: scores, masks, layer schedules and running statistics (no hooks, no I/O)."""
 
-from .compensation import mean_shift_compensation
+from .compensation import covariance_factors, low_rank_compensation, mean_shift_compensation
 from .layerwise import (
     cross_lingual_correlation,
     cwl_schedule,
@@ -12,16 +12,19 @@ from .layerwise import (
 from .masks import mask_from_scores, nm_mask, per_row_mask
 from .mwanda import mwanda_feature_importance
 from .sparsegpt import CholeskyError, sparsegpt_prune, sparsegpt_prune_group
-from .statistics import FeatureStatistics, HessianStatistics
+from .statistics import CovarianceSketch, FeatureStatistics, HessianStatistics
 from .wanda import negative_feature_factor, wanda_scores
 
 __all__ = [
     "CholeskyError",
+    "CovarianceSketch",
     "FeatureStatistics",
     "HessianStatistics",
+    "covariance_factors",
     "cross_lingual_correlation",
     "cwl_schedule",
     "depth_schedule",
+    "low_rank_compensation",
     "mask_from_scores",
     "mean_shift_compensation",
     "mwanda_feature_importance",

@@ -83,3 +83,84 @@ def mean_shift_compensation(
     multipliers = torch.linalg.solve(system, shift.double().unsqueeze(-1)).squeeze(-1).float()
     delta = (multipliers @ mu) * inv_variance
     return kept + delta * keep
+
+
+def low_rank_compensation(
+    weight: torch.Tensor, mask: torch.Tensor, factors: torch.Tensor, diagonal: torch.Tensor
+) -> torch.Tensor:
+    """Masked ``weight`` with its kept entries set to the best reconstruction under ``H = D + U U^T``.
+
+    ``H`` models the (uncentred, token-averaged) second moment of the layer input: ``D = diag(diagonal)``
+    plus the low-rank part ``U = factors`` (``[in, R]``). Minimising the expected squared output error of
+    row ``w`` with the pruned set ``P`` fixed at zero gives ``delta_K = H_KK^-1 H_KP w_P``; with this ``H``
+    the Woodbury identity makes it ``delta_K = D_K^-1 U_K (I + U_K^T D_K^-1 U_K)^-1 U_P^T w_P``: one
+    ``R x R`` solve per row. With ``U`` = the share-weighted language means and ``D`` the within-language
+    variance this is :func:`mean_shift_compensation`; adding the top principal directions of the
+    within-language covariance to ``U`` moves it towards the full fixed-mask (OBS) reconstruction.
+
+    Args:
+        weight: ``[out, in]`` dense weight.
+        mask: ``[out, in]`` bool, ``True`` where pruned.
+        factors: ``[in, R]`` low-rank factor ``U``.
+        diagonal: ``[in]`` positive diagonal ``D``.
+
+    Returns:
+        float32 ``[out, in]`` weight, exactly zero where ``mask`` is ``True``.
+    """
+    if weight.dim() != 2 or mask.shape != weight.shape:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must be equal 2-D shapes"
+        )
+    in_features = weight.shape[1]
+    if factors.dim() != 2 or factors.shape[0] != in_features or diagonal.shape != (in_features,):
+        raise ValueError(
+            f"factors {tuple(factors.shape)} / diagonal {tuple(diagonal.shape)} do not match weight "
+            f"{tuple(weight.shape)}"
+        )
+    device = weight.device
+    u = factors.to(device=device, dtype=torch.float32)
+    inv_d = 1.0 / diagonal.to(device=device, dtype=torch.float32)
+    rank = u.shape[1]
+    dense = weight.detach().float()
+    kept = dense.masked_fill(mask, 0.0)
+    if rank == 0:
+        return kept
+    keep = (~mask).float()
+    # s[i] = U_P^T w_P: what the pruned weights put into each low-rank direction.
+    s = (dense - kept) @ u
+    # G[i] = U_K^T D_K^-1 U_K for all rows at once: one matmul over the feature axis.
+    outer = (u.unsqueeze(2) * u.unsqueeze(1) * inv_d.view(-1, 1, 1)).reshape(in_features, rank * rank)
+    system = (keep @ outer).double().reshape(-1, rank, rank)
+    system.diagonal(dim1=1, dim2=2).add_(1.0)
+    multipliers = torch.linalg.solve(system, s.double().unsqueeze(-1)).squeeze(-1).float()
+    delta = (multipliers @ u.t()) * inv_d
+    return kept + delta * keep
+
+
+def covariance_factors(
+    language_means: torch.Tensor,
+    language_shares: torch.Tensor,
+    covariance_directions: torch.Tensor | None,
+    covariance_eigenvalues: torch.Tensor | None,
+    within_variance: torch.Tensor,
+    damping: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, D)`` for :func:`low_rank_compensation` from per-language means and the top principal
+    directions of the pooled within-language covariance.
+
+    ``H = sum_l pi_l mu_l mu_l^T + C`` with ``C ~ V diag(lambda) V^T + diag(residual)``: ``U`` stacks
+    ``sqrt(pi_l) mu_l`` and ``sqrt(lambda_k) v_k``; ``D`` is the within-language variance minus what the
+    directions already explain, floored like :func:`mean_shift_compensation`, plus ``damping`` times the
+    mean within-language variance (a ridge on the update, as SparseGPT's dampening).
+    """
+    shares = language_shares.float().clamp_min(0.0)
+    columns = [(language_means.float() * shares.sqrt().unsqueeze(1)).t()]
+    residual = within_variance.float().clone()
+    if covariance_directions is not None and covariance_directions.shape[1]:
+        lam = covariance_eigenvalues.float().clamp_min(0.0)
+        directions = covariance_directions.float() * lam.sqrt().unsqueeze(0)
+        columns.append(directions)
+        residual = residual - directions.pow(2).sum(1)
+    mean_variance = float(within_variance.float().mean())
+    floor = _VARIANCE_FLOOR * mean_variance + 1e-12
+    return torch.cat(columns, dim=1), residual.clamp_min(floor) + damping * mean_variance

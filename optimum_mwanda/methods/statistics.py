@@ -24,6 +24,7 @@ class FeatureStatistics:
         track_activation: bool = False,
         activation_threshold: float = 1.0,
         track_mean: bool = False,
+        sketch_width: int = 0,
     ):
         self.sum_squares = torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
         self.tokens = torch.zeros(num_languages, dtype=torch.float64, device=device)
@@ -38,6 +39,7 @@ class FeatureStatistics:
             if track_mean
             else None
         )
+        self.sketch = CovarianceSketch(in_features, sketch_width, device=device) if sketch_width else None
 
     def update(self, x: torch.Tensor, language: torch.Tensor) -> None:
         """Add tokens ``x`` (``[T, in]``) whose languages are ``language`` (``LongTensor[T]``)."""
@@ -52,6 +54,8 @@ class FeatureStatistics:
         self.tokens.index_add_(0, language, torch.ones_like(language, dtype=torch.float64))
         if self.sum is not None:
             self.sum.index_add_(0, language, x)
+        if self.sketch is not None:
+            self.sketch.update(x)
         if self.active is not None:
             # A feature is active on a token when it stands out from that token's typical magnitude:
             # |x_tj| > threshold * rms(x_t). Relative to the token so that scale differences between
@@ -127,3 +131,49 @@ class HessianStatistics:
         self.hessian.mul_(self.count / new_count)
         self.hessian.addmm_(x.t(), x, alpha=2.0 / new_count)
         self.count = new_count
+
+
+class CovarianceSketch:
+    """A single-pass randomized sketch ``Y = sum_t x_t (x_t^T Omega)`` of the input's second moment.
+
+    ``Omega`` is a fixed Gaussian test matrix (``[in, width]``, seeded, so every run and every process
+    builds the same one). From ``Y`` and the per-language means, :meth:`principal_directions` recovers the
+    top principal directions of the pooled within-language covariance by the Nystrom approximation: the
+    cost is ``2 * in * width`` flops per token instead of a full ``in x in`` Gram matrix (SparseGPT's
+    Hessian), and nothing ``in x in`` is ever stored.
+    """
+
+    def __init__(self, in_features: int, width: int, device: torch.device | str = "cpu", seed: int = 0):
+        generator = torch.Generator().manual_seed(seed + 7919 * in_features)
+        self.test_matrix = torch.randn(in_features, width, generator=generator).to(device)
+        self.sketch = torch.zeros(in_features, width, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add float32 tokens ``x`` (``[T, in]``)."""
+        if x.shape[0]:
+            self.sketch += (x.t() @ (x @ self.test_matrix)).double()
+
+    def principal_directions(
+        self, tokens: float, means: torch.Tensor, shares: torch.Tensor, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(directions [in, r], eigenvalues [r])`` of ``C = Y / T - sum_l pi_l mu_l mu_l^T``,
+        the pooled within-language covariance, ``r = min(rank, width)``."""
+        omega = self.test_matrix.double()
+        means = means.double()
+        # C Omega from the sketch of the uncentred second moment and the means.
+        y = self.sketch / max(float(tokens), 1.0) - means.t() @ (
+            shares.double().unsqueeze(1) * (means @ omega)
+        )
+        # Stable Nystrom (Tropp et al., 2017): shift by a tiny nu so the small core is positive definite.
+        nu = 1e-10 * float(torch.linalg.matrix_norm(y)) + 1e-30
+        y = y + nu * omega
+        core = omega.t() @ y
+        core = 0.5 * (core + core.t())
+        eigenvalues, eigenvectors = torch.linalg.eigh(core)
+        # Pseudo-inverse square root of the core (robust where C is numerically indefinite).
+        keep = eigenvalues > eigenvalues.max() * 1e-12
+        factor = y @ (eigenvectors[:, keep] / eigenvalues[keep].sqrt())
+        directions, singular, _ = torch.linalg.svd(factor, full_matrices=False)
+        values = (singular.pow(2) - nu).clamp_min(0.0)
+        r = min(rank, values.numel())
+        return directions[:, :r].float(), values[:r].float()

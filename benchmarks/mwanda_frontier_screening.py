@@ -1,0 +1,241 @@
+"""Screening, round 3 (issue: M-Wanda at the frontier): masks and kept-weight updates beyond the means.
+
+Round 2 (``mwanda_update_screening.py``) found that restoring each row's per-language mean output is what
+makes M-Wanda beat Wanda, and that a fixed-mask OBS update with the full input Gram matrix would be far
+better still (0.77x Wanda at 50%) at SparseGPT's cost. This round screens what lies between, with dense
+statistics collected once (a screen; winners are confirmed with the sequential pruner in the study):
+
+* ``lowrank-r``: the closed-form update of :func:`optimum_mwanda.methods.low_rank_compensation` with the
+  input second moment modelled as the per-language means plus the top ``r`` principal directions of the
+  pooled within-language covariance plus a diagonal (``r = 0`` is today's M-Wanda compensation);
+* ``centred``: the mask scored on ``|W_ij| * sqrt(within-language variance_j)`` instead of Wanda's
+  ``|W_ij| * ||X_j||``, since the mean part of every input is restored by the update anyway;
+* ``ria``: RIA's relative importance ``(|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||^0.5``;
+* references: the fixed-mask OBS update (full Gram) and SparseGPT.
+
+Usage: ``nice -n 5 python benchmarks/mwanda_frontier_screening.py [--sparsity 0.5 0.6 2:4] [--only ...]``
+(writes ``benchmarks/results/mwanda_frontier_screening.{json,md}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mwanda_update_screening import LANGUAGES, collect, fixed_mask_obs  # noqa: E402
+
+from optimum_mwanda.calibration import default_calibration, load_bundled_corpus  # noqa: E402
+from optimum_mwanda.configuration import parse_mask_structure  # noqa: E402
+from optimum_mwanda.demo import load_demo_model  # noqa: E402
+from optimum_mwanda.evaluation import evaluate_perplexity  # noqa: E402
+from optimum_mwanda.methods import mask_from_scores, sparsegpt_prune, wanda_scores  # noqa: E402
+from optimum_mwanda.methods.compensation import (  # noqa: E402
+    covariance_factors,
+    low_rank_compensation,
+    mean_shift_compensation,
+)
+from optimum_mwanda.modeling import find_decoder_stack, find_prunable_linears  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MAX_RANK = 128
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sparsity", nargs="+", default=["0.5", "0.6", "2:4"])
+    parser.add_argument("--samples-per-language", type=int, default=4)
+    parser.add_argument("--max-windows", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only", nargs="*", help="run only variants whose name contains one of these, in this order"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="file to keep the dense statistics in between runs (a screen is slow)",
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "mwanda_frontier_screening")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_demo_model()
+    model.eval()
+    calibration = default_calibration(
+        tokenizer, languages=LANGUAGES, samples_per_language=args.samples_per_language, seed=args.seed
+    )
+    heldout = load_bundled_corpus("heldout", languages=LANGUAGES)
+    t = time.perf_counter()
+    cached = (
+        torch.load(args.cache, weights_only=False) if args.cache is not None and args.cache.exists() else None
+    )
+    if cached is None:
+        modules, stats = collect(model, calibration, with_gram=True)
+    else:
+        stack = find_decoder_stack(model)
+        modules = [
+            m
+            for i, layer in enumerate(stack.layers)
+            for m in find_prunable_linears(layer, stack.layer_name(i), [])
+        ]
+        stats = cached["stats"]
+    print(f"[screen3] dense statistics in {time.perf_counter() - t:.0f} s", flush=True)
+    originals = {m.name: m.read_weight().clone() for m in modules}
+    distinct = {id(s): s for s in stats.values()}
+
+    # Per shared-input statistic: pooled within-language covariance and its top principal directions.
+    t = time.perf_counter()
+    derived: dict[int, dict[str, torch.Tensor]] = {}
+    for position, s in enumerate(distinct.values()):
+        if cached is not None:
+            derived[id(s)] = cached["derived"][position]
+            continue
+        shares = s.tokens / s.tokens.sum()
+        mu = s.language_means
+        gram = s.gram / s.tokens.sum()
+        covariance = gram - (mu.t() * shares) @ mu
+        evals, evecs = torch.linalg.eigh(covariance.float())
+        order = torch.argsort(evals, descending=True)[:MAX_RANK]
+        within = torch.diagonal(covariance).clamp_min(0.0)
+        derived[id(s)] = {
+            "shares": shares.float(),
+            "mu": mu.float(),
+            "within": within.float(),
+            "evals": evals[order].float(),
+            "evecs": evecs[:, order].float(),
+        }
+    if args.cache is not None and cached is None:
+        torch.save({"stats": stats, "derived": [derived[id(s)] for s in distinct.values()]}, args.cache)
+    print(f"[screen3] eigendecompositions in {time.perf_counter() - t:.0f} s", flush=True)
+
+    def wanda_score(w, s):
+        return wanda_scores(w, s.pooled_norm)
+
+    def centred_score(w, s):
+        return wanda_scores(w, derived[id(s)]["within"].sqrt())
+
+    def ria_score(w, s):
+        a = w.abs().float()
+        relative = a / a.sum(dim=0, keepdim=True).clamp_min(1e-12) + a / a.sum(dim=1, keepdim=True).clamp_min(
+            1e-12
+        )
+        return relative * s.pooled_norm.pow(0.5).unsqueeze(0)
+
+    def no_update(w, mask, s):
+        return w.float().masked_fill(mask, 0.0)
+
+    def mean_comp(w, mask, s):
+        d = derived[id(s)]
+        return mean_shift_compensation(w, mask, d["mu"], s.language_second_moments.float(), d["shares"])
+
+    def low_rank(rank, damping):
+        def update(w, mask, s):
+            d = derived[id(s)]
+            factors, diagonal = covariance_factors(
+                d["mu"], d["shares"], d["evecs"][:, :rank], d["evals"][:rank], d["within"], damping
+            )
+            return low_rank_compensation(w, mask, factors, diagonal)
+
+        return update
+
+    def obs(w, mask, s):
+        return fixed_mask_obs(w, mask, s.gram.float())
+
+    variants = {
+        "wanda": (wanda_score, no_update),
+        "wanda + mean-comp (M-Wanda r=0)": (wanda_score, mean_comp),
+        "wanda + lowrank r=8": (wanda_score, low_rank(8, 0.0)),
+        "wanda + lowrank r=32": (wanda_score, low_rank(32, 0.0)),
+        "wanda + lowrank r=32 damp=0.01": (wanda_score, low_rank(32, 0.01)),
+        "wanda + lowrank r=128": (wanda_score, low_rank(128, 0.0)),
+        "centred + mean-comp": (centred_score, mean_comp),
+        "centred + lowrank r=32": (centred_score, low_rank(32, 0.0)),
+        "ria": (ria_score, no_update),
+        "ria + mean-comp": (ria_score, mean_comp),
+        "wanda + fixed-mask OBS": (wanda_score, obs),
+        "sparsegpt": (None, None),
+    }
+
+    out_json = args.output.with_suffix(".json")
+    results = json.loads(out_json.read_text()).get("results", {}) if out_json.exists() else {}
+    for target in args.sparsity:
+        nm = parse_mask_structure(target) if ":" in target else None
+        sparsity = 1 - nm[0] / nm[1] if nm else float(target)
+        names = [n for o in args.only for n in variants if o == n] if args.only else list(variants)
+        for name in names:
+            score, update = variants[name]
+            key = f"{target} | {name}"
+            if key in results:
+                continue
+            t = time.perf_counter()
+            for m in modules:
+                weight, s = originals[m.name], stats[m.name]
+                if score is None:
+                    new, _ = sparsegpt_prune(weight, s.gram.float(), sparsity, nm=nm)
+                else:
+                    mask = mask_from_scores(score(weight, s), sparsity, nm)
+                    new = update(weight, mask, s)
+                m.write_weight(new.to(weight.dtype))
+            seconds = time.perf_counter() - t
+            ppl = evaluate_perplexity(
+                model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
+            )
+            for m in modules:
+                m.write_weight(originals[m.name])
+            geo = math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl))
+            results[key] = {"perplexity": ppl, "geomean": geo, "update_seconds": seconds}
+            print(f"[screen3] {target} {name:34s} geomean {geo:8.2f} ({seconds:.1f} s)", flush=True)
+            _write(args, results)
+    _write(args, results)
+
+
+def _write(args, results) -> None:
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/mwanda_frontier_screening.py " + " ".join(sys.argv[1:]),
+                "load_average": os.getloadavg(),
+                "settings": {k: str(v) for k, v in vars(args).items()},
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    lines = [
+        "# Screening round 3: masks and kept-weight updates beyond the means (dense statistics, one-shot)",
+        "",
+        f"Calibration: 7 languages x {args.samples_per_language} x 512 tokens of the bundled corpus (seed "
+        f"{args.seed}); held-out: {args.max_windows} windows of 512 tokens per language; uniform schedule. "
+        "A screen, not the final numbers: statistics of the dense model, every module pruned at once. "
+        f"Load average at the last write: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores, shared).",
+        "",
+        "| sparsity | variant | geomean | vs Wanda | update s | " + " | ".join(LANGUAGES) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(LANGUAGES),
+    ]
+    for key, res in results.items():
+        target, name = key.split(" | ")
+        base = results.get(f"{target} | wanda", {}).get("geomean")
+        rel = f"{res['geomean'] / base:.3f}" if base else "-"
+        lines.append(
+            f"| {target} | {name} | {res['geomean']:.2f} | {rel} | {res['update_seconds']:.1f} | "
+            + " | ".join(f"{res['perplexity'][lang]:.1f}" for lang in LANGUAGES)
+            + " |"
+        )
+    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
