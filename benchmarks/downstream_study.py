@@ -37,10 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multilingual_study as study  # noqa: E402  (configuration names, calibration, model loading)
 
 DEFAULT_OUTPUT = study.RESULTS / "downstream_study"
+# Priority order (a partial run answers the main question first): M-Wanda vs Wanda at 50%, then SparseGPT,
+# then 60%, then 2:4.
+ORDERED_BASES = ("wanda", "mwanda", "sparsegpt")
 DEFAULT_CONFIGS = [
     "dense",
-    *[f"{base}@{p}" for p in (50, 60) for base in study.MAIN_BASES],
-    *[f"{base}[mask_structure=2:4]@50" for base in study.MAIN_BASES],
+    *[f"{base}@{p}" for p in (50, 60) for base in ORDERED_BASES],
+    *[f"{base}[mask_structure=2:4]@50" for base in ORDERED_BASES],
 ]
 TRANSLATION_LANGUAGES = ["ar", "de", "es", "ru", "zh"]
 CHANCE = 0.25

@@ -177,3 +177,46 @@ def test_missing_lm_eval_is_reported(monkeypatch, tiny):
     monkeypatch.setattr(harness, "lm_eval_available", lambda: False)
     with pytest.raises(ImportError, match=r"optimum-mwanda\[eval\]"):
         harness.run_downstream(*tiny, "mwanda_continuation", limit=1)
+
+
+def test_model_card_records_downstream_results_next_to_perplexity():
+    from hub_fixtures import make_report, prune_by_magnitude, tiny_llama
+    from huggingface_hub import ModelCard
+
+    from optimum_mwanda.hub import create_model_card
+
+    model = tiny_llama(seed=3, layers=2)
+    prune_by_magnitude(model, [0.5, 0.5])
+    evals = {
+        "after": {"de": 25.5},
+        "downstream": {
+            "mwanda_continuation_de": {"acc": 0.4, "acc_norm": 0.45},
+            "mwanda_translation_en-de": {"chrf": 31.2},
+        },
+    }
+    card = ModelCard(str(create_model_card(make_report(model, ["de"]), eval_results=evals)))
+    results = {(r.metric_type, r.dataset_type): r.metric_value for r in card.data.eval_results}
+    assert results == {
+        ("perplexity", "held-out-text"): 25.5,
+        ("acc", "mwanda_continuation_de"): 0.4,
+        ("acc_norm", "mwanda_continuation_de"): 0.45,
+        ("chrf", "mwanda_translation_en-de"): 31.2,
+    }
+    assert "| `mwanda_translation_en-de` | chrf 31.2 |" in card.text
+
+
+def test_cli_eval_runs_bundled_tasks(tmp_path, capsys):
+    from optimum_mwanda.cli import main
+
+    folder = tmp_path / "tiny"
+    make_model("llama", seed=5).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    argv = ["eval", str(folder), "--tasks", "mwanda_continuation", "--languages", "sw", "--limit", "2"]
+    code = main([*argv, "--no-perplexity", "--json", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["downstream"]["samples"] == {"mwanda_continuation_sw": 2}
+    assert 0 <= payload["downstream"]["by_language"]["sw"]["continuation_acc"] <= 1
+    assert main(["eval", str(folder), "--tasks", "mwanda_translation", "--languages", "sw", "-q"]) == 2
+    assert "no subtask" in capsys.readouterr().err

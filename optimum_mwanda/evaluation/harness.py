@@ -317,6 +317,7 @@ def model_index_results(downstream: Mapping[str, Mapping[str, float]]) -> list[d
                     "metric_name": f"{metric} ({task})",
                     "metric_value": round(float(value), 4),
                     "source_name": "lm-evaluation-harness",
+                    "source_url": "https://github.com/EleutherAI/lm-evaluation-harness",
                 }
             )
     return entries

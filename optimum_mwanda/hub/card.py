@@ -134,7 +134,10 @@ def _check_eval_results(eval_results: dict[str, Any] | None) -> dict[str, Any]:
         raise TypeError("eval_results must be {'before': {lang: ppl}, 'after': {lang: ppl}}")
     unknown = sorted(set(eval_results) - {"before", "after", "downstream"})
     if unknown:
-        raise ValueError(f"eval_results keys must be 'before', 'after' and/or 'downstream', got {unknown}")
+        raise ValueError(
+            f"eval_results keys must be 'before' and/or 'after' (perplexities) and 'downstream' (lm-eval "
+            f"scores), got {unknown}"
+        )
     checked: dict[str, Any] = {}
     for stage, values in eval_results.items():
         if stage == "downstream":
