@@ -82,7 +82,6 @@ def run(
 ) -> dict:
     import torch
 
-    from optimum_mwanda import Pruner
     from optimum_mwanda.calibration import default_calibration
     from optimum_mwanda.evaluation.harness import run_downstream
 
@@ -110,17 +109,7 @@ def run(
         model.load_state_dict(dense_state)
         record: dict[str, Any] = {"settings": key, "method": config.method, "sparsity": config.sparsity}
         try:
-            pruning = config.pruning_config(
-                samples_per_language=args.samples_per_language,
-                calibration_seq_len=args.seq_len,
-                batch_size=args.batch_size,
-                seed=args.seed,
-            )
-            if pruning is not None:
-                record["config"] = pruning.to_dict()
-                report = Pruner(pruning).prune_model(model, calibration, show_progress=args.progress)
-                record["prune_seconds"] = report.timings["total"]
-                record["achieved_sparsity"] = report.achieved_sparsity
+            record.update(study.prune_config(model, config, calibration, args))
             t = time.perf_counter()
             mc = run_downstream(
                 model,
@@ -208,7 +197,10 @@ def summary_table(
     args: argparse.Namespace,
     perplexity: Mapping[str, float],
 ) -> str:
-    columns = ["continuation_acc", "continuation_acc_norm", "chrf_en_xx", "chrf_xx_en"]
+    columns = ["continuation_acc", "continuation_acc_norm"]
+    columns += {"en-xx": ["chrf_en_xx"], "xx-en": ["chrf_xx_en"]}.get(
+        args.directions, ["chrf_en_xx", "chrf_xx_en"]
+    )
     header = (
         "| configuration | held-out ppl (geomean) | "
         + " | ".join(f"mean {c}" for c in columns)
@@ -244,14 +236,14 @@ def _study_perplexities(args: argparse.Namespace) -> dict[str, float]:
     out = {}
     for name, record in cache.get("results", {}).items():
         s = record.get("settings", {})
-        if (
-            s.get("model") == args.model
-            and s.get("languages") == list(args.languages)
-            and s.get("samples_per_language") == args.samples_per_language
+        same_model = s.get("model") == args.model and s.get("languages") == list(args.languages)
+        same_calibration = (
+            s.get("samples_per_language") == args.samples_per_language
             and s.get("seq_len") == args.seq_len
             and s.get("seed") == args.seed
-            and "geomean" in record
-        ):
+        )
+        # The dense model does not depend on the calibration settings.
+        if same_model and (name == "dense" or same_calibration) and "geomean" in record:
             out[name] = record["geomean"]
     return out
 
