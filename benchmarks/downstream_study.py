@@ -298,7 +298,12 @@ def write_report(cache: Mapping[str, Any], args: argparse.Namespace, command: st
         title = "English -> language" if column == "chrf_en_xx" else "language -> English"
         lines += ["", f"## Translation {title}: chrF per language", ""]
         lines.append(metric_table(results, order, args.translation_languages, column))
-    lines += ["", "## Reading", "", "(see docs/evaluation.md, 'Downstream study')"]
+    lines += [
+        "",
+        "## Reading",
+        "",
+        "What the tables do and do not show: docs/evaluation.md, section 'Downstream study on Gemma 3 270M'.",
+    ]
     markdown = "\n".join(lines) + "\n"
     path = args.output.with_suffix(".md")
     tmp = path.with_suffix(".md.tmp")
