@@ -479,17 +479,22 @@ def _load_model(model_id: str):
     return model, AutoTokenizer.from_pretrained(model_id)
 
 
-def prune_config(model, config: StudyConfig, calibration, args: argparse.Namespace) -> dict[str, Any]:
-    """Prune ``model`` in place as ``config`` says (nothing for ``dense``), with the study's calibration
-    settings; returns the record fields: the config, prune seconds, timings, achieved sparsities."""
-    from optimum_mwanda import Pruner
-
-    pruning = config.pruning_config(
+def study_pruning_config(config: StudyConfig, args: argparse.Namespace):
+    """``config``'s package config with the study's calibration settings (``None`` for ``dense``)."""
+    return config.pruning_config(
         samples_per_language=args.samples_per_language,
         calibration_seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=args.seed,
     )
+
+
+def prune_config(model, config: StudyConfig, calibration, args: argparse.Namespace) -> dict[str, Any]:
+    """Prune ``model`` in place as ``config`` says (nothing for ``dense``), with the study's calibration
+    settings; returns the record fields: the config, prune seconds, timings, achieved sparsities."""
+    from optimum_mwanda import Pruner
+
+    pruning = study_pruning_config(config, args)
     if pruning is None:
         return {}
     report = Pruner(pruning).prune_model(model, calibration, show_progress=args.progress)
@@ -523,12 +528,7 @@ def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[
         record = results.get(config.name, {})
         if record.get("settings") != key:
             return False
-        pruning = config.pruning_config(
-            samples_per_language=args.samples_per_language,
-            calibration_seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        pruning = study_pruning_config(config, args)
         if pruning is None:
             return True
         expected = {k: v for k, v in pruning.to_dict().items() if k != "optimum_mwanda_version"}
