@@ -1,14 +1,17 @@
-"""Evaluation: per-language perplexity, an ``evaluate`` metric and the calibration-language sweep."""
+"""Evaluation: per-language perplexity, an ``evaluate`` metric, the calibration-language sweep and
+downstream tasks through lm-evaluation-harness (``run_downstream``; the ``eval`` extra)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .harness import DownstreamResult, run_downstream
 from .perplexity import LanguagePerplexity, PerplexityResult, evaluate_perplexity
 from .summary import format_perplexity_table, geometric_mean
 from .sweep import SweepResult, calibration_language_sweep
 
 __all__ = [
+    "DownstreamResult",
     "LanguagePerplexity",
     "MultilingualPerplexity",
     "PerplexityResult",
@@ -17,6 +20,7 @@ __all__ = [
     "evaluate_perplexity",
     "format_perplexity_table",
     "geometric_mean",
+    "run_downstream",
 ]
 
 
