@@ -484,11 +484,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--setup-only", action="store_true", help="create the peer venv and stop")
     parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="prune and time every run, evaluate nothing (a later run without it evaluates the saved "
+        "weights): keeps this process idle while every timing runs",
+    )
+    parser.add_argument(
         "--downstream",
         action="store_true",
         help="also score every saved model on the downstream tasks (optimum_mwanda.evaluation.run_downstream)",
     )
-    parser.add_argument("--downstream-tasks", nargs="*", default=None)
+    parser.add_argument(
+        "--downstream-tasks",
+        nargs="*",
+        default=None,
+        help="default: run_downstream's (the continuation task)",
+    )
+    parser.add_argument(
+        "--downstream-languages", nargs="*", default=None, help="default: the calibration languages"
+    )
     parser.add_argument(
         "--downstream-limit", type=int, default=20, help="examples per task (lm-eval --limit)"
     )
@@ -696,7 +710,11 @@ def run_downstream_scores(model, tokenizer, args: argparse.Namespace) -> dict[st
         from optimum_mwanda.evaluation import run_downstream  # type: ignore[attr-defined]
     except ImportError:
         return None
-    kwargs: dict[str, Any] = {"limit": args.downstream_limit}
+    kwargs: dict[str, Any] = {
+        "limit": args.downstream_limit,
+        "languages": args.downstream_languages or list(args.languages),
+        "show_progress": False,
+    }
     if args.downstream_tasks:
         kwargs["tasks"] = args.downstream_tasks
     raw = run_downstream(model, tokenizer, **kwargs)
@@ -704,10 +722,10 @@ def run_downstream_scores(model, tokenizer, args: argparse.Namespace) -> dict[st
 
 
 def normalize_downstream(raw: Any) -> dict[str, dict[str, float]]:
-    """``{task: {metric: float}}`` from an lm-eval style result (``{"results": {task: {"acc,none": x}}}``)
-    or an already flat mapping; non-numeric entries (aliases, stderr strings) dropped."""
-    if hasattr(raw, "to_dict"):
-        raw = raw.to_dict()
+    """``{task: {metric: float}}`` from a ``DownstreamResult`` (its ``eval_results()``), an lm-eval result
+    (``{"results": {task: {"acc,none": x}}}``) or a flat mapping; non-numbers and standard errors dropped."""
+    if hasattr(raw, "eval_results"):
+        raw = raw.eval_results()
     table = raw.get("results", raw) if isinstance(raw, Mapping) else {}
     out: dict[str, dict[str, float]] = {}
     for task, metrics in table.items():
@@ -760,6 +778,8 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
 
     def done(spec: RunSpec) -> bool:
         record = results.get(spec.name, {})
+        if args.timing_only:
+            return spec.tool == "dense" or "timing" in record
         return "perplexity" in record and (not args.downstream or "downstream" in record)
 
     todo = [spec for spec in runs if not done(spec)]
@@ -829,7 +849,9 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
                 with torch.no_grad():
                     for name, tensor in pruned.items():
                         expected[name].copy_(tensor)
-            if "perplexity" not in record:
+            if args.timing_only:
+                pass
+            elif "perplexity" not in record:
                 record.update(evaluate())
                 print(
                     f"[peer] {spec.name}: "

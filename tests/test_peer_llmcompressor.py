@@ -142,6 +142,12 @@ def test_normalize_downstream():
     assert peer.normalize_downstream(raw) == {"xstory_sw": {"acc": 0.5, "acc_norm": 0.6}}
     assert peer.normalize_downstream({"t": {"chrf": 31}}) == {"t": {"chrf": 31.0}}
 
+    class Result:  # the shape of optimum_mwanda.evaluation's DownstreamResult
+        def eval_results(self):
+            return {"mwanda_continuation_de": {"acc": 0.3, "acc_norm": 0.25, "flag": True}}
+
+    assert peer.normalize_downstream(Result()) == {"mwanda_continuation_de": {"acc": 0.3, "acc_norm": 0.25}}
+
 
 def test_parser_defaults_match_the_study():
     args = peer.build_parser().parse_args([])
