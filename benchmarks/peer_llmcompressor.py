@@ -484,6 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--setup-only", action="store_true", help="create the peer venv and stop")
     parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the pruned weights already in --work-dir (no pruning, no timing); with its own "
+        "--output, it can run beside a --timing-only run and be merged in with --merge",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="JSON",
+        help="copy the evaluations (perplexity, downstream) of other outputs into --output, then report",
+    )
+    parser.add_argument(
         "--timing-only",
         action="store_true",
         help="prune and time every run, evaluate nothing (a later run without it evaluates the saved "
@@ -741,6 +755,33 @@ def normalize_downstream(raw: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+EVALUATION_FIELDS = ("perplexity", "scored_tokens", "eval_seconds", "downstream")
+
+
+def merge_evaluations(cache: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Copy the evaluation fields of ``others``' records into ``cache``'s (timings stay where they are).
+
+    Only outputs with the same settings (the torch thread count aside: it does not change a perplexity)
+    are merged; a field ``cache`` already has is kept. Raises ``ValueError`` on other settings.
+    """
+    mine = {k: v for k, v in cache.get("settings", {}).items() if k != "threads"}
+    for other in others:
+        theirs = {k: v for k, v in other.get("settings", {}).items() if k != "threads"}
+        if theirs != mine:
+            raise ValueError(f"cannot merge results of other settings: {theirs} vs {mine}")
+        for name, record in other.get("results", {}).items():
+            target = cache.setdefault("results", {}).setdefault(name, {})
+            for field in EVALUATION_FIELDS:
+                if field in record and field not in target:
+                    target[field] = record[field]
+        for command in other.get("commands", []):
+            if command not in cache.setdefault("commands", []):
+                cache["commands"].append(command)
+        if other.get("downstream_note") and not cache.get("downstream_note"):
+            cache["downstream_note"] = other["downstream_note"]
+    return cache
+
+
 def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict[str, Any]:
     import torch
     import transformers
@@ -785,20 +826,22 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
     todo = [spec for spec in runs if not done(spec)]
     if not todo:
         return cache
-    peer_python = ensure_peer_venv(args.peer_venv) if any(s.tool == "llmc" for s in todo) else None
+    needs_peer = not args.eval_only and any(s.tool == "llmc" for s in todo)
+    peer_python = ensure_peer_venv(args.peer_venv) if needs_peer else None
 
     model, tokenizer = load_demo_model(dtype=torch.float32)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calibration = default_calibration(
-        tokenizer,
-        languages=args.languages,
-        samples_per_language=args.samples_per_language,
-        seq_len=args.seq_len,
-        seed=args.seed,
-    )
     args.work_dir.mkdir(parents=True, exist_ok=True)
     calib_file = args.work_dir / "calibration.safetensors"
-    _save_calibration(calibration, calib_file)
+    if not args.eval_only:
+        calibration = default_calibration(
+            tokenizer,
+            languages=args.languages,
+            samples_per_language=args.samples_per_language,
+            seq_len=args.seq_len,
+            seed=args.seed,
+        )
+        _save_calibration(calibration, calib_file)
     absent = (
         [lang for lang in available_languages() if lang not in args.languages]
         if args.absent_languages == ["all"]
@@ -830,9 +873,12 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
         record = results.get(spec.name, {})
         model.load_state_dict(dense)
         weights = args.work_dir / f"{spec.name.replace(':', 'of').replace('@', '-')}.safetensors"
+        if args.eval_only and spec.tool != "dense" and not weights.is_file():
+            print(f"[peer] {spec.name}: no pruned weights yet, skipped", flush=True)
+            continue
         try:
             if spec.tool != "dense":
-                if "timing" not in record or not weights.is_file():
+                if not args.eval_only and ("timing" not in record or not weights.is_file()):
                     record = {"timing": _run_worker(spec, args, peer_python, calib_file, weights)}
                     if spec.tool == "llmc":
                         cache["environment"]["llmcompressor"] = record["timing"].get("versions", {})
@@ -893,8 +939,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "python benchmarks/peer_llmcompressor.py " + " ".join(shlex.quote(a) for a in argv)
     json_path = args.output.with_suffix(".json")
-    if args.report_only:
+    if args.report_only or args.merge:
         cache = json.loads(json_path.read_text(encoding="utf-8"))
+        if args.merge:
+            others = [json.loads(path.read_text(encoding="utf-8")) for path in args.merge]
+            try:
+                cache = merge_evaluations(cache, others)
+            except ValueError as err:
+                raise SystemExit(str(err)) from err
+            _atomic_write(json_path, json.dumps(cache, indent=2) + "\n")
         _atomic_write(args.output.with_suffix(".md"), render_report(cache))
     else:
         cache = run(args, runs, command.strip())

@@ -157,3 +157,23 @@ def test_parser_defaults_match_the_study():
     assert args.structures == ["50"] and args.runs == ["all"]
     key = peer.settings_key(args)
     assert key["languages"] == LANGS and key["threads"] == 2
+
+
+def test_merge_evaluations():
+    settings = {"languages": LANGS, "max_windows": 2, "threads": 2}
+    timed = {
+        "settings": settings,
+        "commands": ["a"],
+        "results": {"ours-wanda@50": {"timing": {"seconds": 1}}},
+    }
+    evaluated = {
+        "settings": {**settings, "threads": 1},  # the thread count does not change a perplexity
+        "commands": ["b"],
+        "results": {"ours-wanda@50": {"perplexity": {"en": 3.0}}, "dense": {"perplexity": {"en": 2.0}}},
+    }
+    merged = peer.merge_evaluations(timed, [evaluated])
+    assert merged["results"]["ours-wanda@50"] == {"timing": {"seconds": 1}, "perplexity": {"en": 3.0}}
+    assert merged["results"]["dense"] == {"perplexity": {"en": 2.0}}
+    assert merged["commands"] == ["a", "b"]
+    with pytest.raises(ValueError):
+        peer.merge_evaluations(timed, [{"settings": {**settings, "max_windows": 4}, "results": {}}])
