@@ -756,19 +756,34 @@ def normalize_downstream(raw: Any) -> dict[str, dict[str, float]]:
 
 
 EVALUATION_FIELDS = ("perplexity", "scored_tokens", "eval_seconds", "downstream")
+EVALUATION_SETTINGS = ("absent_languages", "eval_seq_len", "max_windows", "absent_max_windows")
 
 
 def merge_evaluations(cache: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Copy the evaluation fields of ``others``' records into ``cache``'s (timings stay where they are).
 
-    Only outputs with the same settings (the torch thread count aside: it does not change a perplexity)
-    are merged; a field ``cache`` already has is kept. Raises ``ValueError`` on other settings.
+    The calibration settings must match (the pruned weights are the same files); the evaluation settings
+    (windows) are taken from ``others``, which must agree among themselves and with any evaluation
+    ``cache`` already holds. A field ``cache`` already has is kept. Raises ``ValueError`` otherwise.
     """
-    mine = {k: v for k, v in cache.get("settings", {}).items() if k != "threads"}
+
+    def split(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        calibration = {k: v for k, v in settings.items() if k not in EVALUATION_SETTINGS and k != "threads"}
+        return calibration, {k: v for k, v in settings.items() if k in EVALUATION_SETTINGS}
+
+    mine, my_eval = split(cache.get("settings", {}))
+    evaluated = any(
+        f in r for r in cache.get("results", {}).values() for f in EVALUATION_FIELDS if f != "downstream"
+    )
     for other in others:
-        theirs = {k: v for k, v in other.get("settings", {}).items() if k != "threads"}
+        theirs, their_eval = split(other.get("settings", {}))
         if theirs != mine:
-            raise ValueError(f"cannot merge results of other settings: {theirs} vs {mine}")
+            raise ValueError(f"cannot merge results of other calibration settings: {theirs} vs {mine}")
+        if evaluated and their_eval != my_eval:
+            raise ValueError(f"cannot merge evaluations of other windows: {their_eval} vs {my_eval}")
+        cache.setdefault("settings", {}).update(their_eval)
+        my_eval, evaluated = their_eval, True
+        cache["evaluation_threads"] = other.get("settings", {}).get("threads")
         for name, record in other.get("results", {}).items():
             target = cache.setdefault("results", {}).setdefault(name, {})
             for field in EVALUATION_FIELDS:

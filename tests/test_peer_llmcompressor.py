@@ -160,7 +160,7 @@ def test_parser_defaults_match_the_study():
 
 
 def test_merge_evaluations():
-    settings = {"languages": LANGS, "max_windows": 2, "threads": 2}
+    settings = {"languages": LANGS, "seed": 0, "max_windows": 2, "threads": 2}
     timed = {
         "settings": settings,
         "commands": ["a"],
@@ -175,5 +175,11 @@ def test_merge_evaluations():
     assert merged["results"]["ours-wanda@50"] == {"timing": {"seconds": 1}, "perplexity": {"en": 3.0}}
     assert merged["results"]["dense"] == {"perplexity": {"en": 2.0}}
     assert merged["commands"] == ["a", "b"]
-    with pytest.raises(ValueError):
-        peer.merge_evaluations(timed, [{"settings": {**settings, "max_windows": 4}, "results": {}}])
+    with pytest.raises(ValueError):  # other windows than the evaluations already merged
+        peer.merge_evaluations(merged, [{"settings": {**settings, "max_windows": 4}, "results": {}}])
+    with pytest.raises(ValueError):  # other calibration: other pruned weights
+        peer.merge_evaluations(timed, [{"settings": {**settings, "seed": 1}, "results": {}}])
+    # windows of a timing-only output are replaced by those of the (first) evaluation merged in
+    fresh = {"settings": {**settings, "max_windows": 2}, "results": {"x@50": {"timing": {}}}}
+    merged = peer.merge_evaluations(fresh, [{"settings": {**settings, "max_windows": 1}, "results": {}}])
+    assert merged["settings"]["max_windows"] == 1
