@@ -420,6 +420,21 @@ def render_report(cache: Mapping[str, Any]) -> str:
                 "",
                 ratio_table(rows),
             ]
+    if cache.get("mask_agreement"):
+        lines += [
+            "",
+            "## Same masks?",
+            "",
+            "Fraction of weights both tools pruned or both kept, and of the weights both kept whose values are "
+            "equal (SparseGPT updates the kept weights).",
+            "",
+            "| runs | same mask | same value (kept in both) |",
+            "|---|---:|---:|",
+        ]
+        for pair, agreement in cache["mask_agreement"].items():
+            lines.append(
+                f"| {pair} | {_fmt(agreement['same_mask'], 4)} | {_fmt(agreement['same_value'], 4)} |"
+            )
     downstream = downstream_table(results, order)
     lines += ["", "## Downstream", ""]
     if downstream:
@@ -755,12 +770,55 @@ def normalize_downstream(raw: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+def weights_file(work_dir: Path, name: str) -> Path:
+    """Where a run's pruned Linear weights live (``:`` and ``@`` kept out of file names)."""
+    return work_dir / f"{name.replace(':', 'of').replace('@', '-')}.safetensors"
+
+
+def mask_agreement(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float]:
+    """How alike two pruned models' masks are: ``{"same_mask": fraction of weights pruned in both or kept
+    in both, "same_value": fraction of kept-in-both weights whose values are equal}`` (tensors by name)."""
+    if set(a) != set(b):
+        raise ValueError("the two pruned models hold different modules")
+    same = total = kept_both = kept_equal = 0
+    for name, wa in a.items():
+        wb = b[name]
+        za, zb = wa == 0, wb == 0
+        same += int((za == zb).sum())
+        total += wa.numel()
+        both = ~za & ~zb
+        kept_both += int(both.sum())
+        kept_equal += int((both & (wa == wb)).sum())
+    return {"same_mask": same / total, "same_value": kept_equal / kept_both if kept_both else math.nan}
+
+
+def mask_agreements(work_dir: Path, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """:func:`mask_agreement` of ours and llm-compressor's run of each method and structure whose weights
+    are both in ``work_dir``."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in names:
+        spec = parse_run(name)
+        if spec.tool != "ours" or spec.method not in TOOLS["llmc"]:
+            continue
+        theirs = f"llmc-{spec.method}@{spec.structure}"
+        a, b = weights_file(work_dir, name), weights_file(work_dir, theirs)
+        if a.is_file() and b.is_file():
+            out[f"{name} vs {theirs}"] = mask_agreement(load_file(str(a)), load_file(str(b)))
+    return out
+
+
+class _TimingOnlyDone(Exception):
+    """A --timing-only run has timed its worker: nothing to evaluate."""
+
+
 EVALUATION_FIELDS = ("perplexity", "scored_tokens", "eval_seconds", "downstream")
 EVALUATION_SETTINGS = ("absent_languages", "eval_seq_len", "max_windows", "absent_max_windows")
 
 
 def merge_evaluations(cache: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Copy the evaluation fields of ``others``' records into ``cache``'s (timings stay where they are).
+    """Copy the evaluation fields (and timings of runs ``cache`` lacks) of ``others``' records into ``cache``.
 
     The calibration settings must match (the pruned weights are the same files); the evaluation settings
     (windows) are taken from ``others``, which must agree among themselves and with any evaluation
@@ -786,9 +844,13 @@ def merge_evaluations(cache: dict[str, Any], others: Sequence[Mapping[str, Any]]
         cache["evaluation_threads"] = other.get("settings", {}).get("threads")
         for name, record in other.get("results", {}).items():
             target = cache.setdefault("results", {}).setdefault(name, {})
-            for field in EVALUATION_FIELDS:
+            for field in (*EVALUATION_FIELDS, "timing"):
                 if field in record and field not in target:
                     target[field] = record[field]
+            if "llmcompressor" in other.get("environment", {}):
+                cache.setdefault("environment", {}).setdefault(
+                    "llmcompressor", other["environment"]["llmcompressor"]
+                )
         for command in other.get("commands", []):
             if command not in cache.setdefault("commands", []):
                 cache["commands"].append(command)
@@ -844,8 +906,16 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
     needs_peer = not args.eval_only and any(s.tool == "llmc" for s in todo)
     peer_python = ensure_peer_venv(args.peer_venv) if needs_peer else None
 
-    model, tokenizer = load_demo_model(dtype=torch.float32)
-    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.timing_only:
+        # This process only waits on the timed workers: no model in memory (room for a parallel run).
+        from transformers import AutoTokenizer
+
+        from optimum_mwanda.demo import demo_model_path
+
+        model, tokenizer, dense = None, AutoTokenizer.from_pretrained(demo_model_path()), None
+    else:
+        model, tokenizer = load_demo_model(dtype=torch.float32)
+        dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
     args.work_dir.mkdir(parents=True, exist_ok=True)
     calib_file = args.work_dir / "calibration.safetensors"
     if not args.eval_only:
@@ -886,8 +956,9 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
     for i, spec in enumerate(todo, 1):
         print(f"[peer] ({i}/{len(todo)}) {spec.name}", flush=True)
         record = results.get(spec.name, {})
-        model.load_state_dict(dense)
-        weights = args.work_dir / f"{spec.name.replace(':', 'of').replace('@', '-')}.safetensors"
+        if model is not None:
+            model.load_state_dict(dense)
+        weights = weights_file(args.work_dir, spec.name)
         if args.eval_only and spec.tool != "dense" and not weights.is_file():
             print(f"[peer] {spec.name}: no pruned weights yet, skipped", flush=True)
             continue
@@ -903,6 +974,8 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
                         f"{record['timing']['peak_rss_mb']:.0f} MB, load {record['timing']['load_average_1min']:.2f}",
                         flush=True,
                     )
+                if args.timing_only:
+                    raise _TimingOnlyDone
                 pruned = load_file(str(weights))
                 expected = _linear_weights(model)
                 if set(pruned) != set(expected):
@@ -928,6 +1001,8 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
                 else:
                     record["downstream"] = scores
                     cache["downstream_note"] = f"lm-evaluation-harness, --limit {args.downstream_limit}."
+        except _TimingOnlyDone:
+            pass
         except (RuntimeError, ValueError) as err:
             record["error"] = f"{type(err).__name__}: {err}"
             print(f"[peer] {spec.name} failed: {record['error']}", flush=True)
@@ -935,7 +1010,8 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
         results[spec.name] = record
         cache["uptime_end"] = _uptime()
         save()
-    model.load_state_dict(dense)
+    if model is not None:
+        model.load_state_dict(dense)
     return cache
 
 
@@ -962,7 +1038,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 cache = merge_evaluations(cache, others)
             except ValueError as err:
                 raise SystemExit(str(err)) from err
-            _atomic_write(json_path, json.dumps(cache, indent=2) + "\n")
+        agreements = mask_agreements(args.work_dir, list(cache.get("results", {})))
+        if agreements:
+            cache["mask_agreement"] = {**cache.get("mask_agreement", {}), **agreements}
+        _atomic_write(json_path, json.dumps(cache, indent=2) + "\n")
         _atomic_write(args.output.with_suffix(".md"), render_report(cache))
     else:
         cache = run(args, runs, command.strip())

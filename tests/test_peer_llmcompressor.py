@@ -183,3 +183,31 @@ def test_merge_evaluations():
     fresh = {"settings": {**settings, "max_windows": 2}, "results": {"x@50": {"timing": {}}}}
     merged = peer.merge_evaluations(fresh, [{"settings": {**settings, "max_windows": 1}, "results": {}}])
     assert merged["settings"]["max_windows"] == 1
+
+
+def test_mask_agreement():
+    import torch
+
+    a = {"w": torch.tensor([[0.0, 1.0, 0.0, 2.0]]), "v": torch.tensor([3.0, 0.0])}
+    b = {"w": torch.tensor([[0.0, 1.0, 5.0, 0.0]]), "v": torch.tensor([3.5, 0.0])}
+    agreement = peer.mask_agreement(a, b)
+    assert agreement["same_mask"] == pytest.approx(4 / 6)  # w: positions 0, 1 agree; v: both agree
+    assert agreement["same_value"] == pytest.approx(1 / 2)  # kept in both: w[1] (equal), v[0] (differs)
+    assert peer.mask_agreement(a, a) == {"same_mask": 1.0, "same_value": 1.0}
+    with pytest.raises(ValueError):
+        peer.mask_agreement(a, {"w": a["w"]})
+
+
+def test_mask_agreements_pairs_runs_from_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    ours = {"w": torch.tensor([1.0, 0.0, 2.0, 0.0])}
+    theirs = {"w": torch.tensor([1.0, 0.0, 0.0, 3.0])}
+    save_file(ours, str(peer.weights_file(tmp_path, "ours-wanda@2:4")))
+    save_file(theirs, str(peer.weights_file(tmp_path, "llmc-wanda@2:4")))
+    names = ["ours-wanda@2:4", "llmc-wanda@2:4", "ours-mwanda@2:4", "ours-sparsegpt@2:4"]
+    result = peer.mask_agreements(tmp_path, names)
+    assert list(result) == ["ours-wanda@2:4 vs llmc-wanda@2:4"]  # no llmc-sparsegpt weights, no M-Wanda peer
+    assert result["ours-wanda@2:4 vs llmc-wanda@2:4"]["same_mask"] == pytest.approx(0.5)
+    assert ":" not in peer.weights_file(tmp_path, "ours-wanda@2:4").name
