@@ -479,11 +479,35 @@ def _load_model(model_id: str):
     return model, AutoTokenizer.from_pretrained(model_id)
 
 
+def prune_config(model, config: StudyConfig, calibration, args: argparse.Namespace) -> dict[str, Any]:
+    """Prune ``model`` in place as ``config`` says (nothing for ``dense``), with the study's calibration
+    settings; returns the record fields: the config, prune seconds, timings, achieved sparsities."""
+    from optimum_mwanda import Pruner
+
+    pruning = config.pruning_config(
+        samples_per_language=args.samples_per_language,
+        calibration_seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    if pruning is None:
+        return {}
+    report = Pruner(pruning).prune_model(model, calibration, show_progress=args.progress)
+    return {
+        "config": pruning.to_dict(),
+        "prune_seconds": report.timings["total"],
+        "timings": report.timings,
+        "achieved_sparsity": report.achieved_sparsity,
+        "layer_sparsity": report.layer_sparsity,
+        "layerwise_signal": report.layerwise_signal,
+        "calibration_tokens": report.token_counts,
+    }
+
+
 def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[str, Any]:
     """Prune and evaluate every configuration not already cached; the cache is saved after each one."""
     import torch
 
-    from optimum_mwanda import Pruner
     from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
     from optimum_mwanda.evaluation import evaluate_perplexity
 
@@ -559,23 +583,7 @@ def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[
         model.load_state_dict(dense_state)
         record: dict[str, Any] = {"settings": key, "method": config.method, "sparsity": config.sparsity}
         try:
-            pruning = config.pruning_config(
-                samples_per_language=args.samples_per_language,
-                calibration_seq_len=args.seq_len,
-                batch_size=args.batch_size,
-                seed=args.seed,
-            )
-            if pruning is not None:
-                record["config"] = pruning.to_dict()
-                report = Pruner(pruning).prune_model(
-                    model, english if config.english_only else calibration, show_progress=args.progress
-                )
-                record["prune_seconds"] = report.timings["total"]
-                record["timings"] = report.timings
-                record["achieved_sparsity"] = report.achieved_sparsity
-                record["layer_sparsity"] = report.layer_sparsity
-                record["layerwise_signal"] = report.layerwise_signal
-                record["calibration_tokens"] = report.token_counts
+            record.update(prune_config(model, config, english if config.english_only else calibration, args))
             t = time.perf_counter()
             main = evaluate(heldout, args.max_windows)
             extra_result = evaluate(extra, args.extra_max_windows) if extra else None

@@ -5,16 +5,19 @@ optimum-mwanda, dense or compressed, or any transformers checkpoint) or a Hub id
 after the other on the bundled held-out text (or ``--data``: a folder of ``{lang}.txt`` files, one text per
 line) and printed as one table, a column per model, with the measured sparsity of each.
 
-``--lm-eval-tasks xnli,xstorycloze,xcopa,belebele`` additionally runs EleutherAI's lm-evaluation-harness
-(``pip install lm_eval``; it downloads the task datasets from the Hugging Face Hub when run). It is
-optional: when it is not installed and tasks are requested, the script says so and exits with status 2
-before loading any model.
+``--tasks`` additionally runs EleutherAI's lm-evaluation-harness (``pip install 'optimum-mwanda[eval]'``)
+through ``optimum_mwanda.evaluation.run_downstream``: the bundled offline tasks ``mwanda_continuation``
+(next-sentence choice, acc) and ``mwanda_translation`` (3-shot, chrF), one subtask per ``--languages``,
+printed as a per-language table; any other lm-eval task name (``xnli_sw``, ``belebele_swh_Latn``) downloads
+its data from the Hub. When lm-eval is not installed and tasks are requested, the script says so and exits
+with status 2 before loading any model.
 
 Usage::
 
     python examples/evaluate_pruned.py demo gemma-3-270m-mwanda-50
     python examples/evaluate_pruned.py gemma-3-270m-mwanda-50 --languages en sw de --json ppl.json
-    python examples/evaluate_pruned.py gemma-3-270m-mwanda-50 --lm-eval-tasks xnli_sw,xstorycloze_sw --lm-eval-limit 200
+    python examples/evaluate_pruned.py demo gemma-3-270m-mwanda-50 --tasks mwanda_continuation,mwanda_translation --task-limit 10
+    python examples/evaluate_pruned.py gemma-3-270m-mwanda-50 --tasks xnli_sw,xstorycloze_sw --task-limit 200  # online
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ from typing import Any
 
 DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 LM_EVAL_MISSING = (
-    "lm-evaluation-harness is not installed, so --lm-eval-tasks cannot run: pip install lm_eval "
-    "(its tasks download their datasets from the Hugging Face Hub at run time)"
+    "lm-evaluation-harness is not installed, so --tasks cannot run: pip install 'optimum-mwanda[eval]' "
+    "(lm-eval and sacrebleu)"
 )
 
 
 def lm_eval_available() -> bool:
-    """Whether the optional ``lm_eval`` package can be imported."""
-    return importlib.util.find_spec("lm_eval") is not None
+    """Whether the optional ``lm_eval`` (and ``sacrebleu``) packages can be imported."""
+    return (
+        importlib.util.find_spec("lm_eval") is not None and importlib.util.find_spec("sacrebleu") is not None
+    )
 
 
 def parse_tasks(spec: str | None) -> list[str]:
@@ -95,15 +100,27 @@ def flatten_lm_eval_results(results: Mapping[str, Any]) -> dict[str, dict[str, f
 
 
 def run_lm_eval(
-    model, tokenizer, tasks: list[str], batch_size: int, limit: int | None, num_fewshot: int | None
-) -> dict[str, dict[str, float]]:
-    """Run lm-evaluation-harness tasks on an in-memory model (``HFLM(pretrained=model)``)."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    model,
+    tokenizer,
+    tasks: list[str],
+    batch_size: int,
+    limit: int | None,
+    num_fewshot: int | None,
+    languages: Sequence[str] | None = None,
+):
+    """Run lm-evaluation-harness tasks on an in-memory model (``HFLM(pretrained=model)``): a
+    ``DownstreamResult`` with per-task metrics and the per-language table of the bundled tasks."""
+    from optimum_mwanda.evaluation import run_downstream
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit)
-    return flatten_lm_eval_results(results or {})
+    return run_downstream(
+        model,
+        tokenizer,
+        tasks,
+        languages=languages,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,9 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    harness = parser.add_argument_group("lm-evaluation-harness (optional, needs `pip install lm_eval`)")
-    harness.add_argument("--lm-eval-tasks", default=None, help="comma-separated tasks, e.g. xnli,xstorycloze")
-    harness.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task (quick runs)")
+    harness = parser.add_argument_group(
+        "lm-evaluation-harness (optional: pip install 'optimum-mwanda[eval]')"
+    )
+    harness.add_argument(
+        "--tasks",
+        "--lm-eval-tasks",
+        dest="lm_eval_tasks",
+        default=None,
+        help="comma-separated tasks: mwanda_continuation, mwanda_translation (offline, per --languages) "
+        "or any lm-eval task name (online), e.g. xnli_sw",
+    )
+    harness.add_argument(
+        "--task-limit",
+        "--lm-eval-limit",
+        dest="lm_eval_limit",
+        type=int,
+        default=None,
+        help="documents per task",
+    )
     harness.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples")
     harness.add_argument("--lm-eval-batch-size", type=int, default=1)
     return parser
@@ -189,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     columns: dict[str, dict[str, float]] = {}
     sparsity: dict[str, float] = {}
     details: dict[str, Any] = {}
+    tables: dict[str, str] = {}
     for reference, label in zip(args.models, _unique_labels(args.models)):
         print(f"evaluating {reference} ...", flush=True)
         start = time.perf_counter()
@@ -215,9 +249,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "sparsity": None if math.isnan(sparsity[label]) else sparsity[label],
         }
         if tasks:
-            entry["lm_eval"] = run_lm_eval(
-                model, tokenizer, tasks, args.lm_eval_batch_size, args.lm_eval_limit, args.lm_eval_fewshot
+            downstream = run_lm_eval(
+                model,
+                tokenizer,
+                tasks,
+                args.lm_eval_batch_size,
+                args.lm_eval_limit,
+                args.lm_eval_fewshot,
+                languages=languages,
             )
+            entry["lm_eval"] = downstream.tasks
+            entry["downstream"] = downstream.to_dict()
+            tables[label] = downstream.format_table()
         entry["seconds"] = time.perf_counter() - start
         details[label] = entry
         del model  # one model in memory at a time
@@ -226,10 +269,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     window = f"{args.max_windows} windows" if args.max_windows else "all windows"
     print(f"Held-out perplexity ({window} of {args.seq_len} tokens per language):")
     print(format_table(columns, languages, sparsity))
-    for label, entry in details.items():
-        for task, metrics in entry.get("lm_eval", {}).items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            print(f"{label} | {task}: {shown}")
+    for label, table in tables.items():
+        print(f"\nDownstream tasks (lm-evaluation-harness), {label}:")
+        print(table)
 
     output = {
         "settings": {

@@ -317,6 +317,31 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``eval``."""
     add_model_arguments(parser, positional=True)
+    downstream = parser.add_argument_group("downstream tasks (lm-evaluation-harness; needs the eval extra)")
+    downstream.add_argument(
+        "--tasks",
+        type=comma_list,
+        default=None,
+        metavar="TASK,TASK",
+        help="lm-eval tasks: the bundled offline mwanda_continuation, mwanda_translation (both directions), "
+        "mwanda_translation_en_xx, mwanda_translation_xx_en (one subtask per --languages), or any lm-eval task "
+        "name (downloads from the Hub)",
+    )
+    downstream.add_argument(
+        "--limit", type=_positive_int, default=None, metavar="N", help="documents per task (quick runs)"
+    )
+    downstream.add_argument(
+        "--num-fewshot", type=int, default=None, metavar="K", help="override the tasks' few-shot count"
+    )
+    downstream.add_argument(
+        "--task-batch-size", type=_positive_int, default=1, metavar="N", help="lm-eval batch size (default 1)"
+    )
+    downstream.add_argument(
+        "--include-path", default=None, metavar="DIR", help="another folder of lm-eval task YAMLs"
+    )
+    downstream.add_argument(
+        "--no-perplexity", action="store_true", help="with --tasks: skip the held-out perplexity"
+    )
     group = parser.add_argument_group("evaluation data")
     group.add_argument(
         "--languages",

@@ -484,50 +484,96 @@ def _prune_text(report, saved, hub_info, eval_results) -> str:
 # eval
 # ---------------------------------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> CommandResult:
-    """``eval``: per-language perplexity of a model on held-out text."""
+    """``eval``: per-language perplexity of a model on held-out text, and lm-eval tasks (``--tasks``)."""
     from ..evaluation import evaluate_perplexity
 
     model_ref = resolve_model_reference(args.model, flag="MODEL")
     load_kwargs = model_load_kwargs(args)
     languages = parse_languages(args.languages)
+    tasks = _downstream_tasks(args, languages)
+    perplexity = not (tasks and args.no_perplexity)
     paths = check_paths_exist(args.data, "--data")
-    texts, _ = _read_texts(paths, languages, "heldout", "--data", "--languages")
+    texts = _read_texts(paths, languages, "heldout", "--data", "--languages")[0] if perplexity else {}
     model_path = _model_path(model_ref)
     tokenizer = _load_tokenizer(args, model_path)
     from ..evaluation.perplexity import prepare_evaluation
 
-    with preparing("evaluation data"):
-        prepare_evaluation(
-            tokenizer, texts, args.seq_len, args.stride, args.batch_size, args.max_windows, add_bos=EVAL_BOS
-        )
+    if perplexity:
+        with preparing("evaluation data"):
+            prepare_evaluation(
+                tokenizer,
+                texts,
+                args.seq_len,
+                args.stride,
+                args.batch_size,
+                args.max_windows,
+                add_bos=EVAL_BOS,
+            )
 
     model = _load_model(model_path, load_kwargs, args)
-    result = evaluate_perplexity(
-        model,
-        tokenizer,
-        texts,
-        seq_len=args.seq_len,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        max_windows=args.max_windows,
-        add_bos=EVAL_BOS,
-        show_progress=not args.quiet,
-        return_details=True,
-    )
+    result = None
+    if perplexity:
+        result = evaluate_perplexity(
+            model,
+            tokenizer,
+            texts,
+            seq_len=args.seq_len,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            max_windows=args.max_windows,
+            add_bos=EVAL_BOS,
+            show_progress=not args.quiet,
+            return_details=True,
+        )
+    downstream = None
+    if tasks:
+        from ..evaluation.harness import run_downstream
+
+        downstream = run_downstream(
+            model,
+            tokenizer,
+            tasks,
+            languages=languages,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.task_batch_size,
+            include_path=args.include_path,
+            show_progress=not args.quiet,
+        )
     sparsity = None
     recorded = getattr(model.config, "sparsity_config", None)
     if recorded:
         from ..hub import verify_sparsity
 
         sparsity = verify_sparsity(model).overall
-    payload = {"command": "eval", "model": model_ref.name, "sparsity": sparsity, **result.to_dict()}
-    lines = [f"{'language':<10}{'tokens':>10}{'perplexity':>14}"]
-    for lang, entry in result.languages.items():
-        lines.append(f"{lang:<10}{entry.tokens:>10}{entry.perplexity:>14.3f}")
-    lines.append(f"{'mean':<10}{sum(result.tokens.values()):>10}{result.mean_perplexity:>14.3f}")
+    payload = {"command": "eval", "model": model_ref.name, "sparsity": sparsity}
+    lines = []
+    if result is not None:
+        payload.update(result.to_dict())
+        lines.append(f"{'language':<10}{'tokens':>10}{'perplexity':>14}")
+        for lang, entry in result.languages.items():
+            lines.append(f"{lang:<10}{entry.tokens:>10}{entry.perplexity:>14.3f}")
+        lines.append(f"{'mean':<10}{sum(result.tokens.values()):>10}{result.mean_perplexity:>14.3f}")
+    if downstream is not None:
+        payload["downstream"] = downstream.to_dict()
+        lines += ["", "downstream (lm-evaluation-harness)", downstream.format_table()]
     if sparsity is not None:
         lines.append(f"\nsparsity of the pruned modules: {sparsity:.4f} ({recorded.get('method', '?')})")
     return CommandResult(payload, "\n".join(lines))
+
+
+def _downstream_tasks(args: argparse.Namespace, languages: list[str] | None) -> list[str]:
+    """``--tasks`` expanded (bundled families per language), checked before any model is loaded."""
+    if not args.tasks:
+        return []
+    from ..evaluation.harness import LM_EVAL_MISSING, expand_tasks, lm_eval_available
+
+    if not lm_eval_available():
+        raise UsageError(f"--tasks: {LM_EVAL_MISSING}")
+    try:
+        return expand_tasks(args.tasks, languages)
+    except ValueError as err:
+        raise UsageError(f"--tasks: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

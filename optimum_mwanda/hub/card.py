@@ -127,16 +127,22 @@ def _change(before: float | None, after: float | None) -> str:
     return f"{100 * (after - before) / before:+.1f}%"
 
 
-def _check_eval_results(eval_results: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
+def _check_eval_results(eval_results: dict[str, Any] | None) -> dict[str, Any]:
     if eval_results is None:
         return {}
     if not isinstance(eval_results, dict):
         raise TypeError("eval_results must be {'before': {lang: ppl}, 'after': {lang: ppl}}")
-    unknown = sorted(set(eval_results) - {"before", "after"})
+    unknown = sorted(set(eval_results) - {"before", "after", "downstream"})
     if unknown:
-        raise ValueError(f"eval_results keys must be 'before' and/or 'after', got {unknown}")
-    checked: dict[str, dict[str, float]] = {}
+        raise ValueError(
+            f"eval_results keys must be 'before' and/or 'after' (perplexities) and 'downstream' (lm-eval "
+            f"scores), got {unknown}"
+        )
+    checked: dict[str, Any] = {}
     for stage, values in eval_results.items():
+        if stage == "downstream":
+            checked[stage] = _check_downstream(values)
+            continue
         if not isinstance(values, dict):
             raise TypeError(f"eval_results[{stage!r}] must map language codes to perplexities")
         for lang, value in values.items():
@@ -150,6 +156,24 @@ def _check_eval_results(eval_results: dict[str, dict[str, float]] | None) -> dic
                     f"eval_results[{stage!r}][{lang!r}] must be a positive finite perplexity, got {value!r}"
                 )
         checked[stage] = {str(k): float(v) for k, v in values.items()}
+    return checked
+
+
+def _check_downstream(values: Any) -> dict[str, dict[str, float]]:
+    """``eval_results["downstream"]``: lm-eval scores ``{task: {metric: value}}``, e.g. from
+    ``DownstreamResult.eval_results()``."""
+    if not isinstance(values, dict):
+        raise TypeError("eval_results['downstream'] must map task names to {metric: value}")
+    checked: dict[str, dict[str, float]] = {}
+    for task, metrics in values.items():
+        if not isinstance(metrics, dict):
+            raise TypeError(f"eval_results['downstream'][{task!r}] must map metric names to numbers")
+        for metric, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f"eval_results['downstream'][{task!r}][{metric!r}] must be a finite number, got {value!r}"
+                )
+        checked[str(task)] = {str(m): float(v) for m, v in metrics.items()}
     return checked
 
 
@@ -475,6 +499,10 @@ def create_model_card(
         )
         for lang, value in evals.get("after", {}).items()
     ]
+    # lm-eval scores next to the perplexities, one model-index result per task and metric.
+    from ..evaluation.harness import model_index_results
+
+    results += [EvalResult(**entry) for entry in model_index_results(evals.get("downstream", {}))]
     card_data = ModelCardData(
         language=list(dict.fromkeys(lang.code for lang in resolved)),
         base_model=base_model,
@@ -500,4 +528,8 @@ def create_model_card(
         compressed=compressed,
         eval_dataset=eval_dataset,
     )
+    context["downstream_rows"] = [
+        {"task": task, "metrics": ", ".join(f"{m} {v:.4g}" for m, v in metrics.items() if "stderr" not in m)}
+        for task, metrics in evals.get("downstream", {}).items()
+    ]
     return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **context)
