@@ -168,12 +168,19 @@ def expand_runs(requested: Sequence[str], structures: Sequence[str]) -> list[Run
 # ---------------------------------------------------------------------------------------------------------
 # summaries (pure)
 # ---------------------------------------------------------------------------------------------------------
+def _study():
+    """benchmarks/multilingual_study.py (stdlib-only at import), whose geometric mean and windows we reuse."""
+    if "multilingual_study" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("multilingual_study", HERE / "multilingual_study.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["multilingual_study"] = module  # its dataclasses look the module up by name
+        spec.loader.exec_module(module)
+    return sys.modules["multilingual_study"]
+
+
 def geometric_mean(values: Sequence[float]) -> float:
-    """Geometric mean of positive finite numbers; ``nan`` when empty or when one is not."""
-    values = list(values)
-    if not values or any(not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0) for v in values):
-        return math.nan
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+    """The study's geometric mean: ``nan`` when empty or when a value is not a finite positive."""
+    return _study().geometric_mean(values)
 
 
 def language_groups(record: Mapping[str, Any], calibration_languages: Sequence[str]) -> dict[str, list[str]]:
