@@ -56,6 +56,46 @@ def _load(args):
     return model, calibration
 
 
+def forward_seconds(runner, input_ids, attention_mask, batch_size: int) -> float:
+    """Seconds of one plain forward pass of ``runner`` (e.g. ``model.get_decoder()``) over the token ids.
+
+    Needs only torch, so benchmarks/peer_llmcompressor.py measures the same floor with it inside
+    llm-compressor's own virtualenv.
+    """
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(input_ids), batch_size):
+            runner(
+                input_ids=input_ids[i : i + batch_size],
+                attention_mask=attention_mask[i : i + batch_size],
+                use_cache=False,
+            )
+    return time.perf_counter() - start
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux ``/proc/self/clear_refs`` "5"), so that :func:`peak_rss_mb`
+    measures what comes after (pruning) rather than model loading; ``False`` where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """Peak RSS since :func:`reset_peak_rss` (``VmHWM``), in MB; ``None`` without ``/proc``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _config(name: str, args):
     from optimum_mwanda import MWandaConfig, SparseGPTConfig, WandaConfig
 
@@ -72,15 +112,7 @@ def worker(name: str, args) -> dict:
     result: dict = {"name": name, "tokens": int(calibration.attention_mask.sum())}
 
     def forward_pass(runner) -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i in range(0, len(calibration), args.batch_size):
-                runner(
-                    input_ids=calibration.input_ids[i : i + args.batch_size],
-                    attention_mask=calibration.attention_mask[i : i + args.batch_size],
-                    use_cache=False,
-                )
-        return time.perf_counter() - start
+        return forward_seconds(runner, calibration.input_ids, calibration.attention_mask, args.batch_size)
 
     # Every process measures its own floor right before its run: the ratio then compares two timings
     # taken under the same machine load.
