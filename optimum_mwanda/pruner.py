@@ -18,6 +18,15 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationSet, build_calibration
 from .configuration import MWandaConfig, PruningConfig, SparseGPTConfig, WandaConfig
+from .distributed import (
+    barrier,
+    check_same_run,
+    current_context,
+    local_indices,
+    synchronise_collector,
+    synchronise_weights,
+    weights_digest,
+)
 from .methods import (
     FeatureStatistics,
     HessianStatistics,
@@ -135,23 +144,32 @@ class Pruner:
         ]
         _validate_modules(layer_modules, config)
         _validate_token_ids(model, calibration_set, negative_set)
+        context = current_context()
+        fingerprint = ""
+        if checkpoint_dir is not None or context.enabled:
+            fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
+        # Data-parallel: every rank must hold the same model, config and calibration (refused otherwise).
+        check_same_run(f"{fingerprint}:{weights_digest(model)}" if context.enabled else "", context)
+        show_progress = show_progress and context.is_main
         checkpoint, resume = None, None
         if checkpoint_dir is not None:
-            checkpoint = PruningCheckpoint(
-                checkpoint_dir, _fingerprint(config, model, layer_modules, calibration_set, negative_set)
-            )
+            checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint)
             resume = checkpoint.load_state()
+            barrier(context)  # every rank has read the state before rank 0 writes a new one
 
         # 2. Capture what each decoder layer is called with.
         was_training = model.training
         model.eval()
         t = time.perf_counter()
         languages = calibration_set.language_list
-        batches = _batches(calibration_set, config.batch_size)
-        negative_batches = _batches(negative_set, config.batch_size) if negative_set is not None else []
+        # Each rank captures and propagates its own shard of every set (all of it in a single process).
+        batches = _batches(calibration_set, config.batch_size, context)
+        negative_batches = (
+            _batches(negative_set, config.batch_size, context) if negative_set is not None else []
+        )
         signal_batches: list[dict[str, torch.Tensor]] = []
         if config.layerwise in ("owl", "cwl"):  # schedules that measure a signal
-            signal_batches = _batches(_signal_subset(calibration_set, config), config.batch_size)
+            signal_batches = _batches(_signal_subset(calibration_set, config), config.batch_size, context)
         input_device = execution_device(model.get_input_embeddings())
         captured = capture_layer_inputs(
             model, stack, batches + negative_batches + signal_batches, input_device
@@ -211,8 +229,14 @@ class Pruner:
                         originals[module.name] = (module, weight.detach().to("cpu", copy=True))
                         module.write_weight(saved[module.name].to(weight.dtype))
                 if first_layer < len(stack.layers):
-                    for b, tensor in enumerate(checkpoint.load_hidden()):
-                        hidden[b] = tensor
+                    if not context.enabled and resume is not None and resume.hidden_saved:
+                        for b, tensor in enumerate(checkpoint.load_hidden()):
+                            hidden[b] = tensor
+                    else:  # no saved inputs (a data-parallel run): rerun the finished, pruned layers
+                        with torch.no_grad():
+                            for index in range(first_layer):
+                                for b in range(len(all_batches)):
+                                    hidden[b] = captured.call(hidden[b], stack.layers[index], index, b)
             elif checkpoint is not None:
                 checkpoint.save_progress(state, None)  # the schedule, so a resume skips the signal pass
             progress = tqdm(
@@ -228,7 +252,9 @@ class Pruner:
                 pruned_layer: dict[str, torch.Tensor] = {}
                 if modules:
                     t = time.perf_counter()
-                    collector = self._new_collector(modules, len(languages), negative=n_negative > 0)
+                    collector = self._new_collector(
+                        modules, len(languages), negative=negative_set is not None
+                    )
                     with collector.attached(), torch.no_grad():
                         for b, batch in enumerate(all_batches):
                             collector.set_batch(
@@ -236,6 +262,7 @@ class Pruner:
                             )
                             collector.run(captured.call, hidden[b], layer, index, b)
                             collector.end_batch()
+                    synchronise_collector(collector, context)  # sums over all ranks' shards
                     timings["statistics"] += time.perf_counter() - t
 
                     t = time.perf_counter()
@@ -244,6 +271,7 @@ class Pruner:
                         for module, weight in zip(group, weights):
                             originals[module.name] = (module, weight.detach().to("cpu", copy=True))
                         new_weights = self._prune_group(group, weights, collector, layer_sparsity[index])
+                        synchronise_weights(new_weights, context)
                         for module, weight, new_weight in zip(group, weights, new_weights):
                             module.write_weight(new_weight.to(weight.dtype))
                             pruned_layer[module.name] = new_weight.to(weight.dtype)
@@ -269,7 +297,8 @@ class Pruner:
                 timings["propagation"] += time.perf_counter() - t
                 if checkpoint is not None:
                     state.completed_layers = index + 1
-                    checkpoint.save_progress(state, hidden.as_list())
+                    # A rank holds only its shard's hidden states: data-parallel resumes recompute them.
+                    checkpoint.save_progress(state, None if context.enabled else hidden.as_list())
         except BaseException:
             # Leave the model as it was: restore every weight already changed.
             for module, weight in originals.values():
@@ -419,6 +448,7 @@ class Pruner:
                     collector.set_batch(batch["attention_mask"], batch["language"])
                     hidden[i] = captured.call(hidden[i], layer, index, first_batch + i)
                     collector.end_batch()
+            synchronise_collector(collector)
             if not modules:
                 signal.append(0.0)
             elif config.layerwise == "owl":
@@ -610,15 +640,18 @@ def _validate_token_ids(model: nn.Module, *sets: CalibrationSet | None) -> None:
             )
 
 
-def _batches(calibration_set: CalibrationSet, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    language_index = calibration_set.language_index
+def _batches(calibration_set: CalibrationSet, batch_size: int, context=None) -> list[dict[str, torch.Tensor]]:
+    """This rank's shard of ``calibration_set`` in batches (language positions those of the full set)."""
+    index = local_indices(calibration_set.languages, context)
+    input_ids, attention_mask = calibration_set.input_ids[index], calibration_set.attention_mask[index]
+    language_index = calibration_set.language_index[index]
     batches = []
-    for start in range(0, len(calibration_set), batch_size):
+    for start in range(0, len(index), batch_size):
         end = start + batch_size
         batches.append(
             {
-                "input_ids": calibration_set.input_ids[start:end],
-                "attention_mask": calibration_set.attention_mask[start:end],
+                "input_ids": input_ids[start:end],
+                "attention_mask": attention_mask[start:end],
                 "language": language_index[start:end],
             }
         )

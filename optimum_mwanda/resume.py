@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import run_on_main_process
+
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.safetensors"
 FORMAT_VERSION = 1
@@ -54,11 +56,23 @@ class ResumeState:
     layerwise_signal: list[float] = field(default_factory=list)
     module_sparsity: dict[str, float] = field(default_factory=dict)
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
+    #: the layer whose inputs ``hidden.safetensors`` holds: ``-1`` when the run saved none (data-parallel
+    #: runs recompute them), ``None`` in states written before this field (the file matches the state)
+    hidden_for_layer: int | None = None
     format_version: int = FORMAT_VERSION
+
+    @property
+    def hidden_saved(self) -> bool:
+        """``hidden.safetensors`` holds the inputs of layer ``completed_layers``."""
+        return self.hidden_for_layer is None or self.hidden_for_layer == self.completed_layers
 
 
 class PruningCheckpoint:
-    """Reads and writes the progress of one pruning run in ``directory``."""
+    """Reads and writes the progress of one pruning run in ``directory``.
+
+    In a data-parallel run every rank reads (the folder must be visible to all ranks: shared storage
+    across nodes) and only rank 0 writes, while the others wait.
+    """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str):
         self.directory = Path(directory)
@@ -101,12 +115,19 @@ class PruningCheckpoint:
 
     # -- writing --------------------------------------------------------------------------------------
     def save_layer(self, index: int, weights: dict[str, torch.Tensor]) -> None:
+        run_on_main_process(self._save_layer, index, weights)
+
+    def _save_layer(self, index: int, weights: dict[str, torch.Tensor]) -> None:
         self._atomic_save(
             {k: v.detach().cpu().contiguous() for k, v in weights.items()}, f"layer_{index}.safetensors"
         )
 
     def save_progress(self, state: ResumeState, hidden: list[torch.Tensor] | None) -> None:
         """Persist hidden states (if any), then the state that points at them."""
+        state.hidden_for_layer = state.completed_layers if hidden is not None else -1
+        run_on_main_process(self._save_progress, state, hidden)
+
+    def _save_progress(self, state: ResumeState, hidden: list[torch.Tensor] | None) -> None:
         if hidden is not None:
             self._atomic_save(
                 {f"batch_{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden)}, HIDDEN_FILE

@@ -72,7 +72,9 @@ def execute(command: str, args: argparse.Namespace, prog: str | None = None) -> 
     runner = RUNNERS[command]
     prog = prog or f"optimum-mwanda {command}"
     real_stdout = sys.stdout
-    with _logging(args.quiet, args.verbose):
+    # Under torchrun / accelerate launch only rank 0 reports (errors are still reported by every rank).
+    secondary = _environment_rank() != 0
+    with _logging(args.quiet or secondary, args.verbose):
         try:
             # With --json, stdout carries the JSON document only: route stray prints to stderr.
             redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
@@ -92,12 +94,22 @@ def execute(command: str, args: argparse.Namespace, prog: str | None = None) -> 
             hint = "" if args.verbose else " (run with --verbose for the traceback)"
             print(f"{prog}: failed: {type(err).__name__}: {err}{hint}", file=sys.stderr)
             return EXIT_FAILURE
+    if secondary:
+        return EXIT_OK
     if args.json:
         real_stdout.write(json.dumps(result.payload, indent=2, default=_json_default) + "\n")
     elif result.text:
         real_stdout.write(result.text.rstrip("\n") + "\n")
     real_stdout.flush()
     return EXIT_OK
+
+
+def _environment_rank() -> int:
+    """This process's rank under a multi-process launcher (``torchrun`` sets ``RANK``), else 0. Read from
+    the environment because the process group is only joined later, by the command."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0"))
 
 
 def _json_default(value: Any) -> Any:
@@ -311,7 +323,6 @@ def _perplexity_table(columns: dict[str, dict[str, float]], languages: list[str]
 # ---------------------------------------------------------------------------------------------------------
 def run_prune(args: argparse.Namespace) -> CommandResult:
     """``prune``: validate, build calibration data, load the model, (evaluate,) prune, (evaluate,) save/push."""
-    from ..pruner import Pruner
 
     # -- preparation: arguments ----------------------------------------------------------------------
     config = build_config(args)
@@ -367,6 +378,57 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
     )
 
     # -- run ------------------------------------------------------------------------------------------
+    # Launched by torchrun / accelerate launch: join the process group; each rank prunes on its own device.
+    import torch.distributed
+
+    from ..distributed import initialize_from_environment
+
+    joined = not torch.distributed.is_initialized()
+    context = initialize_from_environment()
+    joined = joined and context.enabled  # leave a group the caller made to the caller
+    try:
+        return _prune_and_save(
+            args,
+            config,
+            model_ref,
+            model_path,
+            load_kwargs,
+            tokenizer,
+            calibration,
+            eval_texts,
+            output_dir,
+            repo_id,
+            token,
+            base_model,
+            license,
+            context,
+        )
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _prune_and_save(
+    args,
+    config,
+    model_ref,
+    model_path,
+    load_kwargs,
+    tokenizer,
+    calibration,
+    eval_texts,
+    output_dir,
+    repo_id,
+    token,
+    base_model,
+    license,
+    context,
+) -> CommandResult:
+    from ..distributed import local_device
+    from ..pruner import Pruner
+
+    if context.enabled and "device_map" not in load_kwargs and local_device().type == "cuda":
+        load_kwargs = {**load_kwargs, "device_map": {"": str(local_device())}}
     model = _load_model(model_path, load_kwargs, args)
     show_progress = not args.quiet
     eval_results: dict[str, dict[str, float]] | None = None
@@ -395,7 +457,7 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
             eval_results=eval_results,
             **card_kwargs,
         )
-        if eval_results is not None:
+        if eval_results is not None and context.is_main:
             _write_json(Path(saved) / EVAL_RESULTS_FILENAME, eval_results)
         logger.info("Saved the pruned model to %s", saved)
     hub_info = None

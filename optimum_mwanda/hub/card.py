@@ -12,6 +12,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..distributed import main_process_only
 from ..report import PruningReport
 from ..version import __version__
 from .languages import Language, resolve_languages
@@ -219,6 +220,7 @@ def _citations(report: PruningReport, languages: list[Language]) -> list[Citatio
 
 
 # -- plot ------------------------------------------------------------------------------------------------
+@main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def plot_layer_sparsity(report: PruningReport, path: str | os.PathLike) -> Path:
     """Write a PNG bar chart of achieved sparsity per decoder layer (with the target schedule) to ``path``."""
     import matplotlib

@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from ..distributed import main_process_only
 from ..report import PruningReport
 from ..version import __version__
 from .atomic import atomic_directory, check_replaceable
@@ -111,6 +112,7 @@ def _rewrite_sparsity_config(config_path: Path, **updates: Any) -> None:
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+@main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def save_pruned_model(
     model,
     save_directory: str | os.PathLike,
