@@ -13,7 +13,7 @@ statistics derived from them do not see), and the sums are all-reduced in float6
 not assumed: after each layer the ranks compare a checksum of their new weights and rank 0's weights are
 broadcast if they differ.
 
-Everything here is a no-op (one process, world size 1) when no process group is initialised.
+Everything here is a no-op when no process group is initialised.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class DistributedContext:
 
     @property
     def enabled(self) -> bool:
-        """More than one process takes part."""
-        return self.world_size > 1
+        """A process group is initialised (even of one process: the collectives then run, trivially)."""
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
