@@ -159,6 +159,26 @@ def local_indices(languages: Sequence[str], context: DistributedContext | None =
     return torch.tensor(shard_sequences(languages, context.rank, context.world_size), dtype=torch.long)
 
 
+def local_batches(calibration: Any, batch_size: int, context: DistributedContext | None = None) -> list[dict]:
+    """This rank's batches of a ``CalibrationSet``: :meth:`CalibrationSet.batches` of its shard, with each
+    sequence's language index that of the full set (so per-language statistics line up across ranks)."""
+    context = context or current_context()
+    if not context.enabled:
+        return calibration.batches(batch_size)
+    calibration.batches(batch_size)  # validates batch_size
+    index = local_indices(calibration.languages, context)
+    input_ids, attention_mask = calibration.input_ids[index], calibration.attention_mask[index]
+    language = calibration.language_index[index]
+    return [
+        {
+            "input_ids": input_ids[start : start + batch_size],
+            "attention_mask": attention_mask[start : start + batch_size],
+            "language": language[start : start + batch_size],
+        }
+        for start in range(0, len(index), batch_size)
+    ]
+
+
 # -- agreement between ranks --------------------------------------------------------------------------
 def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
     """A cheap digest of a model's weights: names, shapes, dtypes and a strided sample of every tensor.

@@ -24,6 +24,9 @@ class PruningReport:
         layerwise_signal: the per-layer signal behind a non-uniform schedule (OWL outlier ratio or
             CWL cross-lingual correlation), empty for uniform.
         calibration_sources: ``{language: source}`` when known.
+        calibration_settings: the calibration settings that actually applied
+            (:attr:`optimum_mwanda.CalibrationSet.settings`: ``seq_len``, ``sequences_per_language``, and
+            ``seed`` when texts were packed).
         architecture: the model's class name.
         base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
         negative_calibration_tokens: tokens of negative calibration text (Kim et al.), 0 when none was used.
@@ -41,6 +44,7 @@ class PruningReport:
     timings: dict[str, float] = field(default_factory=dict)
     layerwise_signal: list[float] = field(default_factory=list)
     calibration_sources: dict[str, str] = field(default_factory=dict)
+    calibration_settings: dict[str, Any] = field(default_factory=dict)
     architecture: str = ""
     base_model: str = ""
     negative_calibration_tokens: int = 0

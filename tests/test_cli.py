@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import WRITE_TOKEN
@@ -23,20 +24,11 @@ from optimum_mwanda import (
     load_pruned_model,
     verify_sparsity,
 )
-from optimum_mwanda.calibration import HUB_CORPORA, load_local_texts, loaders
+from optimum_mwanda.calibration import HUB_CORPORA, load_local_texts
 from optimum_mwanda.cli import arguments, commands, main
 from optimum_mwanda.configuration import _CONFIG_CLASSES, LAYERWISE_SCHEDULES
 
 SMALL = ["--samples-per-language", "2", "--seq-len", "16"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from threads; on a shared CPU the thread pool only slows them down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +266,7 @@ def test_hub_dataset_calibration(capsys, workspace, tmp_path, monkeypatch):
         lang = {"deu_Latn": "de", "swh_Latn": "sw"}[name]
         return iter([{"text": text} for text in text_corpus()[lang]])
 
-    monkeypatch.setattr(loaders, "LOAD_DATASET", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     code, stdout, stderr = run(
         capsys, "prune", "--model", workspace["model"], "--hub-dataset", "fineweb2", "--languages", "de,sw",
         *SMALL, "--output-dir", tmp_path / "out", "--json", "-q",

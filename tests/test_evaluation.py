@@ -11,24 +11,14 @@ from tiny_models import make_model, make_tokenizer, text_corpus
 from optimum_mwanda import WandaConfig, build_calibration, evaluate_perplexity
 from optimum_mwanda.evaluation import MultilingualPerplexity, SweepResult, calibration_language_sweep
 from optimum_mwanda.evaluation.loss import nll_from_logits, summed_nll_chunked, summed_nll_full
-from optimum_mwanda.evaluation.perplexity import input_device
 from optimum_mwanda.evaluation.windows import IGNORE_INDEX, plan_windows, window_batch
+from optimum_mwanda.modeling import input_device
 from optimum_mwanda.pruner import Pruner
 
 TEXTS = {
     "en": [f"Line {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(6)],
     "de": [f"Zeile {i}: der schnelle braune Fuchs springt über den faulen Hund {i}." for i in range(4)],
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from intra-op threads, and on a shared CPU the thread pool's spinning makes
-    # them several times slower; restore the setting for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from optimum_mwanda.calibration import loaders
 from optimum_mwanda.calibration.loaders import (
     load_culturax,
     load_dataset_texts,
@@ -209,7 +208,7 @@ def test_hub_corpora_real_names_and_schemas(loader, repo, configs, prefix):
 
 def test_hub_caps_config_override_and_module_injection(monkeypatch):
     hub = FakeHub()
-    monkeypatch.setattr(loaders, "LOAD_DATASET", hub)
+    monkeypatch.setattr(datasets, "load_dataset", hub)
     texts = load_hub_texts("mc4", "de", max_chars=50)
     assert sum(map(len, texts["de"])) == 50
     assert hub.calls[-1][:4] == ("allenai/c4", "de", "train", True)

@@ -308,13 +308,96 @@ def test_error_non_finite_embeddings():
 
 
 def test_failure_mid_walk_restores_pruned_layers():
-    """A non-finite statistic in layer 1 surfaces after layer 0 was pruned: layer 0 is restored."""
+    """A non-finite weight in layer 1 is named as such after layer 0 was pruned: layer 0 is restored."""
     model = make_model("llama")
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("inf")
-    _assert_raises_untouched(model, FloatingPointError, "non-finite", calibration=make_token_calibration())
+    _assert_raises_untouched(
+        model,
+        ValueError,
+        "weights of model.layers.1.self_attn.v_proj hold NaN",
+        calibration=make_token_calibration(),
+    )
 
 
 def test_pruner_rejects_non_config():
     with pytest.raises(TypeError, match="WandaConfig"):
         Pruner({"sparsity": 0.5})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_error_non_integer_token_ids(dtype):
+    # .long() would silently truncate 3.7 -> 3 (and turn True into 1): such ids are rejected instead.
+    calibration = {"en": torch.full((2, 8), 3.7).to(dtype)}
+    _assert_raises_untouched(make_model(), TypeError, "integer token ids", calibration=calibration)
+
+
+def test_error_attention_mask_not_binary():
+    ids = torch.randint(3, 100, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 2
+    with pytest.raises(ValueError, match="only 0"):
+        CalibrationSet(ids, mask, ["en", "en"])
+
+
+def test_error_sequences_longer_than_position_limit():
+    model = make_model("gpt2")  # learned positions: n_positions = 128
+    calibration = {"en": torch.randint(3, 100, (1, 129))}
+    _assert_raises_untouched(model, ValueError, "at most 128 positions", calibration=calibration)
+
+
+def test_progress_bar_reaches_every_layer(monkeypatch):
+    import optimum_mwanda.modeling.walk as walk
+
+    bars = []
+
+    class RecordingBar(walk.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(walk, "tqdm", RecordingBar)
+    model = make_model("llama")
+    Pruner(WandaConfig()).prune_model(model, make_token_calibration(), show_progress=True)
+    pruning = [bar for bar in bars if str(bar.desc).startswith("Pruning")]
+    assert len(pruning) == 1 and pruning[0].n == pruning[0].total == len(find_decoder_stack(model).layers)
+
+
+def test_report_records_calibration_settings_that_applied():
+    model = make_model("llama")
+    report = Pruner(WandaConfig(seed=3)).prune_model(model, make_token_calibration(n=2), show_progress=False)
+    # Token ids were given: the packing knobs (samples_per_language, calibration_seq_len, seed) did not apply.
+    assert report.calibration_settings == {
+        "seq_len": 24,
+        "sequences_per_language": {"en": 2, "de": 2, "sw": 2},
+    }
+    texts = {lang: lines for lang, lines in text_corpus().items() if lang in ("en", "de")}
+    config = WandaConfig(seed=3, samples_per_language=2, calibration_seq_len=16)
+    report = Pruner(config).prune_model(
+        make_model("llama"), texts, tokenizer=make_tokenizer(), show_progress=False
+    )
+    assert report.calibration_settings == {
+        "seq_len": 16,
+        "sequences_per_language": {"en": 2, "de": 2},
+        "seed": 3,
+    }
+
+
+def test_algorithm_registry_one_object_per_method():
+    from optimum_mwanda.algorithms import (
+        MWandaAlgorithm,
+        PruningAlgorithm,
+        SparseGPTAlgorithm,
+        WandaAlgorithm,
+        algorithm_for,
+    )
+    from optimum_mwanda.configuration import PruningConfig
+
+    assert type(algorithm_for(WandaConfig())) is WandaAlgorithm
+    assert type(algorithm_for(MWandaConfig())) is MWandaAlgorithm
+    assert type(algorithm_for(SparseGPTConfig())) is SparseGPTAlgorithm
+    with pytest.raises(TypeError, match="no pruning algorithm"):
+        algorithm_for(PruningConfig())
+    with pytest.raises(TypeError):
+        WandaAlgorithm(SparseGPTConfig())
+    assert issubclass(MWandaAlgorithm, PruningAlgorithm)

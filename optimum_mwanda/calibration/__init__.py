@@ -1,6 +1,6 @@
 """Calibration data: the calibration set, its builder, loaders, translation demonstrations, bundled corpus."""
 
-from .builder import allocate_sequences, build_calibration, default_calibration
+from .builder import allocate_sequences, build_calibration, default_calibration, resolve_calibration
 from .corpus import available_languages, bundled_corpus_sources, load_bundled_corpus
 from .dataset import CalibrationSet
 from .languages import language_name, normalize_language_tag
@@ -36,5 +36,6 @@ __all__ = [
     "load_mc4",
     "load_wikipedia",
     "normalize_language_tag",
+    "resolve_calibration",
     "translation_demonstrations",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -117,6 +118,9 @@ def build_calibration(
         torch.cat(all_masks),
         languages,
         {lang: known_sources[lang] for lang in shares if lang in known_sources},
+        # The seed decides which text windows were drawn; seq_len and the per-language counts are read
+        # off the tensors (CalibrationSet.settings).
+        build_settings={"seed": seed},
     )
 
 
@@ -277,3 +281,49 @@ def _token_stream(texts: Iterable[str], tokenizer, eos: int | None, needed: int)
             if eos is not None:
                 stream.append(eos)
     return stream
+
+
+def resolve_calibration(
+    calibration: CalibrationSet | Mapping[str, Any] | None,
+    tokenizer,
+    *,
+    samples_per_language: int,
+    seq_len: int,
+    seed: int,
+    what: str = "calibration",
+) -> CalibrationSet:
+    """Turn what a user passes as calibration into a :class:`CalibrationSet`.
+
+    ``calibration`` is a :class:`CalibrationSet` (used as it is), ``{language: LongTensor}`` of token ids,
+    ``{language: texts}`` (packed by :func:`build_calibration` with ``samples_per_language``, ``seq_len``
+    and ``seed``; needs ``tokenizer``) or ``None`` (the bundled corpus, needs ``tokenizer``). ``what`` names
+    the argument in error messages.
+    """
+    if isinstance(calibration, CalibrationSet):
+        return calibration
+    packing = {"samples_per_language": samples_per_language, "seq_len": seq_len, "seed": seed}
+    if calibration is None:
+        if tokenizer is None:
+            raise ValueError(
+                f"{what} is None and no tokenizer was given: pass token ids, or texts and a tokenizer"
+            )
+        return default_calibration(tokenizer, **packing)
+    if not isinstance(calibration, Mapping):
+        raise TypeError(
+            f"{what} must be a CalibrationSet or a mapping {{language: token ids or texts}}, "
+            f"got {type(calibration).__name__}"
+        )
+    if not calibration:
+        raise ValueError(f"{what} is empty: give at least one language")
+    values = list(calibration.values())
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return CalibrationSet.from_token_ids(calibration)
+    if all(
+        isinstance(v, str) or (isinstance(v, Sequence) and all(isinstance(t, str) for t in v)) for v in values
+    ):
+        if tokenizer is None:
+            raise ValueError(f"{what} holds texts: pass the model's tokenizer as tokenizer=")
+        return build_calibration(
+            {k: [v] if isinstance(v, str) else list(v) for k, v in calibration.items()}, tokenizer, **packing
+        )
+    raise TypeError(f"{what} values must all be LongTensors of token ids or all be lists of strings")

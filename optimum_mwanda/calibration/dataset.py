@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,28 +18,34 @@ class CalibrationSet:
         attention_mask: ``LongTensor[n, seq_len]``; ``0`` marks padding, which never reaches the statistics.
         languages: the language tag of each of the ``n`` sequences.
         sources: optional ``{language: source name}`` (corpus names, used in reports and model cards).
+        build_settings: how the set was built from texts (``samples_per_language``, ``seed``, ...), as
+            recorded by :func:`optimum_mwanda.build_calibration`; empty for token ids given directly.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     languages: list[str]
     sources: dict[str, str] = field(default_factory=dict)
+    build_settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.input_ids, torch.Tensor) or self.input_ids.dim() != 2:
             raise ValueError("CalibrationSet.input_ids must be a 2-D LongTensor [n_sequences, seq_len]")
-        if self.input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"CalibrationSet.input_ids must hold integer token ids, got {self.input_ids.dtype}"
-            )
+        _check_integer_ids(self.input_ids, "CalibrationSet.input_ids")
         self.input_ids = self.input_ids.long()
         if self.attention_mask is None:
             self.attention_mask = torch.ones_like(self.input_ids)
+        if not isinstance(self.attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor, got {type(self.attention_mask).__name__}")
         if self.attention_mask.shape != self.input_ids.shape:
             raise ValueError(
                 f"attention_mask shape {tuple(self.attention_mask.shape)} differs from input_ids shape "
                 f"{tuple(self.input_ids.shape)}"
             )
+        if self.attention_mask.dtype.is_complex or not bool(
+            ((self.attention_mask == 0) | (self.attention_mask == 1)).all()
+        ):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         self.attention_mask = self.attention_mask.long()
         self.languages = [str(lang) for lang in self.languages]
         if len(self.languages) != self.input_ids.shape[0]:
@@ -74,19 +81,65 @@ class CalibrationSet:
         position = {lang: i for i, lang in enumerate(self.language_list)}
         return torch.tensor([position[lang] for lang in self.languages], dtype=torch.long)
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence (padding included)."""
+        return int(self.input_ids.shape[1])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The calibration settings that actually applied: ``seq_len``, ``sequences_per_language`` and
+        whatever :attr:`build_settings` recorded (``samples_per_language``, ``seed`` for packed texts)."""
+        per_language: dict[str, int] = {}
+        for lang in self.languages:
+            per_language[lang] = per_language.get(lang, 0) + 1
+        return {"seq_len": self.seq_len, "sequences_per_language": per_language, **self.build_settings}
+
+    def batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Consecutive batches of ``batch_size`` sequences: ``input_ids``, ``attention_mask`` and
+        ``language`` (each sequence's index in :attr:`language_list`)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        language_index = self.language_index
+        return [
+            {
+                "input_ids": self.input_ids[start : start + batch_size],
+                "attention_mask": self.attention_mask[start : start + batch_size],
+                "language": language_index[start : start + batch_size],
+            }
+            for start in range(0, len(self), batch_size)
+        ]
+
+    def first_per_language(self, limit: int | None) -> CalibrationSet:
+        """The first ``limit`` sequences of every language (all of them for ``None``), languages in the same
+        order as here, so per-language statistics line up with the full set's."""
+        if limit is None:
+            return self
+        taken: dict[str, int] = {}
+        keep = []
+        for i, lang in enumerate(self.languages):
+            if taken.get(lang, 0) < limit:
+                keep.append(i)
+                taken[lang] = taken.get(lang, 0) + 1
+        return self._subset(keep)
+
+    def _subset(self, keep: list[int]) -> CalibrationSet:
+        index = torch.tensor(keep, dtype=torch.long)
+        kept_languages = [self.languages[i] for i in keep]
+        return CalibrationSet(
+            self.input_ids[index],
+            self.attention_mask[index],
+            kept_languages,
+            {k: v for k, v in self.sources.items() if k in set(kept_languages)},
+            dict(self.build_settings),
+        )
+
     def select(self, languages: list[str]) -> CalibrationSet:
         """The sub-set of the given languages (in the order they appear here)."""
         missing = sorted(set(languages) - set(self.languages))
         if missing:
             raise ValueError(f"languages {missing} are not in this calibration set ({self.language_list})")
-        keep = [i for i, lang in enumerate(self.languages) if lang in set(languages)]
-        index = torch.tensor(keep, dtype=torch.long)
-        return CalibrationSet(
-            self.input_ids[index],
-            self.attention_mask[index],
-            [self.languages[i] for i in keep],
-            {k: v for k, v in self.sources.items() if k in languages},
-        )
+        return self._subset([i for i, lang in enumerate(self.languages) if lang in set(languages)])
 
     @classmethod
     def from_token_ids(cls, token_ids_by_language: Mapping[str, torch.Tensor]) -> CalibrationSet:
@@ -98,6 +151,7 @@ class CalibrationSet:
         for lang, ids in token_ids_by_language.items():
             if not isinstance(ids, torch.Tensor):
                 raise TypeError(f"calibration[{lang!r}] must be a LongTensor, got {type(ids).__name__}")
+            _check_integer_ids(ids, f"calibration[{lang!r}]")
             if ids.dim() == 1:
                 ids = ids.unsqueeze(0)
             if ids.dim() != 2:
@@ -114,3 +168,9 @@ class CalibrationSet:
             languages.extend([str(lang)] * ids.shape[0])
         input_ids = torch.cat(tensors)
         return cls(input_ids, torch.ones_like(input_ids), languages)
+
+
+def _check_integer_ids(ids: torch.Tensor, what: str) -> None:
+    # Float or bool tensors would be silently truncated by .long(): token ids must already be integers.
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{what} must hold integer token ids (a LongTensor), got dtype {ids.dtype}")

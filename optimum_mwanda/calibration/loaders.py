@@ -5,7 +5,7 @@ as soon as each language reaches its caps: ``max_texts`` (texts per language) an
 (characters per language; the text that crosses the limit is cut so a language never exceeds it).
 
 Hub loaders call ``datasets.load_dataset(repo, name=config, split=split, streaming=True)``. The function is
-injectable: pass ``load_dataset=`` or set :data:`LOAD_DATASET`, e.g. to run them offline against local data
+injectable: pass ``load_dataset=``, e.g. to run them offline against local data
 with the same schema.
 """
 
@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from .languages import corpus_language_code, normalize_language_tag
-
-# Replaces ``datasets.load_dataset`` in every Hub loader when set (tests, mirrors, caching layers).
-LOAD_DATASET: Callable[..., Any] | None = None
 
 LANGUAGE_FIELDS = ("lang", "language")
 _LOCAL_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
@@ -390,8 +387,6 @@ HUB_CORPORA: dict[str, HubCorpus] = {
 def _resolve_load_dataset(load_dataset: Callable[..., Any] | None) -> Callable[..., Any]:
     if load_dataset is not None:
         return load_dataset
-    if LOAD_DATASET is not None:
-        return LOAD_DATASET
     import datasets
 
     return datasets.load_dataset

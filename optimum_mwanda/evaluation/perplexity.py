@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling import input_device
 from .inputs import normalize_texts_by_language
 from .loss import DEFAULT_LOGITS_BUDGET, chunked_matches_full, summed_nll_chunked, summed_nll_full
 from .windows import WindowSpan, plan_windows, window_batch, window_capacity
@@ -231,20 +232,6 @@ def prepare_evaluation(
                 + ("" if bos_token_id is not None else " without a BOS token")
             )
     return PreparedEvaluation(bos_token_id, streams, plans)
-
-
-def input_device(model: torch.nn.Module) -> torch.device:
-    """Where input ids must go: the embedding's device, or for offloaded (meta) weights its hook's device."""
-    embeddings = model.get_input_embeddings()
-    weight = getattr(embeddings, "weight", None)
-    if weight is not None and weight.device.type != "meta":
-        return weight.device
-    # Accelerate keeps offloaded weights on "meta" and moves them to the hook's execution device per call.
-    for module in (embeddings, *model.modules()):
-        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device(device)
-    return torch.device("cpu")
 
 
 def _resolve_bos(tokenizer, add_bos: bool | None) -> int | None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import parse_mask_structure
-from ..modeling import PrunableLinear, find_decoder_stack, find_prunable_linears
+from ..modeling import PrunableLinear, find_decoder_stack, prunable_linears_by_layer
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -79,12 +79,8 @@ def group_by_layer(values: dict[str, float], weights: dict[str, int]) -> dict[in
 
 def _prunable_linears(model: nn.Module, ignore: list[str]) -> dict[str, PrunableLinear]:
     """The decoder layers' Linear/Conv1D modules, found the way the pruner finds them."""
-    stack = find_decoder_stack(model)
-    return {
-        linear.name: linear
-        for index, layer in enumerate(stack.layers)
-        for linear in find_prunable_linears(layer, stack.layer_name(index), ignore)
-    }
+    layers = prunable_linears_by_layer(find_decoder_stack(model), ignore)
+    return {linear.name: linear for linears in layers for linear in linears}
 
 
 def verify_sparsity(

@@ -1,11 +1,13 @@
-"""Where the model is: decoder layers, prunable linear modules, captured inputs, hooks, offloaded weights."""
+"""Where the model is: decoder layers, prunable linear modules, captured inputs, hooks, offloaded weights,
+and the sequential walk that prunes layer by layer (:class:`SequentialWalk`)."""
 
 from .activations import ActivationStore
 from .capture import CapturedInputs, capture_layer_inputs
 from .decoder import DecoderStack, NoDecoderLayersError, find_decoder_stack
 from .hooks import LayerStatisticsCollector
-from .linear import PrunableLinear, find_prunable_linears
-from .offload import execution_device, read_parameter, write_parameter
+from .linear import PrunableLinear, find_prunable_linears, prunable_linears_by_layer
+from .offload import execution_device, input_device, read_parameter, write_parameter
+from .walk import SequentialWalk, WalkResult
 
 __all__ = [
     "ActivationStore",
@@ -14,10 +16,14 @@ __all__ = [
     "LayerStatisticsCollector",
     "NoDecoderLayersError",
     "PrunableLinear",
+    "SequentialWalk",
+    "WalkResult",
     "capture_layer_inputs",
     "execution_device",
     "find_decoder_stack",
     "find_prunable_linears",
+    "input_device",
+    "prunable_linears_by_layer",
     "read_parameter",
     "write_parameter",
 ]

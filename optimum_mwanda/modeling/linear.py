@@ -71,3 +71,8 @@ def find_prunable_linears(layer: nn.Module, layer_name: str, ignore: list[str]) 
             continue
         found.append(PrunableLinear(full, module))
     return found
+
+
+def prunable_linears_by_layer(stack, ignore: list[str]) -> list[list[PrunableLinear]]:
+    """:func:`find_prunable_linears` of every decoder layer of ``stack`` (a :class:`DecoderStack`), in order."""
+    return [find_prunable_linears(layer, stack.layer_name(i), ignore) for i, layer in enumerate(stack.layers)]

@@ -34,12 +34,6 @@ def _offload_hook(module: nn.Module):
     return None
 
 
-def is_offloaded(module: nn.Module, name: str = "weight") -> bool:
-    """Whether the parameter ``name`` of ``module`` lives in an Accelerate weights map (on ``meta`` here)."""
-    param = getattr(module, name)
-    return param.device.type == "meta" and _offload_hook(module) is not None
-
-
 def execution_device(module: nn.Module) -> torch.device:
     """The device ``module`` computes on: its Accelerate execution device, else where its weight is."""
     for hook in _align_hooks(module):
@@ -48,6 +42,23 @@ def execution_device(module: nn.Module) -> torch.device:
     for param in module.parameters(recurse=True):
         if param.device.type != "meta":
             return param.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids must go: the device its input embeddings compute on.
+
+    For an embedding offloaded without a hook of its own (its weight on ``meta``), the first Accelerate
+    execution device found in the model.
+    """
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if _align_hooks(embeddings) or (weight is not None and weight.device.type != "meta"):
+        return execution_device(embeddings)
+    for module in model.modules():
+        for hook in _align_hooks(module):
+            if getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
     return torch.device("cpu")
 
 

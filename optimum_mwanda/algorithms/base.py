@@ -1,0 +1,101 @@
+"""What every pruning algorithm provides to the sequential walk.
+
+An algorithm is chosen from its config (:func:`optimum_mwanda.algorithms.algorithm_for`) and owns everything
+that differs between methods: which running statistic the walk collects for a shared-input group of linear
+modules, how that statistic turns the group's weights into pruned weights, and the per-layer sparsity
+schedule. It sees tensors only: hooks, devices, offloading and files belong to the walk in ``modeling/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ..configuration import PruningConfig
+from ..methods import (
+    FeatureStatistics,
+    cross_lingual_correlation,
+    cwl_schedule,
+    depth_schedule,
+    outlier_ratio,
+    owl_schedule,
+    wanda_scores,
+)
+from ..methods.layerwise import uniform_schedule
+
+
+class PruningAlgorithm:
+    """Base class: subclasses set :attr:`config_class` and implement the two statistic/pruning hooks.
+
+    Args:
+        config: the run's config (an instance of :attr:`config_class`).
+    """
+
+    config_class: ClassVar[type[PruningConfig]] = PruningConfig
+    #: whether negative calibration (Kim et al.) can lower feature importance for this method
+    supports_negative_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PruningConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}")
+        self.config = config
+
+    # -- statistics ----------------------------------------------------------------------------------
+    def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> Any:
+        """A fresh running statistic for one shared-input group (``update(x, language)``)."""
+        raise NotImplementedError
+
+    def new_negative_statistic(self, in_features: int, device: torch.device) -> FeatureStatistics:
+        """The statistic kept for negative-calibration tokens (one pseudo-language)."""
+        return FeatureStatistics(in_features, 1, device=device)
+
+    # -- pruning ---------------------------------------------------------------------------------------
+    def prune_group(
+        self,
+        name: str,
+        weights: list[torch.Tensor],
+        statistic: Any,
+        negative_statistic: FeatureStatistics | None,
+        sparsity: float,
+    ) -> list[torch.Tensor]:
+        """New float32 ``[out, in]`` weights for modules that read the same input (``name`` for errors)."""
+        raise NotImplementedError
+
+    # -- layer schedule --------------------------------------------------------------------------------
+    @property
+    def schedule_signal(self) -> str | None:
+        """``"owl"`` or ``"cwl"`` when the schedule needs a dense measuring pass, else ``None``."""
+        return self.config.layerwise if self.config.layerwise in ("owl", "cwl") else None
+
+    def layer_signal(
+        self,
+        weights: Sequence[torch.Tensor],
+        module_statistics: Sequence[FeatureStatistics],
+        group_statistics: Sequence[FeatureStatistics],
+    ) -> float:
+        """One layer's schedule signal from a dense pass: OWL's outlier ratio of the modules' Wanda scores
+        (``weights[i]`` read ``module_statistics[i]``), or CWL's cross-lingual correlation of the per-language
+        norms of every distinct input (``group_statistics``, one per shared-input group)."""
+        if not weights:
+            return 0.0
+        if self.config.layerwise == "owl":
+            scores = [
+                wanda_scores(w.to(s.pooled_norm.device), s.pooled_norm)
+                for w, s in zip(weights, module_statistics)
+            ]
+            return outlier_ratio(scores, self.config.owl_outlier_threshold)
+        profiles = torch.cat([s.language_norms.cpu() for s in group_statistics], dim=1)
+        return cross_lingual_correlation(profiles)
+
+    def layer_schedule(self, param_counts: Sequence[int], signal: Sequence[float]) -> list[float]:
+        """Target sparsity of every decoder layer, parameter-weighted mean ``config.sparsity``."""
+        config = self.config
+        if config.layerwise == "uniform":
+            return uniform_schedule(len(param_counts), config.sparsity)
+        if config.layerwise == "depth":
+            return depth_schedule(param_counts, config.sparsity, config.layerwise_range)
+        if config.layerwise == "owl":
+            return owl_schedule(signal, param_counts, config.sparsity, config.layerwise_range)
+        return cwl_schedule(signal, param_counts, config.sparsity, config.layerwise_range, config.cwl_protect)
