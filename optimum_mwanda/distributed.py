@@ -18,13 +18,14 @@ Everything here is a no-op when no process group is initialised.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -127,6 +128,20 @@ def initialize_from_environment(
     return current_context()
 
 
+@contextlib.contextmanager
+def launcher_process_group(backend: str | None = None) -> Iterator[DistributedContext]:
+    """:func:`initialize_from_environment` for the duration of a ``with`` block; a group this call joined
+    is destroyed at its end (one that already existed is left to its owner)."""
+    dist = torch.distributed
+    already = dist.is_available() and dist.is_initialized()
+    context = initialize_from_environment(backend)
+    try:
+        yield context
+    finally:
+        if context.enabled and not already:
+            dist.destroy_process_group()
+
+
 # -- sharding -----------------------------------------------------------------------------------------
 def shard_sequences(languages: Sequence[str], rank: int, world_size: int) -> list[int]:
     """Indices of the calibration sequences rank ``rank`` of ``world_size`` handles, in ascending order.
@@ -198,10 +213,19 @@ def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
     return digest.hexdigest()
 
 
-def check_same_run(fingerprint: str, context: DistributedContext | None = None) -> None:
+_SAME_RUN_HINT = (
+    "were given a different model, pruning config or calibration set than rank 0 (run fingerprints "
+    "differ): every rank must call prune_model with the same model weights, config and calibration data"
+)
+
+
+def check_same_run(
+    fingerprint: Any, context: DistributedContext | None = None, what: str = _SAME_RUN_HINT
+) -> None:
     """Refuse to go on unless every rank computed the same ``fingerprint`` (model, config, calibration).
 
-    Raises :class:`DistributedMismatchError` on every rank, naming the ranks that differ from rank 0.
+    Raises :class:`DistributedMismatchError` on every rank, naming the ranks that differ from rank 0
+    (``what`` completes the message). Nothing has been changed when it raises.
     """
     context = context or current_context()
     if not context.enabled:
@@ -211,9 +235,7 @@ def check_same_run(fingerprint: str, context: DistributedContext | None = None) 
     differing = [rank for rank, value in enumerate(gathered) if value != gathered[0]]
     if differing:
         raise DistributedMismatchError(
-            f"rank(s) {differing} of {context.world_size} were given a different model, pruning config or "
-            "calibration set than rank 0 (run fingerprints differ): every rank must call prune_model with "
-            "the same model weights, config and calibration data. Nothing was pruned."
+            f"rank(s) {differing} of {context.world_size} {what}. Nothing was pruned."
         )
 
 

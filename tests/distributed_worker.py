@@ -15,6 +15,7 @@ import torch
 from tiny_models import make_model, make_token_calibration
 
 from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
+from optimum_mwanda.distributed import run_on_main_process, synchronise_weights
 
 ARCHITECTURES = ("llama", "gemma3")
 
@@ -123,7 +124,29 @@ def job_writes(rank: int, out: Path) -> None:
     )
     saved = pruner.save_pretrained(model, shared / "saved")
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _write(out / f"rank{rank}.pt", {"events": events, "saved": str(saved), "weights": weights})
+
+    # A write failing on rank 0 must fail the other ranks too, not leave them waiting.
+    def failing_write():
+        raise OSError("disk full (simulated)")
+
+    try:
+        run_on_main_process(failing_write)
+        failure = None
+    except Exception as err:  # recorded for the parent
+        failure = f"{type(err).__name__}: {err}"
+    # Weights that differ between ranks are replaced by rank 0's; equal ones are left alone.
+    differing = [torch.full((3, 4), float(rank)), torch.ones(2)]
+    synchronised = (synchronise_weights(differing), synchronise_weights([torch.ones(5)]), differing)
+    _write(
+        out / f"rank{rank}.pt",
+        {
+            "events": events,
+            "saved": str(saved),
+            "weights": weights,
+            "failure": failure,
+            "synchronised": synchronised,
+        },
+    )
 
 
 class _Interrupt(RuntimeError):

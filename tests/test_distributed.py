@@ -104,6 +104,11 @@ def test_only_rank_zero_writes_and_all_ranks_agree(spawned):
     assert not (spawned / "writes" / "shared" / "checkpoint" / "hidden.safetensors").exists()
     for key, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][key]), key
+    assert rank0["failure"] == "OSError: disk full (simulated)"
+    assert rank1["failure"] == "MainProcessError: rank 0 failed: OSError: disk full (simulated)"
+    for rank, (first, second, tensors) in enumerate((rank0["synchronised"], rank1["synchronised"])):
+        assert (first, second) == (False, True), rank
+        assert torch.equal(tensors[0], torch.zeros(3, 4)) and torch.equal(tensors[1], torch.ones(2)), rank
 
 
 def test_distributed_run_resumes_to_the_uninterrupted_result(spawned):

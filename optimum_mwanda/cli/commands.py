@@ -323,6 +323,7 @@ def _perplexity_table(columns: dict[str, dict[str, float]], languages: list[str]
 # ---------------------------------------------------------------------------------------------------------
 def run_prune(args: argparse.Namespace) -> CommandResult:
     """``prune``: validate, build calibration data, load the model, (evaluate,) prune, (evaluate,) save/push."""
+    from ..pruner import Pruner
 
     # -- preparation: arguments ----------------------------------------------------------------------
     config = build_config(args)
@@ -379,116 +380,71 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
 
     # -- run ------------------------------------------------------------------------------------------
     # Launched by torchrun / accelerate launch: join the process group; each rank prunes on its own device.
-    import torch.distributed
+    from ..distributed import launcher_process_group, local_device
 
-    from ..distributed import initialize_from_environment
-
-    joined = not torch.distributed.is_initialized()
-    context = initialize_from_environment()
-    joined = joined and context.enabled  # leave a group the caller made to the caller
-    try:
-        return _prune_and_save(
-            args,
-            config,
-            model_ref,
-            model_path,
-            load_kwargs,
-            tokenizer,
-            calibration,
-            eval_texts,
-            output_dir,
-            repo_id,
-            token,
-            base_model,
-            license,
-            context,
+    with launcher_process_group() as context:
+        if context.enabled and "device_map" not in load_kwargs and local_device().type == "cuda":
+            load_kwargs = {**load_kwargs, "device_map": {"": str(local_device())}}
+        model = _load_model(model_path, load_kwargs, args)
+        show_progress = not args.quiet
+        eval_results: dict[str, dict[str, float]] | None = None
+        if eval_texts is not None:
+            eval_results = {"before": _perplexities(model, tokenizer, eval_texts, args, "dense")}
+        pruner = Pruner(config)
+        report = pruner.prune_model(model, calibration, tokenizer=tokenizer, show_progress=show_progress)
+        logger.info(
+            "Pruned with %s: %.1f%% of the pruned weights are zero (%.1f s)",
+            report.method,
+            100 * report.achieved_sparsity,
+            report.timings.get("total", math.nan),
         )
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
+        if eval_texts is not None:
+            assert eval_results is not None
+            eval_results["after"] = _perplexities(model, tokenizer, eval_texts, args, "pruned")
 
+        card_kwargs = {"base_model": base_model, "license": license}
+        saved = None
+        if output_dir is not None:
+            saved = pruner.save_pretrained(
+                model,
+                output_dir,
+                tokenizer=tokenizer,
+                compressed=args.compressed,
+                eval_results=eval_results,
+                **card_kwargs,
+            )
+            if eval_results is not None and context.is_main:
+                _write_json(Path(saved) / EVAL_RESULTS_FILENAME, eval_results)
+            logger.info("Saved the pruned model to %s", saved)
+        hub_info = None
+        if repo_id is not None:
+            logger.info("Pushing to the Hub repo %s", repo_id)
+            commit = pruner.push_to_hub(
+                model,
+                repo_id,
+                tokenizer=tokenizer,
+                eval_results=eval_results,
+                private=args.private,
+                token=token,
+                compressed=args.compressed,
+                **card_kwargs,
+            )
+            hub_info = {
+                "repo_id": repo_id,
+                "commit_url": getattr(commit, "commit_url", None),
+                "oid": getattr(commit, "oid", None),
+            }
+            logger.info("Pushed: %s", hub_info["commit_url"] or repo_id)
 
-def _prune_and_save(
-    args,
-    config,
-    model_ref,
-    model_path,
-    load_kwargs,
-    tokenizer,
-    calibration,
-    eval_texts,
-    output_dir,
-    repo_id,
-    token,
-    base_model,
-    license,
-    context,
-) -> CommandResult:
-    from ..distributed import local_device
-    from ..pruner import Pruner
-
-    if context.enabled and "device_map" not in load_kwargs and local_device().type == "cuda":
-        load_kwargs = {**load_kwargs, "device_map": {"": str(local_device())}}
-    model = _load_model(model_path, load_kwargs, args)
-    show_progress = not args.quiet
-    eval_results: dict[str, dict[str, float]] | None = None
-    if eval_texts is not None:
-        eval_results = {"before": _perplexities(model, tokenizer, eval_texts, args, "dense")}
-    pruner = Pruner(config)
-    report = pruner.prune_model(model, calibration, tokenizer=tokenizer, show_progress=show_progress)
-    logger.info(
-        "Pruned with %s: %.1f%% of the pruned weights are zero (%.1f s)",
-        report.method,
-        100 * report.achieved_sparsity,
-        report.timings.get("total", math.nan),
-    )
-    if eval_texts is not None:
-        assert eval_results is not None
-        eval_results["after"] = _perplexities(model, tokenizer, eval_texts, args, "pruned")
-
-    card_kwargs = {"base_model": base_model, "license": license}
-    saved = None
-    if output_dir is not None:
-        saved = pruner.save_pretrained(
-            model,
-            output_dir,
-            tokenizer=tokenizer,
-            compressed=args.compressed,
-            eval_results=eval_results,
-            **card_kwargs,
-        )
-        if eval_results is not None and context.is_main:
-            _write_json(Path(saved) / EVAL_RESULTS_FILENAME, eval_results)
-        logger.info("Saved the pruned model to %s", saved)
-    hub_info = None
-    if repo_id is not None:
-        logger.info("Pushing to the Hub repo %s", repo_id)
-        commit = pruner.push_to_hub(
-            model,
-            repo_id,
-            tokenizer=tokenizer,
-            eval_results=eval_results,
-            private=args.private,
-            token=token,
-            compressed=args.compressed,
-            **card_kwargs,
-        )
-        hub_info = {
-            "repo_id": repo_id,
-            "commit_url": getattr(commit, "commit_url", None),
-            "oid": getattr(commit, "oid", None),
+        payload = {
+            "command": "prune",
+            "model": model_ref.name,
+            "output_dir": str(saved) if saved is not None else None,
+            "hub": hub_info,
+            "eval_results": eval_results,
+            "report": report.to_dict(),
         }
-        logger.info("Pushed: %s", hub_info["commit_url"] or repo_id)
-
-    payload = {
-        "command": "prune",
-        "model": model_ref.name,
-        "output_dir": str(saved) if saved is not None else None,
-        "hub": hub_info,
-        "eval_results": eval_results,
-        "report": report.to_dict(),
-    }
-    return CommandResult(payload, _prune_text(report, saved, hub_info, eval_results))
+        return CommandResult(payload, _prune_text(report, saved, hub_info, eval_results))
 
 
 def _card_base_model(base_model: str | None, model: ModelReference) -> str | None:

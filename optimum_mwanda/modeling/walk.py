@@ -90,7 +90,11 @@ class SequentialWalk:
         """
         config = self.algorithm.config
         resume = self.checkpoint.load_state() if self.checkpoint is not None else None
-        distributed.barrier()  # data-parallel: every rank has read the state before rank 0 writes anew
+        # Data-parallel: every rank read the same state (the folder must be shared) before rank 0 writes.
+        distributed.check_same_run(
+            None if resume is None else (resume.completed_layers, resume.layer_sparsity),
+            what="found another state in checkpoint_dir than rank 0: it must be a folder every rank sees",
+        )
         self._has_negative = negative is not None
         was_training = self.model.training
         self.model.eval()
