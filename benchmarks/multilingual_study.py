@@ -45,6 +45,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from optimum_mwanda.evaluation.summary import geometric_mean
+
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_OUTPUT = RESULTS / "multilingual_study"
 CALIBRATION_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
@@ -233,14 +235,6 @@ def expand_config_names(
 # ---------------------------------------------------------------------------------------------------------
 # summaries (pure functions on result dicts)
 # ---------------------------------------------------------------------------------------------------------
-def geometric_mean(values: Iterable[float]) -> float:
-    """Geometric mean of positive numbers; ``nan`` when empty or when any value is not a finite positive."""
-    values = list(values)
-    if not values or any(not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0) for v in values):
-        return math.nan
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def arithmetic_mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values) if values else math.nan

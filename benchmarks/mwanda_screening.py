@@ -22,7 +22,7 @@ import torch
 
 from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
 from optimum_mwanda.demo import load_demo_model
-from optimum_mwanda.evaluation import evaluate_perplexity
+from optimum_mwanda.evaluation import evaluate_perplexity, geometric_mean
 from optimum_mwanda.methods import (
     FeatureStatistics,
     cross_lingual_correlation,
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
         )
         for m in modules:
             m.write_weight(originals[m.name])
-        geo = math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl))
+        geo = geometric_mean(ppl.values())
         print(
             f"[screening] {name:28s} geomean {geo:8.2f}  " + " ".join(f"{k}={v:.1f}" for k, v in ppl.items()),
             flush=True,
@@ -216,7 +216,7 @@ def main(argv=None) -> None:
         )
         results["dense"] = {
             "perplexity": ppl,
-            "geomean": math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)),
+            "geomean": geometric_mean(ppl.values()),
         }
     for name, importance in todo.items():
         if name not in results:

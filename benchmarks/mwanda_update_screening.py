@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -29,7 +28,7 @@ import torch
 
 from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
 from optimum_mwanda.demo import load_demo_model
-from optimum_mwanda.evaluation import evaluate_perplexity
+from optimum_mwanda.evaluation import evaluate_perplexity, geometric_mean
 from optimum_mwanda.methods import mask_from_scores, sparsegpt_prune, wanda_scores
 from optimum_mwanda.methods.sparsegpt import inverse_hessian_cholesky
 from optimum_mwanda.modeling import LayerStatisticsCollector, find_decoder_stack, find_prunable_linears
@@ -297,7 +296,7 @@ def main(argv=None) -> None:
         )
         for m in modules:
             m.write_weight(originals[m.name])
-        geo = math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl))
+        geo = geometric_mean(ppl.values())
         print(
             f"[screen2] {target} {name:32s} geomean {geo:8.2f}  "
             + " ".join(f"{k}={v:.1f}" for k, v in ppl.items()),

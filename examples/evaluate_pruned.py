@@ -29,6 +29,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
+from optimum_mwanda.evaluation.summary import format_perplexity_table, geometric_mean  # noqa: F401
+
 DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 LM_EVAL_MISSING = (
     "lm-evaluation-harness is not installed, so --lm-eval-tasks cannot run: pip install lm_eval "
@@ -48,31 +51,15 @@ def parse_tasks(spec: str | None) -> list[str]:
     return list(dict.fromkeys(task.strip() for task in spec.split(",") if task.strip()))
 
 
-def geometric_mean(values: Sequence[float]) -> float:
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        return math.nan
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def format_table(
     columns: Mapping[str, Mapping[str, float]],
     languages: Sequence[str],
     sparsity: Mapping[str, float] | None = None,
 ) -> str:
     """Perplexity per language (rows) and model (columns), their geometric mean and the models' sparsity."""
-    names = list(columns)
-    width = max(10, *(len(n) for n in names))
-    lines = ["language".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
-    lines.append("-" * len(lines[0]))
-    for lang in languages:
-        lines.append(
-            lang.ljust(10) + "".join(f"{columns[n].get(lang, math.nan):.2f}".rjust(width + 2) for n in names)
-        )
-    means = [geometric_mean([columns[n].get(lang, math.nan) for lang in languages]) for n in names]
-    lines.append("geomean".ljust(10) + "".join(f"{m:.2f}".rjust(width + 2) for m in means))
-    if sparsity is not None:
-        lines.append("sparsity".ljust(10) + "".join(f"{sparsity[n]:.3f}".rjust(width + 2) for n in names))
-    return "\n".join(lines)
+    return format_perplexity_table(
+        columns, languages, {"sparsity": sparsity} if sparsity is not None else None
+    )
 
 
 def flatten_lm_eval_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -107,24 +94,28 @@ def run_lm_eval(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ExampleHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="MODEL", help="'demo', a folder or a Hub id")
-    parser.add_argument("--languages", nargs="+", default=None, help="default: ar de en es ru sw zh")
+    add_language_list(
+        parser,
+        "--languages",
+        help="languages, comma- or space-separated (None: ar de en es ru sw zh, or every language of --data)",
+    )
     parser.add_argument("--data", type=Path, help="a folder of {lang}.txt files to evaluate on instead")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: none)")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (None: no overlap)")
     parser.add_argument("--max-windows", type=int, default=4, help="windows per language (0: all)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="parameter dtype"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's)")
     harness = parser.add_argument_group("lm-evaluation-harness (optional, needs `pip install lm_eval`)")
     harness.add_argument("--lm-eval-tasks", default=None, help="comma-separated tasks, e.g. xnli,xstorycloze")
     harness.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task (quick runs)")
     harness.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples")
-    harness.add_argument("--lm-eval-batch-size", type=int, default=1)
+    harness.add_argument("--lm-eval-batch-size", type=int, default=1, help="lm-eval batch size")
     return parser
 
 

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
+from optimum_mwanda.evaluation.summary import format_perplexity_table
 
 DEFAULT_CALIBRATION_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 
@@ -61,18 +63,21 @@ def training_blocks(tokenizer, texts: Sequence[str], block_size: int) -> list[di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ExampleHelpFormatter)
     source = parser.add_argument_group("model")
     source.add_argument(
         "--model", default="demo", help="'demo' (embedded Gemma 3 270M), a Hub id or a folder"
     )
     source.add_argument("--pruned", type=Path, help="an already-pruned checkpoint (skips pruning)")
-    source.add_argument("--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda")
-    source.add_argument("--sparsity", type=float, default=0.5)
     source.add_argument(
-        "--calibration-languages", nargs="+", default=DEFAULT_CALIBRATION_LANGUAGES, metavar="LANG"
+        "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
+    )
+    source.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
+    add_language_list(
+        source,
+        "--calibration-languages",
+        default=DEFAULT_CALIBRATION_LANGUAGES,
+        help="calibration languages, comma- or space-separated",
     )
     source.add_argument("--samples-per-language", type=int, default=4, help="calibration sequences")
     source.add_argument(
@@ -85,27 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
     train.add_argument("--batch-size", type=int, default=2, help="sequences per optimizer step")
     train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (linear decay)")
-    train.add_argument("--warmup-steps", type=int, default=3)
+    train.add_argument("--warmup-steps", type=int, default=3, help="linear warm-up steps")
     train.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; >0: LoRA (needs peft)")
     train.add_argument(
         "--train-embeddings",
         action="store_true",
         help="also train embeddings/LM head (default: only the decoder layers, which hold the pruned weights)",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="training seed")
 
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument(
-        "--eval-languages", nargs="+", default=None, metavar="LANG", help="default: --language and en"
+    add_language_list(
+        evaluation, "--eval-languages", help="comma- or space-separated (None: --language and en)"
     )
     evaluation.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
     evaluation.add_argument("--max-windows", type=int, default=3, help="evaluation windows per language")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", type=Path, default=None, help="default: ./<model>-<method>-ft-<lang>")
+    output.add_argument("--output-dir", type=Path, default=None, help="None: ./<model>-<method>-ft-<lang>")
     output.add_argument("--no-save", action="store_true", help="do not save the fine-tuned model")
     output.add_argument("--json", type=Path, help="write the measured numbers to this JSON file")
-    output.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    output.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's)")
     return parser
 
 
@@ -210,14 +215,7 @@ def _finetune(model, tokenizer, blocks, args: argparse.Namespace, workdir: str):
 
 
 def _table(columns: dict[str, dict[str, float]], languages: Sequence[str]) -> str:
-    names = list(columns)
-    width = max(10, *(len(n) for n in names))
-    lines = ["language".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
-    lines.append("-" * len(lines[0]))
-    for lang in languages:
-        values = [columns[n].get(lang, math.nan) for n in names]
-        lines.append(lang.ljust(10) + "".join(f"{v:.2f}".rjust(width + 2) for v in values))
-    return "\n".join(lines)
+    return format_perplexity_table(columns, languages)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -24,12 +24,14 @@ With ``--data``, every language's texts come from ``{lang}.txt`` files in that f
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
+from optimum_mwanda.evaluation.summary import MEAN_LABEL, format_perplexity_table, geometric_mean  # noqa: F401
 
 DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 METHOD_LABELS = {"dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "mwanda": "M-Wanda"}
@@ -54,36 +56,28 @@ def split_heldout(
     return calibration, heldout
 
 
-def geometric_mean(values: Sequence[float]) -> float:
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        return math.nan
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def format_table(columns: Mapping[str, Mapping[str, float]], languages: Sequence[str]) -> str:
     """A plain-text table: one row per language plus their geometric mean, one column per model."""
-    names = list(columns)
-    width = max(8, *(len(n) for n in names))
-    lines = ["language".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
-    lines.append("-" * len(lines[0]))
-    rows = [(lang, [columns[n].get(lang, math.nan) for n in names]) for lang in languages]
-    rows.append(("geomean", [geometric_mean([columns[n][lang] for lang in languages]) for n in names]))
-    for label, values in rows:
-        lines.append(label.ljust(10) + "".join(f"{v:.2f}".rjust(width + 2) for v in values))
-    return "\n".join(lines)
+    return format_perplexity_table(columns, languages)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=ExampleHelpFormatter)
     parser.add_argument(
         "--model", default="demo", help="'demo' (embedded Gemma 3 270M), a Hub id or a folder"
     )
-    parser.add_argument("--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--languages", nargs="+", default=None, help="default: ar de en es ru sw zh")
-    parser.add_argument("--data", type=Path, help="a folder of {lang}.txt files (one text per line)")
+    parser.add_argument(
+        "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
+    )
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
+    add_language_list(
+        parser,
+        "--languages",
+        help="languages, comma- or space-separated (None: ar de en es ru sw zh, or every language of --data)",
+    )
+    parser.add_argument(
+        "--data", type=Path, help="a folder of {lang}.txt files (one text per line); None: the bundled corpus"
+    )
     parser.add_argument("--heldout-fraction", type=float, default=0.1, help="share of --data kept for eval")
     parser.add_argument(
         "--samples-per-language", type=int, default=8, help="calibration sequences per language"
@@ -91,13 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     parser.add_argument("--max-windows", type=int, default=2, help="evaluation windows per language")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
-    parser.add_argument(
-        "--output-dir", type=Path, default=None, help="default: ./<model>-<method>-<sparsity>"
-    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="None: ./<model>-<method>-<sparsity>")
     parser.add_argument(
         "--compare", action=argparse.BooleanOptionalAction, default=True, help="also prune with Wanda"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's)")
     return parser
 
 
@@ -223,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     seconds = time.perf_counter() - start
     print()
-    print(f"Held-out perplexity ({args.max_windows} windows of {args.eval_seq_len} tokens per language):")
+    print(
+        f"Held-out perplexity ({args.max_windows} windows of {args.eval_seq_len} tokens per language; "
+        f"last row: the {MEAN_LABEL} over languages):"
+    )
     print(format_table(columns, languages))
     print()
     print(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class PruningConfig:
     # -- validation -------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first invalid field."""
+        self._validate_types()
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise TypeError(f"sparsity must be a number, got {type(self.sparsity).__name__}")
         if not 0.0 <= float(self.sparsity) < 1.0:
@@ -146,6 +148,20 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def _validate_types(self) -> None:
+        # Every float field must be a finite number: a NaN threshold compares False with everything and
+        # would silently switch a feature off (``nan <= 0`` passes every range check below).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError(f"{f.name} must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+                setattr(self, f.name, float(value))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def nm_structure(self) -> tuple[int, int] | None:

@@ -25,7 +25,9 @@ from .resume import PruningCheckpoint, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
-NEGATIVE_LANGUAGE = "__negative__"
+#: the one tag of negative calibration text (Kim et al.), ISO 639 "multiple languages": its keys name kinds
+#: of unwanted text ("code"), not languages, and its statistics are pooled anyway
+NEGATIVE_LANGUAGE = "mul"
 
 
 class Pruner:
@@ -106,10 +108,8 @@ class Pruner:
                 raise ValueError(
                     f"negative_calibration is supported by Wanda and M-Wanda, not {type(config).__name__}"
                 )
-            if isinstance(negative_calibration, (list, tuple)):
-                negative_calibration = {NEGATIVE_LANGUAGE: list(negative_calibration)}
             negative_set = resolve_calibration(
-                negative_calibration, tokenizer, what="negative_calibration", **packing
+                _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
             )
         stack = find_decoder_stack(model)
         layer_modules = prunable_linears_by_layer(stack, config.ignore)
@@ -142,7 +142,7 @@ class Pruner:
         timings = dict(result.timings, total=time.perf_counter() - start)
         self.report = PruningReport(
             method=config.method,
-            config=config.to_dict(),  # the config object itself once the report is typed
+            config=config,
             target_sparsity=config.sparsity,
             layer_sparsity=result.layer_sparsity,
             module_sparsity=result.module_sparsity,
@@ -166,13 +166,6 @@ class Pruner:
             raise RuntimeError("no pruning report yet: call prune_model(...) before saving or pushing")
         return self.report
 
-    def _base_model(self, base_model: str | None) -> str | None:
-        if base_model is not None:
-            return base_model
-        name = self._require_report().base_model
-        # A local folder is no Hub id: the card then names no base model unless told.
-        return name if name and not os.path.exists(name) else None
-
     def save_pretrained(
         self,
         model: nn.Module,
@@ -184,8 +177,11 @@ class Pruner:
         **kwargs: Any,
     ):
         """Save the pruned ``model`` as a transformers checkpoint with ``sparsity_config`` in ``config.json``,
-        ``pruning_report.json`` and a model card, atomically. ``compressed=True`` writes the bitmask-packed
-        sparse format that :func:`optimum_mwanda.load_pruned_model` restores. Returns the folder path.
+        ``pruning_report.json``, ``eval_results.json`` (when given) and a model card, crash-consistently and
+        keeping every file in the folder that optimum-mwanda did not write (see
+        :func:`optimum_mwanda.hub.save_pruned_model`, also for ``overwrite=True``). ``compressed=True`` writes
+        the bitmask-packed sparse format that :func:`optimum_mwanda.load_pruned_model` restores. Returns the
+        folder path.
         """
         from .hub import save_pruned_model
 
@@ -196,7 +192,7 @@ class Pruner:
             tokenizer=tokenizer,
             compressed=compressed,
             eval_results=eval_results,
-            base_model=self._base_model(base_model),
+            base_model=base_model,
             **kwargs,
         )
 
@@ -214,7 +210,7 @@ class Pruner:
 
         return create_model_card(
             self._require_report(),
-            base_model=self._base_model(base_model),
+            base_model=base_model,
             eval_results=eval_results,
             **kwargs,
         )
@@ -244,7 +240,7 @@ class Pruner:
             private=private,
             token=token,
             commit_message=commit_message,
-            base_model=self._base_model(base_model),
+            base_model=base_model,
             **kwargs,
         )
 
@@ -261,6 +257,25 @@ def _fingerprint(config, model, layer_modules, calibration_set, negative_set) ->
         "modules": [[m.name, list(m.shape)] for modules in layer_modules for m in modules],
     }
     return run_fingerprint(config_data, tensors, layout)
+
+
+def _pooled_negative(negative: Any) -> Any:
+    """Negative calibration under the one tag :data:`NEGATIVE_LANGUAGE` (a ready CalibrationSet is kept)."""
+    if isinstance(negative, (list, tuple)):
+        return {NEGATIVE_LANGUAGE: list(negative)}
+    if isinstance(negative, CalibrationSet) or not isinstance(negative, Mapping) or not negative:
+        return negative  # resolve_calibration says what is wrong with anything else
+    values = list(negative.values())
+    if all(isinstance(v, torch.Tensor) for v in values):
+        tensors = [v.unsqueeze(0) if v.dim() == 1 else v for v in values]
+        if any(t.dim() != 2 for t in tensors) or len({t.shape[1] for t in tensors}) > 1:
+            raise ValueError("negative_calibration tensors must all be [n, seq_len] with the same seq_len")
+        return {NEGATIVE_LANGUAGE: torch.cat(tensors)}
+    if all(
+        isinstance(v, str) or (isinstance(v, Sequence) and all(isinstance(t, str) for t in v)) for v in values
+    ):
+        return {NEGATIVE_LANGUAGE: [t for v in values for t in ([v] if isinstance(v, str) else v)]}
+    return negative
 
 
 def _validate_modules(layer_modules: list[list[PrunableLinear]], config: PruningConfig) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+import logging
+from dataclasses import dataclass, field
 from typing import Any
+
+from .configuration import PruningConfig, config_class_for_method
+from .version import __version__
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -13,7 +20,8 @@ class PruningReport:
 
     Attributes:
         method: ``"wanda"``, ``"sparsegpt"`` or ``"mwanda"``.
-        config: the config as a dict (``PruningConfig.to_dict()``).
+        config: the :class:`~optimum_mwanda.PruningConfig` of the run (a dict given here, as older code and
+            ``pruning_report.json`` files hold it, is rebuilt into the config object).
         target_sparsity: the configured mean sparsity.
         layer_sparsity: the target sparsity of each decoder layer (index order).
         module_sparsity: achieved fraction of zeros per pruned module (full module name).
@@ -26,15 +34,17 @@ class PruningReport:
         calibration_sources: ``{language: source}`` when known.
         calibration_settings: the calibration settings that actually applied
             (:attr:`optimum_mwanda.CalibrationSet.settings`: ``seq_len``, ``sequences_per_language``, and
-            ``seed`` when texts were packed).
+            ``seed`` when texts were packed); the model card shows these, never the config's sampling knobs
+            that did not apply (token ids or a ready :class:`CalibrationSet` given).
         architecture: the model's class name.
         base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
         negative_calibration_tokens: tokens of negative calibration text (Kim et al.), 0 when none was used.
         resumed_from_layer: the first decoder layer this call pruned (> 0 when it resumed a checkpoint).
+        optimum_mwanda_version: the package version that pruned (stored inside ``config`` in the JSON form).
     """
 
     method: str
-    config: dict[str, Any]
+    config: PruningConfig
     target_sparsity: float
     layer_sparsity: list[float] = field(default_factory=list)
     module_sparsity: dict[str, float] = field(default_factory=dict)
@@ -49,6 +59,17 @@ class PruningReport:
     base_model: str = ""
     negative_calibration_tokens: int = 0
     resumed_from_layer: int = 0
+    optimum_mwanda_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):
+            config = dict(self.config)
+            self.optimum_mwanda_version = str(
+                config.pop("optimum_mwanda_version", self.optimum_mwanda_version)
+            )
+            self.config = _config_from_dict({"method": self.method, **config})
+        if not isinstance(self.config, PruningConfig):
+            raise TypeError(f"PruningReport.config must be a PruningConfig, got {type(self.config).__name__}")
 
     @property
     def achieved_sparsity(self) -> float:
@@ -61,14 +82,34 @@ class PruningReport:
         return zeros / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """JSON-ready; ``config`` is ``PruningConfig.to_dict()`` stamped with the version that pruned."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        version = data.pop("optimum_mwanda_version")
+        data = json.loads(json.dumps({**data, "config": None}))  # deep copies of the containers
+        data["config"] = {**self.config.to_dict(), "optimum_mwanda_version": version}
         data["achieved_sparsity"] = self.achieved_sparsity
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningReport:
+        """Rebuild a report from :meth:`to_dict` output (also ``pruning_report.json`` of older versions)."""
         data = {k: v for k, v in data.items() if k != "achieved_sparsity"}
-        return cls(**data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown pruning report fields %s (written by a newer version?)", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def _config_from_dict(data: dict[str, Any]) -> PruningConfig:
+    """The config of a stored report; fields this version does not know (an older or newer writer) are
+    dropped with a warning rather than making the whole report unreadable."""
+    config_class = config_class_for_method(data["method"])
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - known - {"method"})
+    if unknown:
+        logger.warning("ignoring %s fields unknown to this version: %s", config_class.__name__, unknown)
+    return config_class.from_dict({k: v for k, v in data.items() if k not in unknown})

@@ -11,6 +11,16 @@ from optimum_mwanda import PruningReport
 
 FIFTEEN_LANGUAGES = ["en", "de", "fr", "es", "ru", "zh", "ar", "hi", "sw", "yo", "tr", "vi", "id", "fi", "ur"]
 
+#: a tiny Llama with its second decoder layer offloaded to disk
+OFFLOAD_LAYER_1 = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
 
 def tiny_llama(seed: int = 0, layers: int = 2):
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -203,7 +203,7 @@ def test_invalid_destinations_and_configs_exit_2(capsys, workspace, tmp_path, no
     broken.write_text("sparsity: [0.5\n", encoding="utf-8")
     base = ["prune", "--model", workspace["model"], "--data", workspace["data"], "-q"]
     cases = [
-        (base + ["--output-dir", unrelated], "does not hold a saved model"),
+        (base + ["--output-dir", unrelated], "holds files but no saved model"),
         (base + ["--output-dir", workspace["model"]], "is the folder of the model being pruned"),
         (base, "pass --output-dir DIR and/or --push-to-hub REPO_ID"),
         (base + ["--output-dir", tmp_path / "o", "--method", "wanda", "--config", bad_config], "unknown WandaConfig fields: ['variance_weight']"),
@@ -411,3 +411,57 @@ def test_optimum_cli_discovers_the_plugin(tmp_path, workspace):
     assert failed.returncode == 2
     assert "optimum-cli mwanda prune: error: --languages: 'klingon' is not a language tag" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_card_keeps_the_evaluation_results_the_save_kept(capsys, workspace, tmp_path):
+    out = tmp_path / "pruned"
+    code, _, stderr = _prune(
+        capsys, workspace, out, "--method", "wanda", "--languages", "en", "de", "--eval",
+        "--eval-data", workspace["heldout"], "--eval-seq-len", "32", "--eval-max-windows", "2",
+    )  # fmt: skip
+    assert code == 0, stderr
+    saved = json.loads((out / "eval_results.json").read_text())  # written by save_pretrained itself
+    assert set(saved) == {"before", "after"} and set(saved["after"]) == {"en", "de"}
+    (out / "notes.md").write_text("mine")
+    table = _table_rows(out / "README.md")
+
+    assert run(capsys, "card", out, "-q")[0] == 0
+    assert _table_rows(out / "README.md") == table  # nothing dropped
+    # Without eval_results.json the card's model-index is read back (the "after" column), with a warning.
+    (out / "eval_results.json").unlink()
+    code, _, stderr = run(capsys, "card", out)
+    assert code == 0, stderr
+    card = ModelCard.load(out / "README.md")
+    assert {r.dataset_config for r in card.data.eval_results} == {"en", "de"}
+    assert "cannot be recovered" in stderr
+    assert (out / "notes.md").read_text() == "mine"
+
+
+def _table_rows(card: Path) -> list[str]:
+    return [line for line in card.read_text().splitlines() if line.startswith("| ") and "`" in line]
+
+
+def test_languages_take_commas_or_spaces_and_eval_has_a_default_budget():
+    from optimum_mwanda.cli import build_parser
+    from optimum_mwanda.cli.arguments import DEFAULT_EVAL_WINDOWS
+
+    parser = build_parser()
+    for argv in (["--languages", "en,de,sw"], ["--languages", "en", "de", "sw"], ["-l", "en,de", "sw"]):
+        args = parser.parse_args(["prune", *argv, "--output-dir", "x"])
+        assert args.languages == ["en", "de", "sw"], argv
+    args = parser.parse_args(["eval", "model-dir", "--languages", "en", "sw"])
+    assert args.languages == ["en", "sw"] and args.max_windows == DEFAULT_EVAL_WINDOWS
+    assert parser.parse_args(["eval", "m", "--max-windows", "all"]).max_windows is None
+    eval_help = " ".join(parser._subparsers._group_actions[0].choices["eval"].format_help().split())
+    assert f"default: {DEFAULT_EVAL_WINDOWS}" in eval_help and "'all' scores every window" in eval_help
+    prune_help = " ".join(parser._subparsers._group_actions[0].choices["prune"].format_help().split())
+    assert "depth for mwanda, uniform for wanda and sparsegpt" in prune_help
+
+
+def test_eval_reports_the_geometric_mean(capsys, workspace):
+    code, stdout, stderr = run(capsys, "eval", workspace["model"], "--data", workspace["heldout"], "--languages", "en", "de", "--seq-len", "32", "--max-windows", "2", "-q")  # fmt: skip
+    assert code == 0, stderr
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.strip()}
+    mean = float(stdout.splitlines()[-1].split()[-1]) if "geometric mean" in stdout.splitlines()[-1] else None
+    en, de = float(rows["en"][-1]), float(rows["de"][-1])
+    assert mean == pytest.approx((en * de) ** 0.5, rel=1e-3)

@@ -110,3 +110,24 @@ def test_default_layer_schedule_is_resolved_per_method():
     assert WandaConfig(layerwise="depth").layerwise == "depth"
     with pytest.raises(ValueError, match="not available"):
         WandaConfig(layerwise="cwl")
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "error", "message"),
+    [
+        (WandaConfig, {"seed": 1.5}, TypeError, "seed must be an integer"),
+        (WandaConfig, {"seed": "0"}, TypeError, "seed must be an integer"),
+        (WandaConfig, {"seed": True}, TypeError, "seed must be an integer"),
+        (WandaConfig, {"owl_outlier_threshold": float("nan")}, ValueError, "owl_outlier_threshold must be a finite"),
+        (MWandaConfig, {"activation_threshold": float("nan")}, ValueError, "activation_threshold must be a finite"),
+        (MWandaConfig, {"variance_weight": float("inf")}, ValueError, "variance_weight must be a finite"),
+        (SparseGPTConfig, {"dampening": float("nan")}, ValueError, "dampening must be a finite"),
+        (WandaConfig, {"layerwise_range": float("nan")}, ValueError, "layerwise_range must be a finite"),
+        (WandaConfig, {"negative_weight": "1"}, TypeError, "negative_weight must be a number"),
+    ],
+)  # fmt: skip
+def test_non_integer_seeds_and_non_finite_floats_are_rejected_when_built(cls, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cls(**kwargs)
+    with pytest.raises(error, match=message):
+        cls.from_dict({**cls().to_dict(), **kwargs})

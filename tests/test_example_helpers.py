@@ -36,7 +36,7 @@ def test_format_table_rows_and_geomean():
     table = example.format_table(columns, ["en", "sw"]).splitlines()
     assert table[0].split() == ["language", "dense", "M-Wanda"]
     assert table[2].split() == ["en", "10.00", "20.00"]
-    assert table[-1].split() == ["geomean", "20.00", "40.00"]
+    assert table[-1].split() == ["geometric", "mean", "20.00", "40.00"]
     assert math.isnan(example.geometric_mean([1.0, float("nan")]))
 
 

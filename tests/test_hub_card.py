@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from hub_fixtures import FIFTEEN_LANGUAGES, make_report, prune_by_magnitude, tin
 from huggingface_hub import ModelCard
 
 from optimum_mwanda import verify_sparsity
+from optimum_mwanda.calibration.languages import resolve_language
 from optimum_mwanda.hub import create_model_card
-from optimum_mwanda.hub.languages import resolve_language
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,8 +104,8 @@ def test_fifteen_language_card(model, tmp_path):
         row = _table_row(text, lang, "## Evaluation")
         code = resolve_language(row[1].strip("`")).code
         assert float(row[2]) == before[code] and float(row[3]) == after[code]
-    mean_before, mean_after = sum(before.values()) / 15, sum(after.values()) / 15
-    assert _table_row(text, "**Mean**")[2:4] == [f"{mean_before:.2f}", f"{mean_after:.2f}"]
+    mean_before, mean_after = math.prod(before.values()) ** (1 / 15), math.prod(after.values()) ** (1 / 15)
+    assert _table_row(text, "**Geometric mean**")[2:4] == [f"{mean_before:,.2f}", f"{mean_after:,.2f}"]
     assert "OWL (outlier-weighted)" in text
     for key in ("choenni2025mwanda", "sun2024wanda", "yin2024owl", "kurz2024calibration"):
         assert key in text
@@ -131,7 +132,8 @@ def test_translation_calibration_cites_kim_et_al(model):
 def test_language_tags_are_normalised_to_iso_codes(model):
     report = make_report(model, ["swh_Latn", "pt-BR", "zh-Hans", "zh-Hant", "fre"])
     data = _reparse(create_model_card(report)).data
-    assert data.language == ["swh", "pt", "zh", "fre"]
+    # "fre" is the bibliographic code of French: one language, one canonical tag ("fr").
+    assert data.language == ["swh", "pt", "zh", "fr"]
     assert "| Simplified Chinese | `zh-Hans` |" in create_model_card(report).text
 
 
@@ -163,7 +165,7 @@ def test_malformed_eval_results_are_rejected(model, evals, message):
 
 
 def test_bad_base_model_id_is_rejected(model):
-    with pytest.raises(ValueError, match="base_model must be a Hub model id"):
+    with pytest.raises(ValueError, match="invalid base_model"):
         create_model_card(make_report(model, ["en"]), base_model="../some/local/../path")
 
 
@@ -201,3 +203,32 @@ def test_card_says_how_the_kept_weights_were_changed(model):
     assert "| `mean_compensation` | language |" in mwanda
     wanda = str(create_model_card(make_report(model, ["en", "sw"], method="wanda")))
     assert "No weight was retrained." in wanda and "restore the row's mean output" not in wanda
+
+
+def test_card_shows_only_the_calibration_knobs_that_applied(model):
+    report = make_report(model, ["en", "sw"])
+    report.calibration_settings = {"seq_len": 128}  # token ids were given: no sampling knobs applied
+    text = create_model_card(report).text
+    assert "| `calibration seq_len` | 128 |" in text
+    assert "samples_per_language" not in text and "`seed`" not in text and "calibration_seq_len" not in text
+    report.calibration_settings = {"seq_len": 512, "sequences_per_language": {"en": 8, "sw": 8}, "seed": 3}
+    text = create_model_card(report).text
+    assert "| `calibration sequences_per_language` | 8 per language |" in text
+    assert "| `calibration seed` | 3 |" in text
+    report.calibration_settings = {"seq_len": 512, "sequences_per_language": {"en": 8, "sw": 6}}
+    assert "| `calibration sequences_per_language` | en 8, sw 6 |" in create_model_card(report).text
+
+
+def test_card_mean_is_the_geometric_mean_and_says_so(model):
+    evals = {"before": {"en": 10.0, "sw": 1000.0}, "after": {"en": 20.0, "sw": 2000.0}}
+    text = create_model_card(make_report(model, ["en", "sw"]), eval_results=evals).text
+    assert _table_row(text, "**Geometric mean**")[2:4] == ["100.00", "200.00"]  # not 505 / 1010
+
+
+def test_language_case_and_aliases_are_one_language_in_the_card(model):
+    evals = {"after": {"EN": 20.0, "sw": 30.0}}
+    data = _reparse(create_model_card(make_report(model, ["en", "sw"]), eval_results=evals)).data
+    assert data.language == ["en", "sw"]
+    assert {r.dataset_config: r.metric_value for r in data.eval_results} == {"en": 20.0, "sw": 30.0}
+    with pytest.raises(ValueError, match="two perplexities for language 'en'"):
+        create_model_card(make_report(model, ["en"]), eval_results={"after": {"en": 2.0, "EN": 3.0}})

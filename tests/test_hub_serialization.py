@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from hub_fixtures import (
+    OFFLOAD_LAYER_1,
     decoder_linears,
     make_report,
     prune_by_magnitude,
@@ -21,17 +22,9 @@ from transformers import AutoModelForCausalLM
 
 from optimum_mwanda import Pruner, PruningReport, WandaConfig, load_pruned_model, verify_sparsity
 from optimum_mwanda.hub import save_pruned_model
+from optimum_mwanda.hub.atomic import MANIFEST_NAME
 from optimum_mwanda.hub.compression import PackedTensor, pack_bitmask, packing_pays_off, unpack_bitmask
 from optimum_mwanda.modeling import find_decoder_stack, find_prunable_linears
-
-OFFLOAD_LAYER_1 = {
-    "model.embed_tokens": "cpu",
-    "model.layers.0": "cpu",
-    "model.layers.1": "disk",
-    "model.norm": "cpu",
-    "model.rotary_emb": "cpu",
-    "lm_head": "cpu",
-}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +85,8 @@ def test_dense_checkpoint_loads_with_plain_transformers_and_keeps_zeros(pruned_l
         "README.md",
         "sparsity_per_layer.png",
     } <= names
-    assert "tokenizer.json" in names and not any(n.startswith(".") for n in names)
+    # The only hidden file is the manifest of what the package wrote (no staging leftovers).
+    assert "tokenizer.json" in names and [n for n in names if n.startswith(".")] == [MANIFEST_NAME]
 
     loaded = AutoModelForCausalLM.from_pretrained(folder)
     _assert_same_weights(model, loaded)
@@ -344,6 +338,28 @@ def test_failed_swap_restores_the_old_folder(pruned_llama, tmp_path, monkeypatch
 def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(pruned_llama, tmp_path):
     model, report = pruned_llama
     (tmp_path / "notes.txt").write_text("precious")
-    with pytest.raises(ValueError, match="does not hold a saved model"):
+    with pytest.raises(ValueError, match="holds files but no saved model"):
         save_pruned_model(model, tmp_path, report)
     assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_a_flipped_byte_in_a_compressed_file_is_a_clear_error(pruned_llama, tmp_path):
+    model, report = pruned_llama
+    target = save_pruned_model(model, tmp_path / "ckpt", report, compressed=True, model_card=False)
+    sparse = target / "model.sparse.safetensors"
+    pristine = sparse.read_bytes()
+    entry = json.loads((target / "config.json").read_text())["sparsity_config"]
+    assert set(entry["sparse_files_sha256"]) == {"model.sparse.safetensors"}
+    # Header, metadata, bitmasks and values: positions spread over the whole file.
+    positions = sorted(
+        {0, 3, 8, 20, 100, len(pristine) - 1, *range(0, len(pristine), max(1, len(pristine) // 40))}
+    )
+    for position in positions:
+        corrupt = bytearray(pristine)
+        corrupt[position] ^= 0x10
+        sparse.write_bytes(bytes(corrupt))
+        with pytest.raises(ValueError, match="is corrupt"):
+            load_pruned_model(target)
+    sparse.write_bytes(pristine)
+    _assert_same_weights(model, load_pruned_model(target))
+    print(f"{len(positions)} flipped bytes, all refused")

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .languages import normalize_language_tag
+
 
 @dataclass
 class CalibrationSet:
@@ -16,7 +18,8 @@ class CalibrationSet:
     Attributes:
         input_ids: ``LongTensor[n, seq_len]``.
         attention_mask: ``LongTensor[n, seq_len]``; ``0`` marks padding, which never reaches the statistics.
-        languages: the language tag of each of the ``n`` sequences.
+        languages: the language tag of each of the ``n`` sequences: BCP-47, validated and normalised on
+            construction (``"EN"`` and ``"en"`` are one language), so a bad tag fails before any pruning.
         sources: optional ``{language: source name}`` (corpus names, used in reports and model cards).
         build_settings: how the set was built from texts (``samples_per_language``, ``seed``, ...), as
             recorded by :func:`optimum_mwanda.build_calibration`; empty for token ids given directly.
@@ -47,7 +50,10 @@ class CalibrationSet:
         ):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         self.attention_mask = self.attention_mask.long()
-        self.languages = [str(lang) for lang in self.languages]
+        self.languages = _normalize_tags(self.languages, "CalibrationSet.languages")
+        self.sources = dict(
+            zip(_normalize_tags(self.sources, "CalibrationSet.sources"), self.sources.values())
+        )
         if len(self.languages) != self.input_ids.shape[0]:
             raise ValueError(
                 f"{len(self.languages)} language tags for {self.input_ids.shape[0]} calibration sequences"
@@ -136,6 +142,7 @@ class CalibrationSet:
 
     def select(self, languages: list[str]) -> CalibrationSet:
         """The sub-set of the given languages (in the order they appear here)."""
+        languages = _normalize_tags(languages, "languages")
         missing = sorted(set(languages) - set(self.languages))
         if missing:
             raise ValueError(f"languages {missing} are not in this calibration set ({self.language_list})")
@@ -165,9 +172,24 @@ class CalibrationSet:
                     f"calibration[{lang!r}] has seq_len {ids.shape[1]}, others {seq_len}: all must match"
                 )
             tensors.append(ids.long())
-            languages.extend([str(lang)] * ids.shape[0])
+            languages.extend([lang] * ids.shape[0])
         input_ids = torch.cat(tensors)
         return cls(input_ids, torch.ones_like(input_ids), languages)
+
+
+def _normalize_tags(tags, what: str) -> list[str]:
+    """Canonical tags of ``tags``; every invalid one named in one ``ValueError``."""
+    normalized, errors = [], {}
+    for tag in tags:
+        try:
+            normalized.append(normalize_language_tag(tag))
+        except (TypeError, ValueError) as err:
+            errors.setdefault(repr(tag), str(err))
+    if errors:
+        raise ValueError(
+            f"{what}: invalid language tag(s) {', '.join(errors)}: {next(iter(errors.values()))}"
+        )
+    return normalized
 
 
 def _check_integer_ids(ids: torch.Tensor, what: str) -> None:

@@ -1,11 +1,16 @@
-"""Language tags: validation (BCP-47-like), English display names, ISO 639-3 + script codes of Hub corpora."""
+"""Language tags, the one place the package validates them: BCP-47 via ``langcodes``, English display names,
+ISO 639 codes for model-card metadata, and the ISO 639-3 + script codes of Hub corpora.
+
+Every part of the package (calibration sets, loaders, evaluation, model cards, the CLI) calls
+:func:`normalize_language_tag`, so ``"en"``, ``"EN"`` and ``"eng"`` are one language everywhere, and a tag that
+is not BCP-47 (``"xx-INVALID"``, ``""``, ``5``) is refused before any weight changes.
+"""
 
 from __future__ import annotations
 
 import re
-
-# language (ISO 639, 2-3 letters) [-script (ISO 15924, 4 letters)] [-region (2 letters or 3 digits)]
-_TAG = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{4}))?(?:[-_]([A-Za-z]{2}|[0-9]{3}))?$")
+from dataclasses import dataclass
+from functools import cache
 
 # English names of common languages, for translation demonstrations ("German: ...") and reports.
 LANGUAGE_NAMES: dict[str, str] = {
@@ -202,41 +207,92 @@ _CORPUS_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
 
 
 def normalize_language_tag(tag: object) -> str:
-    """Validate a language tag and return it in canonical case (``"ZH_hans"`` -> ``"zh-Hans"``).
+    """Validate a BCP-47 language tag and return its canonical form (``"ZH_hans"`` -> ``"zh-Hans"``).
 
-    Accepted: an ISO 639 code of 2-3 letters, optionally with an ISO 15924 script and/or a region
-    (``"de"``, ``"swh"``, ``"zh-Hans"``, ``"pt-BR"``, ``"es-419"``); ``_`` may separate the parts.
-    Anything else (``"english"``, ``"e1"``, ``""``) raises ``ValueError`` naming the tag.
+    ``langcodes`` does the work (parsing, registered subtags, canonical case, deprecated and 3-letter codes
+    mapped to their 2-letter form: ``"eng"`` -> ``"en"``, ``"iw"`` -> ``"he"``); ``_`` may separate subtags.
+    Private-use and undetermined tags (``"x-foo"``, ``"und"``) are refused too: they name no language.
+
+    Raises:
+        TypeError: ``tag`` is not a string.
+        ValueError: ``tag`` is not a valid tag (the message names it).
     """
     if not isinstance(tag, str):
         raise TypeError(f"a language tag must be a string such as 'de' or 'pt-BR', got {type(tag).__name__}")
-    match = _TAG.match(tag.strip())
-    if match is None:
+    return _normalize(tag.strip())
+
+
+_PRIVATE_USE = re.compile(r"^(x-|q[a-t][a-z]$)")
+
+
+@cache
+def _normalize(tag: str) -> str:
+    import langcodes
+
+    problem = f"{tag!r} is not a language tag"
+    try:
+        valid = bool(tag) and langcodes.tag_is_valid(tag)
+        canonical = langcodes.standardize_tag(tag) if valid else ""
+        language = langcodes.Language.get(canonical).language if valid else None
+    except (ValueError, langcodes.LanguageTagError):
+        valid, language = False, None
+    # "und" (undetermined), "x-..." and qaa-qtz (private use) are valid BCP-47 but name no language.
+    if not valid or not language or language == "und" or _PRIVATE_USE.match(language):
         raise ValueError(
-            f"{tag!r} is not a language tag: use an ISO 639 code of 2-3 letters, optionally with a script or "
-            "region ('en', 'de', 'sw', 'zh-Hans', 'pt-BR')"
+            f"{problem}: use a BCP-47 tag, an ISO 639 language code optionally with a script or region "
+            "('en', 'de', 'sw', 'zh-Hans', 'pt-BR')"
         )
-    language, script, region = match.groups()
-    parts = [language.lower()]
-    if script:
-        parts.append(script.title())
-    if region:
-        parts.append(region.upper())
-    return "-".join(parts)
+    return canonical
+
+
+@dataclass(frozen=True)
+class Language:
+    """A validated language: ``tag`` (canonical), ``code`` (ISO 639 primary subtag, for the Hub's
+    ``language:`` metadata) and its English ``name``."""
+
+    tag: str
+    code: str
+    name: str
+
+
+def resolve_language(tag: str) -> Language:
+    """Validate ``tag`` and return its canonical form, ISO 639 code and English name."""
+    canonical = normalize_language_tag(tag)
+    return Language(tag=canonical, code=canonical.split("-")[0], name=language_name(canonical))
+
+
+def resolve_languages(tags: list[str]) -> list[Language]:
+    """Validate every tag (all errors reported together); canonical tags, repeats dropped, order kept."""
+    resolved: dict[str, Language] = {}
+    errors = []
+    for tag in tags:
+        try:
+            language = resolve_language(tag)
+        except (ValueError, TypeError) as err:
+            errors.append(str(err))
+            continue
+        resolved.setdefault(language.tag, language)
+    if errors:
+        raise ValueError("; ".join(errors))
+    return list(resolved.values())
 
 
 def language_name(tag: str, names: dict[str, str] | None = None) -> str:
     """English display name of a language tag (``"de"`` -> ``"German"``, ``"pt-BR"`` -> ``"Portuguese"``).
 
-    ``names`` (optional) overrides or extends the built-in table. Raises ``ValueError`` for a tag that neither
-    knows, so a demonstration never shows a raw code where a name is expected.
+    ``names`` (optional) overrides or extends the built-in table; a valid tag outside both gets the name
+    ``langcodes`` knows (``"swh"`` -> ``"Swahili"``).
     """
     canonical = normalize_language_tag(tag)
     table = {**LANGUAGE_NAMES, **{normalize_language_tag(k): v for k, v in (names or {}).items()}}
     for candidate in (canonical, "-".join(canonical.split("-")[:2]), canonical.split("-")[0]):
         if candidate in table:
             return table[candidate]
-    raise ValueError(f"no display name known for language {tag!r}: pass names={{{canonical!r}: '...'}}")
+    import langcodes
+
+    name = langcodes.Language.get(canonical).language_name("en")
+    # "Swahili (individual language)": the tag already tells it from the macrolanguage.
+    return re.sub(r" \((macrolanguage|individual language)\)$", "", name)
 
 
 def corpus_language_code(tag: str, overrides: dict[str, str] | None = None) -> str:

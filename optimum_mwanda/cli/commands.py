@@ -14,9 +14,7 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +35,10 @@ from .options import (
     parse_mixes,
     resolve_model_reference,
     resolve_token,
-    validate_repo_id,
 )
 
 logger = logging.getLogger("optimum_mwanda.cli")
 
-#: Written by ``prune --eval`` (and ``card --eval-results``) beside the checkpoint, so ``card`` can rebuild
-#: the model card with the same numbers.
-EVAL_RESULTS_FILENAME = "eval_results.json"
 #: Evaluation windows start with BOS when the tokenizer has one (Qwen's, for instance, has none).
 EVAL_BOS = None
 CALIBRATION_HINT = "command line: give more text, or lower --samples-per-language or --seq-len"
@@ -299,23 +293,10 @@ def _check_evaluation(tokenizer, texts, seq_len: int, max_windows: int | None, w
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a temporary file in the same folder, then a rename)."""
-    # open() rather than tempfile, whose files are private (0600): this one joins a shared checkpoint.
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (the package's one atomic file write, :func:`optimum_mwanda.hub.atomic.write_file`)."""
+    from ..hub.atomic import write_file
 
-
-def _perplexity_table(columns: dict[str, dict[str, float]], languages: list[str]) -> str:
-    names = list(columns)
-    lines = ["language" + "".join(f"{name:>12}" for name in names)]
-    for lang in languages:
-        lines.append(f"{lang:<8}" + "".join(f"{columns[name].get(lang, math.nan):>12.2f}" for name in names))
-    return "\n".join(lines)
+    write_file(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,11 +318,16 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
     if args.private and args.push_to_hub is None:
         raise UsageError("--private only applies with --push-to-hub")
     output_dir = (
-        check_checkpoint_dir(args.output_dir, model_ref, load_kwargs.get("offload_folder"))
+        check_checkpoint_dir(args.output_dir, model_ref, load_kwargs.get("offload_folder"), args.overwrite)
         if args.output_dir is not None
         else None
     )
-    repo_id = validate_repo_id(args.push_to_hub) if args.push_to_hub is not None else None
+    repo_id = None
+    if args.push_to_hub is not None:
+        from ..hub.identity import validate_repo_id
+
+        with preparing("--push-to-hub"):
+            repo_id = validate_repo_id(args.push_to_hub)
     token = resolve_token(args.token) if repo_id is not None else args.token
     base_model = _card_base_model(args.base_model, model_ref)
     license = args.license
@@ -411,10 +397,9 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
                 tokenizer=tokenizer,
                 compressed=args.compressed,
                 eval_results=eval_results,
+                overwrite=args.overwrite,
                 **card_kwargs,
             )
-            if eval_results is not None and context.is_main:
-                _write_json(Path(saved) / EVAL_RESULTS_FILENAME, eval_results)
             logger.info("Saved the pruned model to %s", saved)
         hub_info = None
         if repo_id is not None:
@@ -448,19 +433,16 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
 
 
 def _card_base_model(base_model: str | None, model: ModelReference) -> str | None:
-    if base_model is not None:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from ..hub.identity import base_model_id, validate_repo_id
 
-        try:
-            validate_repo_id(base_model)
-        except HFValidationError:
-            raise UsageError(f"--base-model {base_model!r} is not a Hub model id (namespace/name)") from None
-        return base_model
+    if base_model is not None:
+        with preparing("--base-model"):
+            return validate_repo_id(base_model, "base model id")
     if model.is_demo:
         from ..demo import DEMO_MODEL_ID
 
         return DEMO_MODEL_ID
-    return model.name if model.is_hub else None
+    return base_model_id(model.name)
 
 
 def _perplexities(model, tokenizer, texts, args: argparse.Namespace, label: str) -> dict[str, float]:
@@ -483,8 +465,8 @@ def _prune_text(report, saved, hub_info, eval_results) -> str:
         f"method            {report.method}",
         f"target sparsity   {report.target_sparsity:.4f}",
         f"achieved sparsity {report.achieved_sparsity:.4f}",
-        f"layerwise         {report.config.get('layerwise', 'uniform')}",
-        f"mask structure    {report.config.get('mask_structure', 'unstructured')}",
+        f"layerwise         {report.config.layerwise}",
+        f"mask structure    {report.config.mask_structure}",
         "calibration       "
         + ", ".join(f"{lang} ({report.token_counts.get(lang, 0)} tokens)" for lang in report.languages),
         f"time              {report.timings.get('total', math.nan):.1f} s",
@@ -494,7 +476,9 @@ def _prune_text(report, saved, hub_info, eval_results) -> str:
     if hub_info is not None:
         lines.append(f"pushed to         {hub_info['commit_url'] or hub_info['repo_id']}")
     if eval_results:
-        lines += ["", "perplexity", _perplexity_table(eval_results, list(eval_results["before"]))]
+        from ..evaluation.summary import format_perplexity_table
+
+        lines += ["", "perplexity", format_perplexity_table(eval_results, list(eval_results["before"]))]
     return "\n".join(lines)
 
 
@@ -539,10 +523,12 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
 
         sparsity = verify_sparsity(model).overall
     payload = {"command": "eval", "model": model_ref.name, "sparsity": sparsity, **result.to_dict()}
-    lines = [f"{'language':<10}{'tokens':>10}{'perplexity':>14}"]
+    lines = [f"{'language':<16}{'tokens':>10}{'perplexity':>14}"]
     for lang, entry in result.languages.items():
-        lines.append(f"{lang:<10}{entry.tokens:>10}{entry.perplexity:>14.3f}")
-    lines.append(f"{'mean':<10}{sum(result.tokens.values()):>10}{result.mean_perplexity:>14.3f}")
+        lines.append(f"{lang:<16}{entry.tokens:>10}{entry.perplexity:>14.3f}")
+    from ..evaluation.summary import MEAN_LABEL
+
+    lines.append(f"{MEAN_LABEL:<16}{sum(result.tokens.values()):>10}{result.mean_perplexity:>14.3f}")
     if sparsity is not None:
         lines.append(f"\nsparsity of the pruned modules: {sparsity:.4f} ({recorded.get('method', '?')})")
     return CommandResult(payload, "\n".join(lines))
@@ -618,7 +604,9 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
     files = {kind: output_dir / name for kind, name in SWEEP_FILES.items()}
     _write_json(files["json"], result.to_dict())
     relative = bool(result.dense) and not args.absolute
-    files["markdown"].write_text(result.to_markdown(relative=relative), encoding="utf-8")
+    from ..hub.atomic import write_file
+
+    write_file(files["markdown"], result.to_markdown(relative=relative))
     result.plot_heatmap(files["heatmap"], relative=relative)
     logger.info("Wrote %s", ", ".join(str(p) for p in files.values()))
     payload = {"command": "sweep", "model": model_ref.name, "files": {k: str(p) for k, p in files.items()}}
@@ -633,96 +621,31 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
 # card
 # ---------------------------------------------------------------------------------------------------------
 def run_card(args: argparse.Namespace) -> CommandResult:
-    """``card``: rebuild README.md and the sparsity plot of a saved checkpoint from its report and config."""
-    from ..hub.card import PLOT_FILENAME, create_model_card
-    from ..hub.compression import FORMAT_NAME
-    from ..hub.serialization import CARD_FILENAME, REPORT_FILENAME, SPARSITY_CONFIG_KEY
-    from ..report import PruningReport
+    """``card``: rebuild README.md and the sparsity plot of a saved checkpoint (see
+    :func:`optimum_mwanda.hub.rewrite_model_card`: kept evaluation results and card metadata are reused)."""
+    from ..hub import rewrite_model_card
 
     folder = Path(args.checkpoint).expanduser().absolute()
     if not folder.is_dir():
         raise UsageError(f"CHECKPOINT {args.checkpoint!r} is not a folder")
-    missing = [name for name in (REPORT_FILENAME, "config.json") if not (folder / name).is_file()]
-    if missing:
-        raise UsageError(
-            f"CHECKPOINT {args.checkpoint!r} lacks {' and '.join(missing)}: give a folder saved by "
-            "`optimum-mwanda prune` or Pruner.save_pretrained"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"CHECKPOINT {args.checkpoint!r} is not writable")
-    with preparing(f"{folder / REPORT_FILENAME}"):
+    if not os.access(folder, os.W_OK | os.X_OK) or not os.access(folder.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"CHECKPOINT {args.checkpoint!r} (or its parent folder) is not writable")
+    eval_results = load_eval_results(args.eval_results) if args.eval_results is not None else None
+    with preparing(f"CHECKPOINT {args.checkpoint!r}"):
         try:
-            report = PruningReport.from_dict(
-                json.loads((folder / REPORT_FILENAME).read_text(encoding="utf-8"))
-            )
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{folder / REPORT_FILENAME} is not valid JSON: {err.msg}") from None
-    with preparing(f"{folder / 'config.json'}"):
-        try:
-            model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{folder / 'config.json'} is not valid JSON: {err.msg}") from None
-    entry = model_config.get(SPARSITY_CONFIG_KEY) or {}
-    compressed = entry.get("checkpoint_format") == FORMAT_NAME
-
-    saved_results = folder / EVAL_RESULTS_FILENAME
-    if args.eval_results is not None:
-        eval_results = load_eval_results(args.eval_results)
-    elif saved_results.is_file():
-        eval_results = load_eval_results(str(saved_results))
-    else:
-        eval_results = None
-    previous = _previous_card_data(folder / CARD_FILENAME)
-    base_model = args.base_model if args.base_model is not None else previous.get("base_model")
-    license = args.license if args.license is not None else previous.get("license")
-    model_id = args.model_id
-    if model_id is None and "/" in str(previous.get("model_name") or ""):
-        model_id = previous["model_name"]  # the card of a pushed model is named after its repo
-
-    # Build into a temporary folder beside the checkpoint, then rename into place: a failure leaves the old
-    # card intact. The plot keeps its final name because the card links to it by name.
-    with tempfile.TemporaryDirectory(prefix=".card-", dir=folder) as tmp:
-        with preparing("model card"):
-            card = create_model_card(
-                report,
-                base_model=base_model,
+            written = rewrite_model_card(
+                folder,
                 eval_results=eval_results,
-                model_id=model_id,
-                license=license,
-                plot_path=Path(tmp) / PLOT_FILENAME,
-                compressed=compressed,
+                base_model=args.base_model,
+                model_id=args.model_id,
+                license=args.license,
                 eval_dataset=args.eval_dataset,
             )
-        card.save(Path(tmp) / CARD_FILENAME)
-        os.replace(Path(tmp) / PLOT_FILENAME, folder / PLOT_FILENAME)
-        os.replace(Path(tmp) / CARD_FILENAME, folder / CARD_FILENAME)
-    if args.eval_results is not None:
-        _write_json(saved_results, eval_results)
-    logger.info("Wrote %s and %s", folder / CARD_FILENAME, folder / PLOT_FILENAME)
-    payload = {
-        "command": "card",
-        "card": str(folder / CARD_FILENAME),
-        "plot": str(folder / PLOT_FILENAME),
-        "base_model": base_model,
-        "license": license,
-        "model_id": model_id,
-        "eval_results": eval_results,
-        "compressed": compressed,
-    }
-    return CommandResult(payload, str(folder / CARD_FILENAME))
-
-
-def _previous_card_data(path: Path) -> dict[str, Any]:
-    """Metadata of an existing card (base model, licence, name), kept when the card is rebuilt."""
-    if not path.is_file():
-        return {}
-    from huggingface_hub import ModelCard
-
-    try:
-        data = ModelCard.load(path, ignore_metadata_errors=True).data
-    except Exception:  # an unreadable old card is simply replaced
-        return {}
-    return {key: getattr(data, key, None) for key in ("base_model", "license", "model_name")}
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
+    logger.info("Wrote %s and %s", written["card"], written["plot"])
+    payload = {"command": "card", **{k: str(v) if isinstance(v, Path) else v for k, v in written.items()}}
+    return CommandResult(payload, str(written["card"]))
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], CommandResult]] = {

@@ -192,14 +192,12 @@ def resolve_model_reference(model: str | None, flag: str = "--model") -> ModelRe
         if not (path / "config.json").is_file():
             raise UsageError(f"{flag} {model!r} has no config.json: it is not a saved transformers model")
         return ModelReference(str(path), local_path=path.absolute())
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from ..hub.identity import as_hub_id
 
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
+    if as_hub_id(model) is None:
         raise UsageError(
             f"{flag} {model!r} is neither an existing folder nor a valid Hub model id (namespace/name)"
-        ) from None
+        )
     return ModelReference(model)
 
 
@@ -290,16 +288,24 @@ def check_creatable(path: Path, flag: str) -> None:
 
 
 def check_checkpoint_dir(
-    output_dir: str, model: ModelReference | None = None, offload_folder: str | None = None
+    output_dir: str,
+    model: ModelReference | None = None,
+    offload_folder: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Validate ``--output-dir`` of ``prune``: replaceable (new, empty or a previous checkpoint), writable,
-    not the source model's folder, not holding the offload folder."""
+    """Validate ``--output-dir`` of ``prune``: new, empty or a checkpoint (or anything with ``--overwrite``),
+    writable, not the source model's folder, not holding the offload folder."""
     from ..hub.atomic import check_replaceable
+    from ..hub.card import PLOT_FILENAME
+    from ..hub.serialization import CARD_FILENAME, REPORT_FILENAME
 
     try:
-        path = check_replaceable(output_dir)
+        path = check_replaceable(
+            output_dir, overwrite, writes=[REPORT_FILENAME, CARD_FILENAME, PLOT_FILENAME]
+        )
     except ValueError as err:
-        raise UsageError(f"--output-dir: {err}".replace("save_directory ", "")) from None
+        message = str(err).replace("save_directory ", "").replace("overwrite=True", "--overwrite")
+        raise UsageError(f"--output-dir: {message}") from None
     check_creatable(path, "--output-dir")
     if path.exists() and not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"--output-dir {output_dir!r} is not writable")
@@ -309,7 +315,7 @@ def check_checkpoint_dir(
             "original: choose another folder"
         )
     if offload_folder is not None and Path(offload_folder).absolute().is_relative_to(path):
-        raise UsageError("--offload-folder must not lie inside --output-dir, which is replaced when saving")
+        raise UsageError("--offload-folder must not lie inside --output-dir, whose files the save swaps out")
     return path
 
 
@@ -371,26 +377,16 @@ def load_eval_results(path: str) -> dict[str, dict[str, float]]:
     return data
 
 
-def validate_repo_id(repo_id: str) -> str:
-    """``--push-to-hub``: a valid ``namespace/name`` repo id."""
-    from ..hub.push import validate_repo_id as hub_validate
+def resolve_token(token: str | None) -> str:
+    """The Hub token for ``--push-to-hub`` (:func:`optimum_mwanda.hub.push.resolve_token` decides), as a
+    usage error when there is none."""
+    from ..hub.push import HubAuthenticationError
+    from ..hub.push import resolve_token as hub_resolve_token
 
     try:
-        return hub_validate(repo_id)
-    except ValueError as err:
-        raise UsageError(f"--push-to-hub: {err}") from None
-
-
-def resolve_token(token: str | None) -> str:
-    """The Hub token for ``--push-to-hub``: ``--token``, else ``HF_TOKEN`` or the cached login."""
-    if token:
-        return token
-    from huggingface_hub import get_token
-
-    found = get_token()
-    if not found:
+        return hub_resolve_token(token)
+    except HubAuthenticationError:
         raise UsageError(
             "--push-to-hub needs a Hub token with write access: pass --token, set HF_TOKEN or run "
             "`hf auth login`"
-        )
-    return found
+        ) from None

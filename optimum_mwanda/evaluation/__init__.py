@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .perplexity import LanguagePerplexity, PerplexityResult, evaluate_perplexity
+from .summary import format_perplexity_table, geometric_mean
 from .sweep import SweepResult, calibration_language_sweep
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "SweepResult",
     "calibration_language_sweep",
     "evaluate_perplexity",
+    "format_perplexity_table",
+    "geometric_mean",
 ]
 
 

@@ -18,7 +18,7 @@ _DESCRIPTION = """\
 Perplexity of a causal language model on held-out text, reported separately for each language. The texts of
 one language are joined, cut into windows of `seq_len` tokens (BOS prepended as unscored context) and the
 perplexity is exp of the mean next-token negative log-likelihood over every scored token of that language.
-`mean_perplexity` is the unweighted mean over languages.
+`mean_perplexity` is the geometric mean over languages.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -31,7 +31,7 @@ Args:
         `optimum_mwanda.evaluate_perplexity`.
 Returns:
     perplexities (`dict[str, float]`): perplexity per language, in order of first appearance.
-    mean_perplexity (`float`): unweighted mean over languages.
+    mean_perplexity (`float`): geometric mean over languages.
     tokens (`dict[str, int]`): scored tokens per language.
 Examples:
     >>> metric = MultilingualPerplexity()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..modeling import input_device
 from .inputs import normalize_texts_by_language
 from .loss import DEFAULT_LOGITS_BUDGET, chunked_matches_full, summed_nll_chunked, summed_nll_full
+from .summary import geometric_mean
 from .windows import WindowSpan, plan_windows, window_batch, window_capacity
 
 LossImpl = Literal["auto", "chunked", "full"]
@@ -66,9 +67,9 @@ class PerplexityResult:
 
     @property
     def mean_perplexity(self) -> float:
-        """Unweighted mean over languages, so a language with more text does not dominate."""
-        values = list(self.perplexities.values())
-        return sum(values) / len(values) if values else math.nan
+        """Geometric mean over languages (:func:`~optimum_mwanda.evaluation.summary.geometric_mean`): a
+        language with more text does not dominate, nor does the language with the largest perplexity."""
+        return geometric_mean(self.perplexities.values())
 
     @property
     def tokens_per_second(self) -> float:

@@ -272,8 +272,7 @@ def calibration_language_sweep(
         )
         result.rows[name] = evaluate_perplexity(model, tokenizer, evaluation, **settings)
         result.row_languages[name] = list(langs)
-        if report is not None and hasattr(report, "to_dict"):
-            result.reports[name] = report.to_dict()
+        result.reports[name] = report.to_dict()
         del model, report
         _collect_garbage()
     return result

@@ -4,21 +4,25 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..calibration.languages import Language, normalize_language_tag, resolve_language, resolve_languages
 from ..distributed import main_process_only
+from ..evaluation.summary import MEAN_LABEL, geometric_mean
 from ..report import PruningReport
-from ..version import __version__
-from .languages import Language, resolve_languages
+from .identity import base_model_id, hub_ids, validate_repo_id
 from .verification import group_by_layer
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
+CITATIONS_PATH = Path(__file__).with_name("citations.json")
 PLOT_FILENAME = "sparsity_per_layer.png"
 
 _METHOD_NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "mwanda": "M-Wanda"}
@@ -38,7 +42,6 @@ _METHOD_KEYS = {
         "activation_threshold",
     ),
 }
-_SCHEDULE_KEYS = ("calibration_seq_len", "samples_per_language", "seed")
 
 
 @dataclass(frozen=True)
@@ -48,67 +51,11 @@ class Citation:
     bibtex: str
 
 
-_CITATIONS = {
-    "mwanda": Citation(
-        "choenni2025mwanda",
-        "Rochelle Choenni and Ivan Titov. *M-Wanda: Improving One-Shot Pruning for Multilingual LLMs.* EMNLP 2025.",
-        "@inproceedings{choenni2025mwanda,\n"
-        "  title     = {M-Wanda: Improving One-Shot Pruning for Multilingual {LLM}s},\n"
-        "  author    = {Choenni, Rochelle and Titov, Ivan},\n"
-        "  booktitle = {Proceedings of the 2025 Conference on Empirical Methods in Natural Language Processing},\n"
-        "  year      = {2025}\n}",
-    ),
-    "wanda": Citation(
-        "sun2024wanda",
-        "Mingjie Sun, Zhuang Liu, Anna Bair and J. Zico Kolter. *A Simple and Effective Pruning Approach for "
-        "Large Language Models.* ICLR 2024.",
-        "@inproceedings{sun2024wanda,\n"
-        "  title     = {A Simple and Effective Pruning Approach for Large Language Models},\n"
-        "  author    = {Sun, Mingjie and Liu, Zhuang and Bair, Anna and Kolter, J. Zico},\n"
-        "  booktitle = {International Conference on Learning Representations},\n"
-        "  year      = {2024}\n}",
-    ),
-    "sparsegpt": Citation(
-        "frantar2023sparsegpt",
-        "Elias Frantar and Dan Alistarh. *SparseGPT: Massive Language Models Can Be Accurately Pruned in "
-        "One-Shot.* ICML 2023.",
-        "@inproceedings{frantar2023sparsegpt,\n"
-        "  title     = {{SparseGPT}: Massive Language Models Can Be Accurately Pruned in One-Shot},\n"
-        "  author    = {Frantar, Elias and Alistarh, Dan},\n"
-        "  booktitle = {International Conference on Machine Learning},\n"
-        "  year      = {2023}\n}",
-    ),
-    "owl": Citation(
-        "yin2024owl",
-        "Lu Yin et al. *Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for Pruning LLMs to "
-        "High Sparsity.* ICML 2024.",
-        "@inproceedings{yin2024owl,\n"
-        "  title     = {Outlier Weighed Layerwise Sparsity ({OWL}): A Missing Secret Sauce for Pruning {LLM}s to "
-        "High Sparsity},\n"
-        "  author    = {Yin, Lu and others},\n"
-        "  booktitle = {International Conference on Machine Learning},\n"
-        "  year      = {2024}\n}",
-    ),
-    "kurz": Citation(
-        "kurz2024calibration",
-        "Simon Kurz, Jian-Jia Chen, Lucie Flek and Zhixue Zhao. *Investigating Language-Specific Calibration "
-        "For Pruning Multilingual Large Language Models.* 2024.",
-        "@misc{kurz2024calibration,\n"
-        "  title  = {Investigating Language-Specific Calibration For Pruning Multilingual Large Language Models},\n"
-        "  author = {Kurz, Simon and Chen, Jian-Jia and Flek, Lucie and Zhao, Zhixue},\n"
-        "  year   = {2024}\n}",
-    ),
-    "kim": Citation(
-        "kim2024pruning",
-        "Hwichan Kim, Jun Suzuki, Tosho Hirasawa and Mamoru Komachi. *Pruning Multilingual Large Language "
-        "Models for Multilingual Inference.* Findings of EMNLP 2024.",
-        "@inproceedings{kim2024pruning,\n"
-        "  title     = {Pruning Multilingual Large Language Models for Multilingual Inference},\n"
-        "  author    = {Kim, Hwichan and Suzuki, Jun and Hirasawa, Tosho and Komachi, Mamoru},\n"
-        "  booktitle = {Findings of the Association for Computational Linguistics: EMNLP 2024},\n"
-        "  year      = {2024}\n}",
-    ),
-}
+@cache
+def _load_citations() -> dict[str, Citation]:
+    """The references a card may cite, from ``citations.json`` beside this module (BibTeX stays data)."""
+    data = json.loads(CITATIONS_PATH.read_text(encoding="utf-8"))
+    return {name: Citation(**entry) for name, entry in data.items()}
 
 
 # -- small pure helpers ----------------------------------------------------------------------------------
@@ -128,6 +75,15 @@ def _change(before: float | None, after: float | None) -> str:
     return f"{100 * (after - before) / before:+.1f}%"
 
 
+def _setting_text(value: Any) -> str:
+    """``{"en": 8, "sw": 8}`` -> ``"8 per language"``; ``{"en": 8, "sw": 6}`` -> ``"en 8, sw 6"``."""
+    if isinstance(value, dict):
+        if len(set(value.values())) == 1:
+            return f"{next(iter(value.values()))} per language"
+        return ", ".join(f"{key} {item}" for key, item in value.items())
+    return str(value)
+
+
 def _check_eval_results(eval_results: dict[str, dict[str, float]] | None) -> dict[str, dict[str, float]]:
     if eval_results is None:
         return {}
@@ -140,6 +96,7 @@ def _check_eval_results(eval_results: dict[str, dict[str, float]] | None) -> dic
     for stage, values in eval_results.items():
         if not isinstance(values, dict):
             raise TypeError(f"eval_results[{stage!r}] must map language codes to perplexities")
+        checked[stage] = {}
         for lang, value in values.items():
             if (
                 isinstance(value, bool)
@@ -150,7 +107,13 @@ def _check_eval_results(eval_results: dict[str, dict[str, float]] | None) -> dic
                 raise ValueError(
                     f"eval_results[{stage!r}][{lang!r}] must be a positive finite perplexity, got {value!r}"
                 )
-        checked[stage] = {str(k): float(v) for k, v in values.items()}
+            try:
+                tag = normalize_language_tag(lang)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"eval_results[{stage!r}]: {err}") from None
+            if tag in checked[stage] and checked[stage][tag] != float(value):
+                raise ValueError(f"eval_results[{stage!r}] gives two perplexities for language {tag!r}")
+            checked[stage][tag] = float(value)
     return checked
 
 
@@ -158,21 +121,6 @@ def achieved_layer_sparsity(report: PruningReport) -> dict[int, float]:
     """Achieved sparsity per decoder layer, from the report's per-module sparsity and shapes."""
     numel = {name: int(math.prod(report.module_shapes.get(name, [1, 1]))) for name in report.module_sparsity}
     return group_by_layer(report.module_sparsity, numel)
-
-
-def _hub_ids(sources: list[str]) -> list[str]:
-    """The entries that are valid Hub repo ids (``namespace/name`` or ``name``), deduplicated in order."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    ids = []
-    for source in sources:
-        try:
-            validate_repo_id(source)
-        except HFValidationError:
-            continue
-        if source not in ids:
-            ids.append(source)
-    return ids
 
 
 def _license_from_local_card(reference: str | None) -> str | None:
@@ -207,8 +155,7 @@ def _citations(report: PruningReport, languages: list[Language]) -> list[Citatio
         report.method, []
     )
     keys = list(keys)
-    layerwise = report.config.get("layerwise", "uniform")
-    if layerwise == "owl":
+    if report.config.layerwise == "owl":
         keys.append("owl")
     # Language-specific calibration (Kurz et al.): anything but an English-only calibration set.
     if [lang.code for lang in languages] not in ([], ["en"], ["eng"]):
@@ -216,7 +163,8 @@ def _citations(report: PruningReport, languages: list[Language]) -> list[Citatio
     sources = " ".join(report.calibration_sources.values()).lower()
     if "translation" in sources or report.negative_calibration_tokens > 0:
         keys.append("kim")
-    return [_CITATIONS[key] for key in keys]
+    citations = _load_citations()
+    return [citations[key] for key in keys]
 
 
 # -- plot ------------------------------------------------------------------------------------------------
@@ -259,9 +207,7 @@ def plot_layer_sparsity(report: PruningReport, path: str | os.PathLike) -> Path:
     )
     axes.set_ylim(0, min(100.0, top * 1.25 + 1))
     method = _METHOD_NAMES.get(report.method, report.method)
-    schedule = {"owl": "OWL", "cwl": "CWL", "depth": "depth"}.get(
-        report.config.get("layerwise", "uniform"), "uniform"
-    )
+    schedule = {"owl": "OWL", "cwl": "CWL", "depth": "depth"}.get(report.config.layerwise, "uniform")
     axes.set_title(f"{method}: sparsity per layer ({schedule} schedule)")
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
@@ -284,10 +230,9 @@ def _card_context(
 ) -> dict[str, Any]:
     config = report.config
     method_name = _METHOD_NAMES.get(report.method, report.method)
-    mask = config.get("mask_structure", "unstructured")
-    nm = None if str(mask).strip().lower() == "unstructured" else str(mask).replace(" ", "")
-    layerwise = config.get("layerwise", "uniform")
-    width = config.get("layerwise_range")
+    nm = None if config.nm_structure is None else "{}:{}".format(*config.nm_structure)
+    layerwise = config.layerwise
+    width = config.layerwise_range
     if layerwise == "uniform":
         schedule = "uniform: every decoder layer at the target sparsity"
     elif layerwise == "depth":
@@ -295,13 +240,19 @@ def _card_context(
     elif layerwise == "owl":
         schedule = f"OWL (outlier-weighted), layer sparsities within ±{_pct(width)} of the target"
     else:
-        protect = config.get("cwl_protect", "specific")
+        protect = getattr(config, "cwl_protect", "specific")
         schedule = (
             f"CWL (cross-lingual correlation, protecting language-{protect} layers), "
             f"layer sparsities within ±{_pct(width)} of the target"
         )
-    keys = _METHOD_KEYS.get(report.method, ()) + _SCHEDULE_KEYS
-    hyperparameters = [(key, config[key]) for key in keys if key in config]
+    # The method's own knobs, then only the calibration knobs that applied (not the config's sampling knobs
+    # when the caller gave token ids or a ready calibration set).
+    hyperparameters = [
+        (key, getattr(config, key)) for key in _METHOD_KEYS.get(report.method, ()) if hasattr(config, key)
+    ]
+    hyperparameters += [
+        (f"calibration {key}", _setting_text(value)) for key, value in report.calibration_settings.items()
+    ]
 
     achieved_layers = achieved_layer_sparsity(report)
     n_layers = max(len(report.layer_sparsity), len(achieved_layers))
@@ -339,9 +290,10 @@ def _card_context(
     both = [lang for lang in eval_langs if lang in before and lang in after]
     ppl_mean = None
     if len(both) > 1:
-        mean_before = sum(before[x] for x in both) / len(both)
-        mean_after = sum(after[x] for x in both) / len(both)
+        mean_before = geometric_mean(before[x] for x in both)
+        mean_after = geometric_mean(after[x] for x in both)
         ppl_mean = {
+            "label": MEAN_LABEL[0].upper() + MEAN_LABEL[1:],
             "before": _ppl(mean_before),
             "after": _ppl(mean_after),
             "change": _change(mean_before, mean_after),
@@ -366,7 +318,7 @@ def _card_context(
     if nm:
         keep, group = nm.split(":")
         mask_text = f"{nm} (at most {keep} non-zeros in every {group} consecutive input weights)"
-    ignore = config.get("ignore") or []
+    ignore = config.ignore
     left_dense = "embeddings, LM head" + "".join(f", `{p}`" for p in ignore)
     return {
         "title": f"{model_name.split('/')[-1]}: {method_name}, {_pct(achieved)} sparse",
@@ -375,7 +327,7 @@ def _card_context(
         "method_key": report.method,
         "method_name": method_name,
         "method_note": _METHOD_NOTES.get(report.method, ""),
-        "mean_compensation": config.get("mean_compensation", "none") if report.method == "mwanda" else "none",
+        "mean_compensation": getattr(config, "mean_compensation", "none"),
         "base_model": base_model,
         "target_sparsity": _pct(report.target_sparsity),
         "achieved_sparsity": _pct(achieved),
@@ -387,7 +339,7 @@ def _card_context(
         "layerwise": schedule,
         "left_dense": left_dense,
         "hyperparameters": hyperparameters,
-        "package_version": config.get("optimum_mwanda_version", __version__),
+        "package_version": report.optimum_mwanda_version,
         "n_languages": n_langs,
         "total_tokens": f"{sum(report.token_counts.values()):,}",
         "calibration_rows": calibration_rows,
@@ -439,25 +391,18 @@ def create_model_card(
     tags = list(dict.fromkeys([*report.languages, *evals.get("before", {}), *evals.get("after", {})]))
     if not tags:
         raise ValueError("the report names no calibration language and eval_results none: the card needs one")
-    resolved = resolve_languages(tags)
-    languages = {lang.tag: lang for lang in resolved}
-    recorded = getattr(report, "base_model", "") or ""
+    resolved = resolve_languages(tags)  # every bad tag in one error
+    languages = {tag: resolve_language(tag) for tag in tags}
+    recorded = report.base_model
     if base_model is not None:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(base_model)
-        except HFValidationError as err:
-            raise ValueError(
-                f"base_model must be a Hub model id such as 'google/gemma-3-270m': {err}"
-            ) from None
-    elif recorded and not os.path.exists(recorded):
-        base_model = next(iter(_hub_ids([recorded])), None)
+        validate_repo_id(base_model, "base_model")
+    else:
+        base_model = base_model_id(recorded)
     if license is None:
         # The recorded name_or_path may be a local copy of the base model whose card states the licence.
         license = _license_from_local_card(base_model) or _license_from_local_card(recorded)
     if datasets is None:
-        datasets = _hub_ids(list(report.calibration_sources.values()))
+        datasets = hub_ids(list(report.calibration_sources.values()))
     model_name = model_id or (
         f"{base_model.split('/')[-1]}-{report.method}-{round(100 * report.target_sparsity)}"
         if base_model

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from ..distributed import main_process_only
 from ..report import PruningReport
+from .atomic import MANIFEST_NAME
+from .identity import validate_repo_id
 from .serialization import save_pruned_model
 
 logger = logging.getLogger(__name__)
@@ -36,20 +38,6 @@ class HubAuthenticationError(HubPushError):
 
 class HubPermissionError(HubPushError):
     """The token is valid but may not write to this repo or namespace (HTTP 403)."""
-
-
-def validate_repo_id(repo_id: str) -> str:
-    """Check a Hub repo id (``name`` or ``namespace/name``) offline; return it stripped of whitespace."""
-    from huggingface_hub.utils import HFValidationError
-    from huggingface_hub.utils import validate_repo_id as hub_validate
-
-    if not isinstance(repo_id, str):
-        raise TypeError(f"repo_id must be a string, got {type(repo_id).__name__}")
-    try:
-        hub_validate(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"invalid repo_id {repo_id!r}: {err}") from None
-    return repo_id
 
 
 def _transient_exception_types() -> tuple[type[BaseException], ...]:
@@ -128,7 +116,9 @@ def with_retries(
             attempt += 1
 
 
-def _resolve_token(token: str | bool | None) -> str:
+def resolve_token(token: str | bool | None) -> str:
+    """The Hub token to write with: ``token``, else ``HF_TOKEN`` or the cached login (the one place that
+    decides; the CLI and :func:`push_pruned_model` both call it)."""
     from huggingface_hub import get_token
 
     if token is False:
@@ -189,7 +179,7 @@ def push_pruned_model(
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
     if retry_delay < 0:
         raise ValueError(f"retry_delay must be >= 0, got {retry_delay}")
-    token = _resolve_token(token)
+    token = resolve_token(token)
     if commit_message is None:
         commit_message = f"Upload {report.method} pruned model ({100 * report.achieved_sparsity:.1f}% sparse) with optimum-mwanda"
 
@@ -209,7 +199,8 @@ def push_pruned_model(
             datasets=datasets,
             eval_dataset=eval_dataset,
         )
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        # The manifest describes a local folder (which files optimum-mwanda wrote there), not the repo.
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
         api = HfApi(token=token)
         retry = {"repo_id": repo_id, "max_retries": max_retries, "retry_delay": retry_delay}
         repo_url = with_retries(

@@ -8,6 +8,8 @@ checkpoint (disk offload). This module is the only place that knows that.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -123,3 +125,20 @@ def _stored_dtype(entry: dict, default: torch.dtype) -> torch.dtype:
     if not name:
         return default
     return getattr(torch, str(name).replace("torch.", ""), default)
+
+
+def offload_source_folders(model: nn.Module) -> set[str]:
+    """Folders that an Accelerate-offloaded ``model`` still reads weights from lazily: its offload folder and
+    the checkpoint folder whose safetensors files it maps. Saving must not replace files in them."""
+    folders: set[str] = set()
+    for module in model.modules():
+        hook = _offload_hook(module)
+        store = getattr(getattr(hook, "weights_map", None), "dataset", None)
+        if OffloadedWeightsLoader is None or not isinstance(store, OffloadedWeightsLoader):
+            continue
+        if store.save_folder is not None:
+            folders.add(os.path.abspath(store.save_folder))
+        for entry in (store.index or {}).values():
+            if isinstance(entry, dict) and entry.get("safetensors_file"):
+                folders.add(os.path.dirname(os.path.abspath(entry["safetensors_file"])))
+    return folders
