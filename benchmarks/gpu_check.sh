@@ -6,17 +6,20 @@
 #   bash benchmarks/gpu_check.sh                      # on a CUDA machine; writes to $OUT or benchmarks/results/gpu_check
 #   bash benchmarks/gpu_check.sh --device cpu --tiny  # CPU smoke test of the same script
 #
-# Needs CUDA PyTorch and transformers. Pure-Python dependencies the machine lacks (accelerate, ...) are
-# installed from benchmarks/.wheels when that folder is there (fill it beforehand with
-# `pip download --no-deps -d benchmarks/.wheels accelerate` and carry it along; it is git-ignored).
+# Needs CUDA PyTorch and transformers. The pure-Python dependencies such a machine may lack are installed
+# from benchmarks/.wheels (git-ignored; carry it along), filled here beforehand with
+#   pip download --no-deps -d benchmarks/.wheels accelerate langcodes jinja2 dill
+#   for v in 3.10 3.11 3.12 3.13; do pip download --no-deps --only-binary=:all: --python-version $v \
+#       --platform manylinux2014_x86_64 -d benchmarks/.wheels markupsafe psutil; done
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
 if [ -d benchmarks/.wheels ]; then
-    for module in accelerate safetensors huggingface_hub tqdm yaml; do
+    for module in psutil markupsafe accelerate langcodes jinja2 dill; do
         if ! "$PYTHON" -c "import $module" 2>/dev/null; then
-            "$PYTHON" -m pip install --quiet --no-index --find-links benchmarks/.wheels "${module/yaml/pyyaml}" || true
+            "$PYTHON" -m pip install --quiet --no-index --find-links benchmarks/.wheels "$module" \
+                || echo "gpu_check: could not install $module from benchmarks/.wheels" >&2
         fi
     done
 fi
