@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=["wanda", "mwanda"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--upcast-eval", action="store_true", help="also evaluate the bf16-pruned weights in fp32"
+    )
     parser.add_argument("--output", default="benchmarks/results/bf16_cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +104,7 @@ def main() -> None:
             masks[dtype] = {name: model.get_submodule(name).weight == 0 for name in report.module_sparsity}
             assert all(v.dtype == dense[k].dtype for k, v in model.state_dict().items()), "dtype changed"
             run[f"ppl_{dtype}"] = evaluate(model)
-            if dtype == "bf16":
+            if dtype == "bf16" and args.upcast_eval:
                 model.float()  # the bf16-pruned weights, run in fp32: the pruning difference alone
                 run["ppl_bf16_pruned_fp32_eval"] = evaluate(model)
                 model.to(torch.bfloat16)
@@ -124,7 +127,9 @@ def markdown(record: dict) -> str:
         "# bfloat16 pruning on CPU (Gemma 3 270M demo model)",
         "",
         f"Command: `nice -n 5 python benchmarks/bf16_cpu.py --samples-per-language {s['samples_per_language']} "
-        f"--seq-len {s['seq_len']} --max-windows {s['max_windows']}`  ",
+        f"--seq-len {s['seq_len']} --max-windows {s['max_windows']} --eval-seq-len {s['eval_seq_len']}"
+        + (" --upcast-eval" if s.get("upcast_eval") else "")
+        + "`  ",
         f"Calibration: {len(LANGUAGES)} languages ({', '.join(LANGUAGES)}) x {s['samples_per_language']} "
         f"sequences x {s['seq_len']} tokens ({record['calibration_tokens']} tokens), seed 0; held-out: bundled "
         f"corpus, first {s['max_windows']} windows of {s['eval_seq_len']} tokens per language; "
@@ -143,7 +148,8 @@ def markdown(record: dict) -> str:
             continue
         p32 = geometric_mean(run["ppl_fp32"].values())
         p16 = geometric_mean(run["ppl_bf16"].values())
-        p16_32 = geometric_mean(run["ppl_bf16_pruned_fp32_eval"].values())
+        upcast = run.get("ppl_bf16_pruned_fp32_eval")
+        p16_32 = geometric_mean(upcast.values()) if upcast else math.nan
         loads = run["load_average_fp32"] + run["load_average_bf16"]
         lines.append(
             f"| {method} 50% | {p32:.2f} | {p16:.2f} | {p16 / p32:.4f} | {p16_32:.2f} | {p16_32 / p32:.4f} | "

@@ -269,3 +269,24 @@ def test_torchrun_cli_prunes_like_one_process_and_only_rank_zero_reports(tmp_pat
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert (two["model.layers.0.mlp.down_proj.weight"] == 0).float().mean() > 0.3
+
+
+# -- bfloat16 models ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama-wanda", "llama-mwanda", "llama-sparsegpt"])
+def test_bfloat16_model_is_pruned_in_float32_and_keeps_its_dtype(name):
+    """Statistics and new weights are computed in float32 from a bf16 model; weights go back in bf16."""
+    case = worker.cases()[name]
+    reference = _linear_weights(worker.prune_case(case))
+    model = make_model("llama").to(torch.bfloat16)
+    Pruner(case["config"]).prune_model(model, worker.calibration_for(case), show_progress=False)
+    weights = _linear_weights(model.state_dict())
+    assert all(v.dtype == torch.bfloat16 for v in model.state_dict().values())
+    same = sum(int(((weights[k] == 0) == (v == 0)).sum()) for k, v in reference.items())
+    total = sum(v.numel() for v in reference.values())
+    # bf16 weights and activations move near-ties only. Measured agreement with fp32: Wanda 99.3%, M-Wanda
+    # 99.6%, SparseGPT 94.2% (its column-by-column updates carry the rounding into later choices).
+    assert same / total > (0.9 if "sparsegpt" in name else 0.98)
+    for key, value in weights.items():
+        assert torch.isfinite(value.float()).all(), key
+        sparsity, expected = float((value == 0).float().mean()), float((reference[key] == 0).float().mean())
+        assert sparsity == pytest.approx(expected, abs=0.02), key
