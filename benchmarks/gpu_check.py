@@ -19,6 +19,7 @@ leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -163,7 +164,9 @@ def main() -> None:
 
         for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             dense.load_state_dict(state)
-            model = dense.to(device=device, dtype=dtype)
+            # A copy: converting in place would round non-persistent buffers (rotary frequencies), which
+            # load_state_dict does not restore, and change the later runs.
+            model = copy.deepcopy(dense).to(device=device, dtype=dtype)
             floor = plain_forward_seconds(model, batches, device)
             entry[f"floor_seconds_{dtype_name}"] = floor
             dense_gpu = {k: v.clone() for k, v in model.state_dict().items()}
@@ -227,7 +230,6 @@ def main() -> None:
                     finally:
                         torch.distributed.destroy_process_group()
             del model, dense_gpu
-            dense = dense.to("cpu", torch.float32)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
