@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .algorithms import algorithm_for
 from .calibration import CalibrationSet, resolve_calibration
 from .configuration import PruningConfig
@@ -116,11 +117,15 @@ class Pruner:
         layer_modules = prunable_linears_by_layer(stack, config.ignore)
         _validate_modules(layer_modules, config)
         _validate_token_ids(model, calibration_set, negative_set)
-        checkpoint = None
-        if checkpoint_dir is not None:
-            checkpoint = PruningCheckpoint(
-                checkpoint_dir, _fingerprint(config, model, layer_modules, calibration_set, negative_set)
-            )
+        context = distributed.current_context()
+        fingerprint = ""
+        if checkpoint_dir is not None or context.enabled:
+            fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
+        # Data-parallel: every rank must hold the same model, config and calibration (refused otherwise).
+        if context.enabled:
+            distributed.check_same_run(f"{fingerprint}:{distributed.weights_digest(model)}", context)
+        show_progress = show_progress and context.is_main
+        checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
 
         # 2-4. Capture, schedule, then statistics -> prune -> propagate, layer by layer.
         walk = SequentialWalk(

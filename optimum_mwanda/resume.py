@@ -35,6 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .distributed import run_on_main_process
 from .modeling import read_parameter
 
 STATE_FILE = "state.json"
@@ -113,6 +114,14 @@ class ResumeState:
     layerwise_signal: list[float] = field(default_factory=list)
     module_sparsity: dict[str, float] = field(default_factory=dict)
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
+    #: the layer whose inputs the saved hidden states are: ``-1`` when the run saved none (data-parallel
+    #: runs recompute them from the finished layers)
+    hidden_for_layer: int | None = None
+
+    @property
+    def hidden_saved(self) -> bool:
+        """Whether the checkpoint holds the inputs of layer ``completed_layers``."""
+        return self.hidden_for_layer is None or self.hidden_for_layer == self.completed_layers
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,9 @@ class PruningCheckpoint:
     :meth:`save_progress` before any :meth:`save_layer`, so that a folder holding data files always holds a
     ``state.json``; then per decoder layer :meth:`save_layer` and :meth:`save_progress` with the layer
     counted as completed. A layer file becomes part of the checkpoint with the next :meth:`save_progress`.
+
+    In a data-parallel run every rank reads (the folder must be visible to all ranks: shared storage
+    across nodes) and only rank 0 writes, while the others wait.
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str):
@@ -298,7 +310,11 @@ class PruningCheckpoint:
 
     # -- writing --------------------------------------------------------------------------------------
     def save_layer(self, index: int, weights: dict[str, torch.Tensor]) -> None:
-        """Write the pruned weights of layer ``index``; they count from the next :meth:`save_progress`."""
+        """Write the pruned weights of layer ``index``; they count from the next :meth:`save_progress`.
+        In a data-parallel run only rank 0 writes; the others wait."""
+        run_on_main_process(self._save_layer, index, weights)
+
+    def _save_layer(self, index: int, weights: dict[str, torch.Tensor]) -> None:
         if self._generation == 0:
             raise RuntimeError("PruningCheckpoint.save_progress must be called before the first save_layer")
         if index in self._layers:
@@ -308,7 +324,12 @@ class PruningCheckpoint:
 
     def save_progress(self, state: ResumeState, hidden: list[torch.Tensor] | None) -> None:
         """Persist ``hidden`` (the inputs of layer ``state.completed_layers``, if unfinished) under a new
-        generation's name, then the state that points at it; then delete what the previous state used."""
+        generation's name, then the state that points at it; then delete what the previous state used.
+        In a data-parallel run only rank 0 writes; the others wait."""
+        state.hidden_for_layer = state.completed_layers if hidden is not None else -1
+        run_on_main_process(self._save_progress, state, hidden)
+
+    def _save_progress(self, state: ResumeState, hidden: list[torch.Tensor] | None) -> None:
         generation = self._generation + 1
         hidden_record = None
         if hidden is not None:

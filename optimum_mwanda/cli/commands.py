@@ -66,7 +66,9 @@ def execute(command: str, args: argparse.Namespace, prog: str | None = None) -> 
     runner = RUNNERS[command]
     prog = prog or f"optimum-mwanda {command}"
     real_stdout = sys.stdout
-    with _logging(args.quiet, args.verbose):
+    # Under torchrun / accelerate launch only rank 0 reports (errors are still reported by every rank).
+    secondary = _environment_rank() != 0
+    with _logging(args.quiet or secondary, args.verbose):
         try:
             # With --json, stdout carries the JSON document only: route stray prints to stderr.
             redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
@@ -86,12 +88,22 @@ def execute(command: str, args: argparse.Namespace, prog: str | None = None) -> 
             hint = "" if args.verbose else " (run with --verbose for the traceback)"
             print(f"{prog}: failed: {type(err).__name__}: {err}{hint}", file=sys.stderr)
             return EXIT_FAILURE
+    if secondary:
+        return EXIT_OK
     if args.json:
         real_stdout.write(json.dumps(result.payload, indent=2, default=_json_default) + "\n")
     elif result.text:
         real_stdout.write(result.text.rstrip("\n") + "\n")
     real_stdout.flush()
     return EXIT_OK
+
+
+def _environment_rank() -> int:
+    """This process's rank under a multi-process launcher (``torchrun`` sets ``RANK``), else 0. Read from
+    the environment because the process group is only joined later, by the command."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0"))
 
 
 def _json_default(value: Any) -> Any:
@@ -353,65 +365,71 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
     )
 
     # -- run ------------------------------------------------------------------------------------------
-    model = _load_model(model_path, load_kwargs, args)
-    show_progress = not args.quiet
-    eval_results: dict[str, dict[str, float]] | None = None
-    if eval_texts is not None:
-        eval_results = {"before": _perplexities(model, tokenizer, eval_texts, args, "dense")}
-    pruner = Pruner(config)
-    report = pruner.prune_model(model, calibration, tokenizer=tokenizer, show_progress=show_progress)
-    logger.info(
-        "Pruned with %s: %.1f%% of the pruned weights are zero (%.1f s)",
-        report.method,
-        100 * report.achieved_sparsity,
-        report.timings.get("total", math.nan),
-    )
-    if eval_texts is not None:
-        assert eval_results is not None
-        eval_results["after"] = _perplexities(model, tokenizer, eval_texts, args, "pruned")
+    # Launched by torchrun / accelerate launch: join the process group; each rank prunes on its own device.
+    from ..distributed import launcher_process_group, local_device
 
-    card_kwargs = {"base_model": base_model, "license": license}
-    saved = None
-    if output_dir is not None:
-        saved = pruner.save_pretrained(
-            model,
-            output_dir,
-            tokenizer=tokenizer,
-            compressed=args.compressed,
-            eval_results=eval_results,
-            overwrite=args.overwrite,
-            **card_kwargs,
+    with launcher_process_group() as context:
+        if context.enabled and "device_map" not in load_kwargs and local_device().type == "cuda":
+            load_kwargs = {**load_kwargs, "device_map": {"": str(local_device())}}
+        model = _load_model(model_path, load_kwargs, args)
+        show_progress = not args.quiet
+        eval_results: dict[str, dict[str, float]] | None = None
+        if eval_texts is not None:
+            eval_results = {"before": _perplexities(model, tokenizer, eval_texts, args, "dense")}
+        pruner = Pruner(config)
+        report = pruner.prune_model(model, calibration, tokenizer=tokenizer, show_progress=show_progress)
+        logger.info(
+            "Pruned with %s: %.1f%% of the pruned weights are zero (%.1f s)",
+            report.method,
+            100 * report.achieved_sparsity,
+            report.timings.get("total", math.nan),
         )
-        logger.info("Saved the pruned model to %s", saved)
-    hub_info = None
-    if repo_id is not None:
-        logger.info("Pushing to the Hub repo %s", repo_id)
-        commit = pruner.push_to_hub(
-            model,
-            repo_id,
-            tokenizer=tokenizer,
-            eval_results=eval_results,
-            private=args.private,
-            token=token,
-            compressed=args.compressed,
-            **card_kwargs,
-        )
-        hub_info = {
-            "repo_id": repo_id,
-            "commit_url": getattr(commit, "commit_url", None),
-            "oid": getattr(commit, "oid", None),
+        if eval_texts is not None:
+            assert eval_results is not None
+            eval_results["after"] = _perplexities(model, tokenizer, eval_texts, args, "pruned")
+
+        card_kwargs = {"base_model": base_model, "license": license}
+        saved = None
+        if output_dir is not None:
+            saved = pruner.save_pretrained(
+                model,
+                output_dir,
+                tokenizer=tokenizer,
+                compressed=args.compressed,
+                eval_results=eval_results,
+                overwrite=args.overwrite,
+                **card_kwargs,
+            )
+            logger.info("Saved the pruned model to %s", saved)
+        hub_info = None
+        if repo_id is not None:
+            logger.info("Pushing to the Hub repo %s", repo_id)
+            commit = pruner.push_to_hub(
+                model,
+                repo_id,
+                tokenizer=tokenizer,
+                eval_results=eval_results,
+                private=args.private,
+                token=token,
+                compressed=args.compressed,
+                **card_kwargs,
+            )
+            hub_info = {
+                "repo_id": repo_id,
+                "commit_url": getattr(commit, "commit_url", None),
+                "oid": getattr(commit, "oid", None),
+            }
+            logger.info("Pushed: %s", hub_info["commit_url"] or repo_id)
+
+        payload = {
+            "command": "prune",
+            "model": model_ref.name,
+            "output_dir": str(saved) if saved is not None else None,
+            "hub": hub_info,
+            "eval_results": eval_results,
+            "report": report.to_dict(),
         }
-        logger.info("Pushed: %s", hub_info["commit_url"] or repo_id)
-
-    payload = {
-        "command": "prune",
-        "model": model_ref.name,
-        "output_dir": str(saved) if saved is not None else None,
-        "hub": hub_info,
-        "eval_results": eval_results,
-        "report": report.to_dict(),
-    }
-    return CommandResult(payload, _prune_text(report, saved, hub_info, eval_results))
+        return CommandResult(payload, _prune_text(report, saved, hub_info, eval_results))
 
 
 def _card_base_model(base_model: str | None, model: ModelReference) -> str | None:

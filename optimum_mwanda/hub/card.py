@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..calibration.languages import Language, normalize_language_tag, resolve_language, resolve_languages
+from ..distributed import main_process_only
 from ..evaluation.summary import MEAN_LABEL, geometric_mean
 from ..report import PruningReport
 from .identity import base_model_id, hub_ids, validate_repo_id
@@ -191,6 +192,7 @@ def _citations(report: PruningReport, languages: list[Language]) -> list[Citatio
 
 
 # -- plot ------------------------------------------------------------------------------------------------
+@main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def plot_layer_sparsity(report: PruningReport, path: str | os.PathLike) -> Path:
     """Write a PNG bar chart of achieved sparsity per decoder layer (with the target schedule) to ``path``."""
     import matplotlib

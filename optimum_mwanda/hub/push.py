@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..distributed import main_process_only
 from ..report import PruningReport
 from .atomic import MANIFEST_NAME
 from .identity import validate_repo_id
@@ -133,6 +134,7 @@ def resolve_token(token: str | bool | None) -> str:
     return token
 
 
+@main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def push_pruned_model(
     model,
     repo_id: str,

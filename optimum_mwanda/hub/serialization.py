@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration.languages import resolve_languages
+from ..distributed import main_process_only
 from ..modeling.offload import offload_source_folders
 from ..report import PruningReport
 from ..version import __version__
@@ -145,6 +146,7 @@ def _rewrite_sparsity_config(config_path: Path, **updates: Any) -> None:
     write_file(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+@main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def save_pruned_model(
     model,
     save_directory: str | os.PathLike,
@@ -282,6 +284,7 @@ def load_eval_results(folder: str | os.PathLike) -> dict[str, dict[str, float]] 
     return _check_eval_results({"after": after})
 
 
+@main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def rewrite_model_card(
     folder: str | os.PathLike,
     *,

@@ -26,19 +26,14 @@ class FeatureStatistics:
         track_mean: bool = False,
         sketch_width: int = 0,
     ):
-        self.sum_squares = torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
+        def zeros() -> torch.Tensor:
+            return torch.zeros(num_languages, in_features, dtype=torch.float64, device=device)
+
+        self.sum_squares = zeros()
         self.tokens = torch.zeros(num_languages, dtype=torch.float64, device=device)
-        self.active = (
-            torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
-            if track_activation
-            else None
-        )
+        self.active = zeros() if track_activation else None
         self.activation_threshold = activation_threshold
-        self.sum = (
-            torch.zeros(num_languages, in_features, dtype=torch.float32, device=device)
-            if track_mean
-            else None
-        )
+        self.sum = zeros() if track_mean else None
         self.sketch = CovarianceSketch(in_features, sketch_width, device=device) if sketch_width else None
 
     def update(self, x: torch.Tensor, language: torch.Tensor) -> None:
@@ -50,30 +45,46 @@ class FeatureStatistics:
         # Non-finite inputs are not checked here (a full pass per update): NaN/inf propagate into the
         # sums, which the pruner checks once before scoring.
         squares = x * x
-        self.sum_squares.index_add_(0, language, squares)
+        self.sum_squares.index_add_(0, language, squares.double())
         self.tokens.index_add_(0, language, torch.ones_like(language, dtype=torch.float64))
         if self.sum is not None:
-            self.sum.index_add_(0, language, x)
+            self.sum.index_add_(0, language, x.double())
         if self.sketch is not None:
             self.sketch.update(x)
         if self.active is not None:
             # A feature is active on a token when it stands out from that token's typical magnitude:
             # |x_tj| > threshold * rms(x_t). Relative to the token so that scale differences between
-            # tokens and layers do not decide activity.
+            # tokens and layers do not decide activity. (A per-token quantity: independent of batching.)
             rms = squares.mean(dim=1, keepdim=True).sqrt()
-            active = (x.abs() > self.activation_threshold * rms).float()
+            active = (x.abs() > self.activation_threshold * rms).double()
             self.active.index_add_(0, language, active)
+
+    def raw_sums(self) -> dict[str, torch.Tensor]:
+        """The raw (un-normalised, float64) accumulators by name: adding two statistics' raw sums gives the
+        statistic of both token sets together."""
+        sums = {"sum_squares": self.sum_squares, "tokens": self.tokens}
+        if self.sum is not None:
+            sums["sum"] = self.sum
+        if self.active is not None:
+            sums["active"] = self.active
+        if self.sketch is not None:
+            sums["sketch"] = self.sketch.sketch
+        return sums
+
+    def load_raw_sums(self, sums: dict[str, torch.Tensor]) -> None:
+        """Replace the accumulators with ``sums`` (same names and shapes as :meth:`raw_sums`)."""
+        _load_sums(self.raw_sums(), sums)
 
     @property
     def pooled_norm(self) -> torch.Tensor:
         """``[in]``: root-mean-square activation over all tokens of all languages."""
-        total = self.tokens.sum().clamp_min(1.0).float()
-        return (self.sum_squares.sum(dim=0) / total).sqrt()
+        total = self.tokens.sum().clamp_min(1.0)
+        return (self.sum_squares.sum(dim=0) / total).sqrt().float()
 
     @property
     def language_norms(self) -> torch.Tensor:
         """``[L, in]``: root-mean-square activation per language."""
-        return (self.sum_squares / self.tokens.clamp_min(1.0).float().unsqueeze(1)).sqrt()
+        return (self.sum_squares / self._per_language_count()).sqrt().float()
 
     @property
     def language_shares(self) -> torch.Tensor:
@@ -86,51 +97,87 @@ class FeatureStatistics:
         """``[L, in]``: mean activation per language."""
         if self.sum is None:
             raise RuntimeError("means were not tracked for this statistic")
-        return self.sum / self.tokens.clamp_min(1.0).float().unsqueeze(1)
+        return (self.sum / self._per_language_count()).float()
 
     @property
     def language_second_moments(self) -> torch.Tensor:
         """``[L, in]``: mean squared activation per language."""
-        return self.sum_squares / self.tokens.clamp_min(1.0).float().unsqueeze(1)
+        return (self.sum_squares / self._per_language_count()).float()
 
     @property
     def pooled_mean(self) -> torch.Tensor:
         """``[1, in]``: mean activation over all tokens of all languages."""
         if self.sum is None:
             raise RuntimeError("means were not tracked for this statistic")
-        return (self.sum.sum(dim=0) / self.tokens.sum().clamp_min(1.0).float()).unsqueeze(0)
+        return (self.sum.sum(dim=0) / self.tokens.sum().clamp_min(1.0)).unsqueeze(0).float()
 
     @property
     def pooled_second_moment(self) -> torch.Tensor:
         """``[1, in]``: mean squared activation over all tokens of all languages."""
-        return (self.sum_squares.sum(dim=0) / self.tokens.sum().clamp_min(1.0).float()).unsqueeze(0)
+        return (self.sum_squares.sum(dim=0) / self.tokens.sum().clamp_min(1.0)).unsqueeze(0).float()
 
     @property
     def activation_probability(self) -> torch.Tensor:
         """``[L, in]``: share of each language's tokens on which a feature is active."""
         if self.active is None:
             raise RuntimeError("activation probability was not tracked for this statistic")
-        return self.active / self.tokens.clamp_min(1.0).float().unsqueeze(1)
+        return (self.active / self._per_language_count()).float()
+
+    def _per_language_count(self) -> torch.Tensor:
+        return self.tokens.clamp_min(1.0).unsqueeze(1)
 
 
 class HessianStatistics:
-    """``H = 2 X^T X / T`` accumulated in float32 for SparseGPT, plus Wanda-style norms for schedules."""
+    """``H = 2 X^T X / T`` for SparseGPT (the raw ``X^T X`` summed in float64), plus Wanda-style norms for
+    schedules."""
 
     def __init__(self, in_features: int, num_languages: int, device: torch.device | str = "cpu"):
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.hessian_sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.token_count = torch.zeros(1, dtype=torch.float64, device=device)
         self.features = FeatureStatistics(in_features, num_languages, device=device)
-        self.count = 0
+        self._hessian: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        """Tokens seen."""
+        return int(self.token_count.item())
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``[in, in]`` float32: ``2 X^T X / T`` over the tokens seen so far."""
+        if self._hessian is None:
+            self._hessian = (self.hessian_sum * (2.0 / max(self.count, 1))).float()
+        return self._hessian
 
     def update(self, x: torch.Tensor, language: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
         self.features.update(x, language)
-        x = x.to(device=self.hessian.device, dtype=torch.float32)
-        # Running mean keeps H on the same scale whatever the number of tokens.
-        new_count = self.count + x.shape[0]
-        self.hessian.mul_(self.count / new_count)
-        self.hessian.addmm_(x.t(), x, alpha=2.0 / new_count)
-        self.count = new_count
+        x = x.to(device=self.hessian_sum.device, dtype=torch.float32).double()
+        self.hessian_sum.addmm_(x.t(), x)
+        self.token_count += x.shape[0]
+        self._hessian = None
+
+    def raw_sums(self) -> dict[str, torch.Tensor]:
+        """Raw float64 accumulators (see :meth:`FeatureStatistics.raw_sums`)."""
+        sums = {"hessian_sum": self.hessian_sum, "token_count": self.token_count}
+        sums.update({f"features.{k}": v for k, v in self.features.raw_sums().items()})
+        return sums
+
+    def load_raw_sums(self, sums: dict[str, torch.Tensor]) -> None:
+        _load_sums(self.raw_sums(), sums)
+        self._hessian = None
+
+
+def _load_sums(current: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    if set(sums) != set(current):
+        raise ValueError(f"raw sums {sorted(sums)} do not match this statistic's {sorted(current)}")
+    for name, tensor in current.items():
+        if sums[name].shape != tensor.shape:
+            raise ValueError(
+                f"raw sum {name!r} has shape {tuple(sums[name].shape)}, not {tuple(tensor.shape)}"
+            )
+        tensor.copy_(sums[name])
 
 
 class CovarianceSketch:

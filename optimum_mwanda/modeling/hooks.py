@@ -62,6 +62,33 @@ class LayerStatisticsCollector:
                 grouped[self.group_of[module.name]].append(module)
         return grouped
 
+    def layout(self) -> list[tuple[list[str], int]]:
+        """The shared-input groups found so far as ``[(module names, in_features)]``, in group order."""
+        return [([m.name for m in group], group[0].in_features) for group in self.groups]
+
+    def adopt_layout(self, layout: list[tuple[list[str], int]]) -> None:
+        """Give this collector the groups ``layout`` describes, with empty statistics where it saw no batch.
+
+        Used by data-parallel runs: a process whose shard held no calibration sequence never ran its hooks,
+        yet must take part in summing the statistics. A collector that did see batches must have found the
+        very same groups.
+        """
+        if self.statistics:
+            if self.layout() != layout:
+                raise RuntimeError(
+                    f"shared-input groups differ between processes: {self.layout()} here, {layout} elsewhere"
+                )
+            return
+        by_name = {m.name: m for m in self.modules}
+        for names, in_features in layout:
+            index = len(self.statistics)
+            for name in names:
+                self.group_of[name] = index
+            device = by_name[names[0]].device
+            self.statistics.append(self.new_statistic(in_features, device))
+            if self.new_negative_statistic is not None:
+                self.negative_statistics.append(self.new_negative_statistic(in_features, device))
+
     def set_batch(
         self, attention_mask: torch.Tensor, language_per_sequence: torch.Tensor, negative: bool = False
     ):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .activations import ActivationStore
 from .capture import CapturedInputs, capture_layer_inputs
 from .decoder import DecoderStack
@@ -89,6 +90,12 @@ class SequentialWalk:
         """
         config = self.algorithm.config
         resume = self.checkpoint.load_state() if self.checkpoint is not None else None
+        # Data-parallel: every rank read the same state (the folder must be shared) before rank 0 writes.
+        distributed.check_same_run(
+            None if resume is None else (resume.completed_layers, resume.layer_sparsity),
+            what="found another state in checkpoint_dir than rank 0: it must be a folder every rank sees",
+        )
+        self._has_negative = negative is not None
         was_training = self.model.training
         self.model.eval()
         self.timings = {"statistics": 0.0, "pruning": 0.0, "propagation": 0.0}
@@ -96,14 +103,17 @@ class SequentialWalk:
         try:
             # 1. What every decoder layer is called with, for the main, negative and signal batches.
             t = time.perf_counter()
-            batches = calibration.batches(config.batch_size)
-            negative_batches = negative.batches(config.batch_size) if negative is not None else []
+            # Data-parallel: each rank captures and propagates its own shard of every set.
+            batches = distributed.local_batches(calibration, config.batch_size)
+            negative_batches = (
+                distributed.local_batches(negative, config.batch_size) if negative is not None else []
+            )
             needs_signal = self.algorithm.schedule_signal is not None and not (
                 resume and resume.layer_sparsity
             )
             signal_batches = (
-                calibration.first_per_language(config.layerwise_samples_per_language).batches(
-                    config.batch_size
+                distributed.local_batches(
+                    calibration.first_per_language(config.layerwise_samples_per_language), config.batch_size
                 )
                 if needs_signal
                 else []
@@ -168,7 +178,7 @@ class SequentialWalk:
         state.layer_sparsity, state.layerwise_signal = list(layer_sparsity), list(signal)
         first_layer = state.completed_layers
         if first_layer:
-            self._restore_checkpointed_layers(first_layer, hidden)
+            self._restore_checkpointed_layers(first_layer, hidden, captured, state)
         elif checkpoint is not None:
             checkpoint.save_progress(state, None)  # the schedule, so a resume skips the signal pass
 
@@ -200,7 +210,9 @@ class SequentialWalk:
                     self._propagate(index, layer, captured, hidden, len(batches))
                 if checkpoint is not None:
                     state.completed_layers = index + 1
-                    checkpoint.save_progress(state, None if last else hidden.as_list())
+                    # A data-parallel rank holds only its shard's activations: resumes recompute them.
+                    keep_hidden = not last and not distributed.current_context().enabled
+                    checkpoint.save_progress(state, hidden.as_list() if keep_hidden else None)
                 progress.update(1)
 
         return WalkResult(
@@ -212,7 +224,9 @@ class SequentialWalk:
             resumed_from_layer=first_layer,
         )
 
-    def _restore_checkpointed_layers(self, completed: int, hidden: ActivationStore) -> None:
+    def _restore_checkpointed_layers(
+        self, completed: int, hidden: ActivationStore, captured: CapturedInputs, state: ResumeState
+    ) -> None:
         """Resume: re-apply the finished layers' pruned weights and reload the next layer's inputs."""
         for index in range(completed):
             saved = self.checkpoint.load_layer(index)
@@ -220,9 +234,17 @@ class SequentialWalk:
                 weight = module.read_weight()
                 self._remember(module, weight)
                 module.write_weight(saved[module.name].to(weight.dtype))
-        if completed < self.num_layers:
+        if completed >= self.num_layers:
+            return
+        if state.hidden_saved and not distributed.current_context().enabled:
             for b, tensor in enumerate(self.checkpoint.load_hidden()):
                 hidden[b] = tensor
+            return
+        # No saved activations (a data-parallel run saves none): rerun the finished, pruned layers.
+        with torch.no_grad():
+            for index in range(completed):
+                for b in range(len(hidden)):
+                    hidden[b] = captured.call(hidden[b], self.stack.layers[index], index, b)
 
     def _remember(self, module: PrunableLinear, weight: torch.Tensor) -> None:
         self._originals.setdefault(module.name, (module, weight.detach().to("cpu", copy=True)))
@@ -248,13 +270,14 @@ class SequentialWalk:
         collector = LayerStatisticsCollector(
             modules,
             lambda n, device: algorithm.new_statistic(n, num_languages, device),
-            algorithm.new_negative_statistic if len(batches) > n_main else None,
+            algorithm.new_negative_statistic if self._has_negative else None,
         )
         with collector.attached(), torch.no_grad():
             for b, batch in enumerate(batches):
                 collector.set_batch(batch["attention_mask"], batch["language"], negative=b >= n_main)
                 collector.run(captured.call, hidden[b], layer, index, b)
                 collector.end_batch()
+        distributed.synchronise_collector(collector)  # data-parallel: sums over every rank's shard
         self.timings["statistics"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -268,6 +291,7 @@ class SequentialWalk:
             new_weights = algorithm.prune_group(
                 group[0].name, weights, collector.statistic_for(group[0]), negative, sparsity
             )
+            distributed.synchronise_weights(new_weights)  # identical on every rank (checked)
             for module, weight, new_weight in zip(group, weights, new_weights):
                 self._remember(module, weight)
                 new_weight = new_weight.to(weight.dtype)
@@ -319,6 +343,7 @@ class SequentialWalk:
                     collector.set_batch(batch["attention_mask"], batch["language"])
                     hidden[i] = captured.call(hidden[i], layer, index, first_batch + i)
                     collector.end_batch()
+            distributed.synchronise_collector(collector)
             signal.append(
                 self.algorithm.layer_signal(
                     [m.read_weight() for m in modules],

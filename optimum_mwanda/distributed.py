@@ -1,0 +1,390 @@
+"""Data-parallel calibration over ``torch.distributed``.
+
+When a process group is initialised (by ``torchrun``, ``accelerate launch`` or the caller), every rank
+runs the same ``Pruner.prune_model`` call on the same model and calibration set. Each rank captures and
+propagates only its shard of the calibration sequences; the raw sums every method accumulates (see
+``methods.statistics``) are added over all ranks before any mask or weight update is computed, so all
+ranks compute the same new weights, and only rank 0 writes files.
+
+Why the result equals a single-process run: a sequence's hidden states do not depend on which other
+sequences share its batch, the statistics are sums over tokens accumulated in float64 (products of float32
+values are exact there, so the order of the additions only moves the last float64 bits, which the float32
+statistics derived from them do not see), and the sums are all-reduced in float64. What remains is checked,
+not assumed: after each layer the ranks compare a checksum of their new weights and rank 0's weights are
+broadcast if they differ.
+
+Everything here is a no-op when no process group is initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Set while rank 0 runs a function for all ranks, so that a nested guarded call (a push that saves) runs
+# plainly instead of waiting for ranks that are not there.
+_on_main = threading.local()
+
+
+class DistributedMismatchError(RuntimeError):
+    """Ranks were given different models, configs or calibration data."""
+
+
+class MainProcessError(RuntimeError):
+    """What rank 0 was doing on behalf of all ranks (a write, a push) failed there."""
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in the process group.
+
+    Attributes:
+        rank: this process's rank (0 without a process group).
+        world_size: number of processes (1 without a process group).
+        backend: the process group's backend (``"gloo"``, ``"nccl"``...) or ``None``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """A process group is initialised (even of one process: the collectives then run, trivially)."""
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """The device collectives run on: the current CUDA device for NCCL, else the CPU."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def current_context() -> DistributedContext:
+    """The default process group's rank and world size (rank 0 of 1 when there is none)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistributedContext()
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
+
+
+def is_main_process() -> bool:
+    """``True`` on rank 0 and in single-process runs."""
+    return current_context().is_main
+
+
+def local_device() -> torch.device:
+    """This rank's compute device: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def launched_distributed() -> bool:
+    """The environment of a multi-process launch (``torchrun``, ``accelerate launch``): ``WORLD_SIZE > 1``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def initialize_from_environment(
+    backend: str | None = None, timeout: datetime.timedelta | None = None
+) -> DistributedContext:
+    """Initialise the default process group from a launcher's environment variables, if there are any.
+
+    ``torchrun`` and ``accelerate launch`` set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``; this joins that group (``nccl`` when CUDA is available, else ``gloo``) and selects
+    ``cuda:LOCAL_RANK``. Does nothing when a group already exists or the launch is single-process.
+    """
+    dist = torch.distributed
+    if dist.is_available() and not dist.is_initialized() and launched_distributed():
+        device = local_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        kwargs: dict[str, Any] = {"backend": backend or ("nccl" if device.type == "cuda" else "gloo")}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        if kwargs["backend"] == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+    return current_context()
+
+
+@contextlib.contextmanager
+def launcher_process_group(backend: str | None = None) -> Iterator[DistributedContext]:
+    """:func:`initialize_from_environment` for the duration of a ``with`` block; a group this call joined
+    is destroyed at its end (one that already existed is left to its owner)."""
+    dist = torch.distributed
+    already = dist.is_available() and dist.is_initialized()
+    context = initialize_from_environment(backend)
+    try:
+        yield context
+    finally:
+        if context.enabled and not already:
+            dist.destroy_process_group()
+
+
+# -- sharding -----------------------------------------------------------------------------------------
+def shard_sequences(languages: Sequence[str], rank: int, world_size: int) -> list[int]:
+    """Indices of the calibration sequences rank ``rank`` of ``world_size`` handles, in ascending order.
+
+    Sequences are dealt round-robin, language by language (languages in order of first appearance, each
+    language's sequences in their order), with one counter running across languages: every rank gets each
+    language's sequences in turn, and the ranks' totals (and per-language counts) differ by at most one.
+    A language with fewer sequences than ranks, or a whole set smaller than the world, leaves some ranks
+    without any of it; rank 0 always gets the first sequence. The same inputs always give the same shards,
+    and the shards of all ranks are disjoint and cover every sequence.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not a rank of a world of {world_size}")
+    positions: dict[str, list[int]] = {}
+    for index, language in enumerate(languages):
+        positions.setdefault(language, []).append(index)
+    mine: list[int] = []
+    counter = 0
+    for indices in positions.values():
+        for index in indices:
+            if counter % world_size == rank:
+                mine.append(index)
+            counter += 1
+    return sorted(mine)
+
+
+def local_indices(languages: Sequence[str], context: DistributedContext | None = None) -> torch.Tensor:
+    """:func:`shard_sequences` for this process, as a ``LongTensor`` (all sequences in one process)."""
+    context = context or current_context()
+    return torch.tensor(shard_sequences(languages, context.rank, context.world_size), dtype=torch.long)
+
+
+def local_batches(calibration: Any, batch_size: int, context: DistributedContext | None = None) -> list[dict]:
+    """This rank's batches of a ``CalibrationSet``: :meth:`CalibrationSet.batches` of its shard, with each
+    sequence's language index that of the full set (so per-language statistics line up across ranks)."""
+    context = context or current_context()
+    if not context.enabled:
+        return calibration.batches(batch_size)
+    calibration.batches(batch_size)  # validates batch_size
+    index = local_indices(calibration.languages, context)
+    input_ids, attention_mask = calibration.input_ids[index], calibration.attention_mask[index]
+    language = calibration.language_index[index]
+    return [
+        {
+            "input_ids": input_ids[start : start + batch_size],
+            "attention_mask": attention_mask[start : start + batch_size],
+            "language": language[start : start + batch_size],
+        }
+        for start in range(0, len(index), batch_size)
+    ]
+
+
+# -- agreement between ranks --------------------------------------------------------------------------
+def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A cheap digest of a model's weights: names, shapes, dtypes and a strided sample of every tensor.
+
+    Catches ranks that loaded another checkpoint or seed without reading every weight (parameters
+    offloaded by Accelerate, on the ``meta`` device, contribute their name and shape only).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float64)
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+_SAME_RUN_HINT = (
+    "were given a different model, pruning config or calibration set than rank 0 (run fingerprints "
+    "differ): every rank must call prune_model with the same model weights, config and calibration data"
+)
+
+
+def check_same_run(
+    fingerprint: Any, context: DistributedContext | None = None, what: str = _SAME_RUN_HINT
+) -> None:
+    """Refuse to go on unless every rank computed the same ``fingerprint`` (model, config, calibration).
+
+    Raises :class:`DistributedMismatchError` on every rank, naming the ranks that differ from rank 0
+    (``what`` completes the message). Nothing has been changed when it raises.
+    """
+    context = context or current_context()
+    if not context.enabled:
+        return
+    gathered: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(gathered, fingerprint)
+    differing = [rank for rank, value in enumerate(gathered) if value != gathered[0]]
+    if differing:
+        raise DistributedMismatchError(
+            f"rank(s) {differing} of {context.world_size} {what}. Nothing was pruned."
+        )
+
+
+# -- reduction of statistics --------------------------------------------------------------------------
+def _to_comm(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    return tensor.to(device=context.device, dtype=torch.float64).contiguous()
+
+
+def all_reduce_statistics(statistics: Sequence[Any], context: DistributedContext | None = None) -> int:
+    """Sum the raw float64 accumulators of ``statistics`` (``raw_sums``/``load_raw_sums``) over all ranks.
+
+    Small accumulators are packed into one buffer per statistic (one collective); each is reduced in
+    float64 so that the sum of the ranks' partial sums matches a single process's sum. Returns the bytes
+    all-reduced (0 in a single process).
+    """
+    context = context or current_context()
+    if not context.enabled:
+        return 0
+    total = 0
+    for statistic in statistics:
+        sums = statistic.raw_sums()
+        names = list(sums)
+        flat = torch.cat([_to_comm(sums[name], context).reshape(-1) for name in names])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        total += flat.numel() * flat.element_size()
+        reduced, offset = {}, 0
+        for name in names:
+            tensor = sums[name]
+            reduced[name] = flat[offset : offset + tensor.numel()].view(tensor.shape).to(tensor.device)
+            offset += tensor.numel()
+        del flat
+        statistic.load_raw_sums(reduced)
+    return total
+
+
+def synchronise_collector(collector: Any, context: DistributedContext | None = None) -> int:
+    """Give every rank the same shared-input groups, then sum the statistics of ``collector``
+    (a ``modeling.LayerStatisticsCollector``) over all ranks. Returns the bytes all-reduced.
+
+    A rank whose shard held no sequence found no groups: it adopts the layout of a rank that did.
+    """
+    context = context or current_context()
+    if not context.enabled:
+        return 0
+    layouts: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(layouts, collector.layout())
+    found = [layout for layout in layouts if layout]
+    if found:
+        reference = found[0]
+        if any(layout != reference for layout in found):
+            raise DistributedMismatchError(
+                "the ranks' decoder layers grouped their linear modules differently: different models?"
+            )
+        collector.adopt_layout(reference)
+    sent = all_reduce_statistics(collector.statistics, context)
+    sent += all_reduce_statistics(collector.negative_statistics, context)
+    return sent
+
+
+# -- identical weights on every rank ------------------------------------------------------------------
+def _checksum(tensor: torch.Tensor) -> int:
+    """An exact, position-sensitive integer checksum of a tensor's bits, computed on its own device."""
+    data = tensor.detach().contiguous().reshape(-1)
+    if data.element_size() == 2:
+        bits = data.view(torch.int16).long()
+    elif data.element_size() == 4:
+        bits = data.view(torch.int32).long()
+    elif data.element_size() == 8:
+        bits = data.view(torch.int64)
+    else:
+        bits = data.view(torch.uint8).long()
+    position = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 1_000_003 + 1
+    return int((bits * position).sum()) ^ bits.numel()
+
+
+def synchronise_weights(tensors: Sequence[torch.Tensor], context: DistributedContext | None = None) -> bool:
+    """Make ``tensors`` (in place) equal to rank 0's on every rank.
+
+    Every rank computed them from the same reduced statistics, so they are normally bit-identical already:
+    only a checksum per tensor is exchanged. If any rank differs, rank 0's tensors are broadcast. Returns
+    ``True`` when they were already identical (and in a single process).
+    """
+    context = context or current_context()
+    if not context.enabled or not tensors:
+        return True
+    sums = torch.tensor([_checksum(t) for t in tensors], dtype=torch.int64, device=context.device)
+    gathered = [torch.empty_like(sums) for _ in range(context.world_size)]
+    torch.distributed.all_gather(gathered, sums)
+    if all(torch.equal(g, gathered[0]) for g in gathered):
+        return True
+    logger.warning("ranks computed different pruned weights; using rank 0's (broadcast)")
+    for tensor in tensors:
+        buffer = tensor.detach().to(context.device).contiguous()
+        torch.distributed.broadcast(buffer, src=0)
+        tensor.copy_(buffer.to(tensor.device))
+    return False
+
+
+# -- rank 0 writes ------------------------------------------------------------------------------------
+def barrier(context: DistributedContext | None = None) -> None:
+    context = context or current_context()
+    if context.enabled:
+        torch.distributed.barrier()
+
+
+def broadcast_object(value: Any, context: DistributedContext | None = None) -> Any:
+    """Rank 0's ``value`` on every rank (pickled)."""
+    context = context or current_context()
+    if not context.enabled:
+        return value
+    box = [value if context.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_on_main_process(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``function`` on rank 0 only; every other rank waits for it and gets its result.
+
+    If it fails on rank 0, the other ranks raise :class:`MainProcessError` instead of waiting forever. In a
+    single process this is a plain call.
+    """
+    context = current_context()
+    if not context.enabled or getattr(_on_main, "active", False):
+        return function(*args, **kwargs)
+    if context.is_main:
+        _on_main.active = True
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as error:
+            broadcast_object(("error", f"{type(error).__name__}: {error}"), context)
+            raise
+        finally:
+            _on_main.active = False
+        try:
+            broadcast_object(("ok", result), context)
+        except Exception:  # an unpicklable result: the others learn it succeeded
+            broadcast_object(("ok", None), context)
+        return result
+    status, payload = broadcast_object(None, context)
+    if status == "error":
+        raise MainProcessError(f"rank 0 failed: {payload}")
+    return payload
+
+
+def main_process_only(function: Callable[..., T]) -> Callable[..., T]:
+    """Decorator form of :func:`run_on_main_process` (for the functions that write files or push)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        return run_on_main_process(function, *args, **kwargs)
+
+    return wrapper
