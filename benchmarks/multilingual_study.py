@@ -188,9 +188,23 @@ def parse_config_name(name: str) -> StudyConfig:
     except TypeError as err:
         raise ValueError(f"{name!r}: {err}") from err
     # Options equal to the method's defaults are dropped, so one configuration has one name (and cache key).
-    defaults = type(built)(sparsity=sparsity)
-    kept = tuple((k, v) for k, v in config.options if getattr(defaults, k) != v)
+    kept = non_default_options(type(built), sparsity, dict(config.options))
     return dataclasses.replace(config, options=kept)
+
+
+def non_default_options(cls: type, sparsity: float, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """``options`` (sorted) without those equal to what ``cls`` resolves them to given the *other* options.
+
+    Some defaults depend on other fields (``layerwise=None`` resolves to "uniform" under an N:M structure,
+    ``compensation_rank=None`` to 0 without a compensation), so each option is compared with the value the
+    config takes when that option alone is left out.
+    """
+    kept = []
+    for key, value in sorted(options.items()):
+        others = {k: v for k, v in options.items() if k != key}
+        if getattr(cls(sparsity=sparsity, **others), key) != value:
+            kept.append((key, value))
+    return tuple(kept)
 
 
 def expand_config_names(
@@ -396,7 +410,7 @@ def settings_key(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # Fields added to a config after results were cached, with the behaviour the code had before them.
-_LEGACY_VALUES: dict[str, dict[str, Any]] = {"mwanda": {"mean_compensation": "none"}}
+_LEGACY_VALUES: dict[str, dict[str, Any]] = {"mwanda": {"mean_compensation": "none", "compensation_rank": 0}}
 
 # Config fields that are study settings (recorded in ``settings_key``), not part of a configuration's name.
 _SETTING_FIELDS = {"method", "sparsity", "samples_per_language", "calibration_seq_len", "batch_size", "seed"}
@@ -415,18 +429,17 @@ def canonical_name(key: str, record: Mapping[str, Any]) -> str:
     from optimum_mwanda.configuration import config_class_for_method
 
     cls = config_class_for_method(config["method"])
-    defaults = cls(sparsity=config["sparsity"]).to_dict()
+    fields = cls(sparsity=config["sparsity"]).to_dict()
     # A field added after a record was written did not exist then: the record ran with its legacy value.
     config = {**_LEGACY_VALUES.get(config["method"], {}), **config}
     options = {
         k: v
         for k, v in config.items()
-        if k not in _SETTING_FIELDS and k != "optimum_mwanda_version" and k in defaults and defaults[k] != v
+        if k not in _SETTING_FIELDS and k != "optimum_mwanda_version" and k in fields
     }
     english_only = key.startswith("wanda-en")
-    return StudyConfig(
-        config["method"], config["sparsity"], tuple(sorted(options.items())), english_only
-    ).name
+    kept = non_default_options(cls, config["sparsity"], options)
+    return StudyConfig(config["method"], config["sparsity"], kept, english_only).name
 
 
 def load_cache(path: Path) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class PruningConfig:
     method: ClassVar[str] = "base"
     allowed_layerwise: ClassVar[tuple[str, ...]] = ("uniform", "depth", "owl")
     default_layerwise: ClassVar[str] = "uniform"
+    #: fields added after configs were first written, with the value a dict written without them ran with
+    fields_added_later: ClassVar[dict[str, Any]] = {}
 
     sparsity: float = 0.5
     mask_structure: str = "unstructured"
@@ -180,7 +182,7 @@ class PruningConfig:
         """Rebuild a config. On the base class, ``data["method"]`` picks the subclass."""
         data = dict(data)
         method = data.pop("method", None)
-        data.pop("optimum_mwanda_version", None)
+        written_by_package = data.pop("optimum_mwanda_version", None) is not None
         target = cls
         if cls is PruningConfig:
             if method is None:
@@ -189,6 +191,10 @@ class PruningConfig:
         elif method is not None and method != cls.method:
             raise ValueError(f"{cls.__name__} cannot load a config for method {method!r}")
         known = {f.name for f in dataclasses.fields(target)}
+        if written_by_package:
+            # A dict our own to_dict wrote before a field existed ran with that field's old behaviour, not
+            # with today's default: rebuilding it must not claim a setting the run never had.
+            data = {**target.fields_added_later, **data}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown {target.__name__} fields: {unknown}")
@@ -278,8 +284,10 @@ class MWandaConfig(WandaConfig):
         compensation_rank: restore more than the means: the compensation also keeps each row's output along
             the top ``compensation_rank`` principal directions of the pooled within-language input
             covariance (found from a randomized sketch collected in the same pass; ``0``: means only).
-            Between today's means-only update and SparseGPT's full-covariance one, at a per-row cost of one
-            ``(L + r) x (L + r)`` solve. See :func:`optimum_mwanda.methods.low_rank_compensation`.
+            Between the means-only update and SparseGPT's full-covariance one, at a per-row cost of one
+            ``(L + r) x (L + r)`` solve. ``None`` (default) resolves to ``default_compensation_rank`` (32)
+            with a compensation and to 0 with ``mean_compensation="none"``. See
+            :func:`optimum_mwanda.methods.low_rank_compensation`.
     """
 
     method: ClassVar[str] = "mwanda"
@@ -294,8 +302,12 @@ class MWandaConfig(WandaConfig):
     activation_threshold: float = 3.0
     cwl_protect: str = "specific"
     mean_compensation: str = "language"
-    compensation_rank: int = 0
+    compensation_rank: int | None = None
 
+    #: ``compensation_rank=None`` resolves to this with a compensation (0 with ``mean_compensation="none"``):
+    #: r = 32 measured best on Gemma 3 270M (docs/mwanda.md, round 3), at 1.13x Wanda's prune time.
+    default_compensation_rank: ClassVar[int] = 32
+    fields_added_later: ClassVar[dict[str, Any]] = {"mean_compensation": "none", "compensation_rank": 0}
     #: extra columns of the randomized sketch beyond ``compensation_rank`` (accuracy of the directions)
     sketch_oversampling: ClassVar[int] = 16
 
@@ -312,6 +324,8 @@ class MWandaConfig(WandaConfig):
             raise ValueError(
                 f"mean_compensation must be one of {list(MEAN_COMPENSATIONS)}, got {self.mean_compensation!r}"
             )
+        if self.compensation_rank is None:
+            self.compensation_rank = self.default_compensation_rank if self.mean_compensation != "none" else 0
         rank = self.compensation_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"compensation_rank must be a non-negative integer, got {rank!r}")

@@ -216,6 +216,30 @@ def test_sketched_directions_match_the_exact_covariance():
     assert overlap > 0.99
 
 
+def test_sketch_summed_per_sequence_does_not_depend_on_the_batching():
+    """Data-parallel shards and batch sizes group sequences differently: per-sequence products make the
+    sketch (and so the low-rank directions) the same up to float64 rounding; whole-batch float32 products
+    would not be."""
+    torch.manual_seed(0)
+    sequences = torch.randn(6, 64, 96) * torch.linspace(0.2, 3.0, 96)
+    language = torch.zeros(64, dtype=torch.long)
+
+    def sketch(groups, sequence_length):
+        stats = FeatureStatistics(96, 1, track_mean=True, sketch_width=24)
+        for group in groups:
+            rows = sequences[list(group)].reshape(-1, 96)
+            stats.update(rows, language.repeat(len(group)), sequence_length)
+        return stats.sketch.sketch
+
+    together = sketch([range(6)], 64)
+    for grouping in ([[0, 2, 4], [1, 3, 5]], [[5], [0, 1], [2, 3, 4]]):
+        regrouped = sketch(grouping, 64)
+        assert ((regrouped - together).abs() / together.abs().max()).max() < 1e-13
+    # The same regrouping with one float32 product per batch moves the sketch in float32's last digits.
+    batched = sketch([[0, 2, 4], [1, 3, 5]], 192)
+    assert ((batched - sketch([range(6)], 384)).abs() / together.abs().max()).max() > 1e-12
+
+
 def test_more_directions_lower_held_out_error_and_keep_structure():
     """On inputs with shared low-rank structure, restoring the top directions as well as the means lowers
     the held-out output error in every language; zeros (and 2:4) are kept exactly."""

@@ -112,6 +112,32 @@ def test_default_layer_schedule_is_resolved_per_method():
         WandaConfig(layerwise="cwl")
 
 
+def test_default_compensation_rank_is_resolved_from_the_compensation():
+    from optimum_mwanda import MWandaConfig
+
+    assert MWandaConfig().compensation_rank == MWandaConfig.default_compensation_rank == 32
+    assert MWandaConfig(mean_compensation="pooled").compensation_rank == 32
+    # Without a compensation there is nothing to extend: the default is 0, an explicit rank is an error.
+    assert MWandaConfig(mean_compensation="none").compensation_rank == 0
+    with pytest.raises(ValueError, match="needs a compensation"):
+        MWandaConfig(mean_compensation="none", compensation_rank=8)
+    assert MWandaConfig(compensation_rank=0).compensation_rank == 0
+    data = MWandaConfig().to_dict()
+    assert data["compensation_rank"] == 32 and MWandaConfig.from_dict(data) == MWandaConfig()
+
+
+def test_configs_written_before_a_field_existed_rebuild_with_the_behaviour_they_ran_with():
+    from optimum_mwanda import MWandaConfig, PruningConfig
+
+    written = MWandaConfig(sparsity=0.6).to_dict()
+    del written["compensation_rank"]  # a report written before the low-rank compensation existed
+    assert PruningConfig.from_dict(written).compensation_rank == 0
+    del written["mean_compensation"]
+    assert MWandaConfig.from_dict(written) == MWandaConfig(sparsity=0.6, mean_compensation="none")
+    # A hand-written dict (no package version) means today's defaults.
+    assert MWandaConfig.from_dict({"method": "mwanda", "sparsity": 0.6}) == MWandaConfig(sparsity=0.6)
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "error", "message"),
     [

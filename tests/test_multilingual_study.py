@@ -151,11 +151,31 @@ def test_records_written_before_a_field_existed_keep_their_legacy_behaviour():
     from optimum_mwanda import MWandaConfig
 
     before_compensation = MWandaConfig(sparsity=0.6).to_dict()
-    del before_compensation["mean_compensation"]
+    del before_compensation["mean_compensation"], before_compensation["compensation_rank"]
     assert study.canonical_name("mwanda@60", {"config": before_compensation}) == (
         "mwanda[mean_compensation=none]@60"
     )
     assert study.parse_config_name("mwanda-no-compensation@60").name == "mwanda[mean_compensation=none]@60"
+    # Written after the mean compensation but before the low-rank one: it ran means-only (rank 0).
+    before_rank = MWandaConfig(sparsity=0.6).to_dict()
+    del before_rank["compensation_rank"]
+    assert study.canonical_name("mwanda@60", {"config": before_rank}) == "mwanda[compensation_rank=0]@60"
+    today = MWandaConfig(sparsity=0.6).to_dict()
+    assert study.canonical_name("mwanda@60", {"config": today}) == "mwanda@60"
+
+
+def test_defaults_that_depend_on_other_options_do_not_enter_the_name():
+    """An N:M record stores ``layerwise="uniform"`` (what ``None`` resolved to): it is still the default."""
+    from optimum_mwanda import MWandaConfig
+
+    config = MWandaConfig(sparsity=0.5, mask_structure="2:4").to_dict()
+    assert config["layerwise"] == "uniform"
+    name = "mwanda[mask_structure=2:4]@50"
+    assert study.canonical_name(name, {"config": config}) == name
+    assert study.parse_config_name("mwanda[layerwise=uniform,mask_structure=2:4]@50").name == name
+    no_compensation = MWandaConfig(sparsity=0.5, mean_compensation="none").to_dict()
+    assert no_compensation["compensation_rank"] == 0
+    assert study.canonical_name("x", {"config": no_compensation}) == "mwanda[mean_compensation=none]@50"
 
 
 def test_merging_parallel_shards_adds_finished_records_and_commands():

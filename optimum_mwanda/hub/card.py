@@ -37,6 +37,7 @@ _METHOD_KEYS = {
     "sparsegpt": ("block_size", "dampening"),
     "mwanda": (
         "mean_compensation",
+        "compensation_rank",
         "variance_weight",
         "activation_probability_weight",
         "activation_threshold",
@@ -352,6 +353,7 @@ def _card_context(
         "method_name": method_name,
         "method_note": _METHOD_NOTES.get(report.method, ""),
         "mean_compensation": getattr(config, "mean_compensation", "none"),
+        "compensation_rank": getattr(config, "compensation_rank", 0),
         "base_model": base_model,
         "target_sparsity": _pct(report.target_sparsity),
         "achieved_sparsity": _pct(achieved),

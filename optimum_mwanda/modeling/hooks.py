@@ -164,7 +164,9 @@ class LayerStatisticsCollector:
         if self._negative:
             self.negative_statistics[group].update(rows, torch.zeros_like(language))
         else:
-            self.statistics[group].update(rows, language)
+            # Whole sequences back to back (nothing masked out): let the statistic sum per sequence.
+            sequence_length = x.shape[-2] if self._all_valid and x.dim() > 2 else None
+            self.statistics[group].update(rows, language, sequence_length)
 
     @contextmanager
     def attached(self):
