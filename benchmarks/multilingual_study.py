@@ -756,6 +756,11 @@ def plot_results(
     plt.close(fig)
 
 
+def add_merge_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--merge JSON [JSON ...]``: other outputs of the same benchmark to fold into this one."""
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -786,13 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="path without suffix")
     parser.add_argument("--report-only", action="store_true", help="rewrite md/png from the JSON cache")
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        type=Path,
-        default=[],
-        metavar="JSON",
-        help="add the finished results (and commands) of other study outputs, e.g. shards run in parallel "
+    add_merge_argument(
+        parser,
+        "add the finished results (and commands) of other study outputs, e.g. shards run in parallel "
         "with --output elsewhere; implies --report-only",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")

@@ -510,13 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the pruned weights already in --work-dir (no pruning, no timing); with its own "
         "--output, it can run beside a --timing-only run and be merged in with --merge",
     )
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        type=Path,
-        default=[],
-        metavar="JSON",
-        help="copy the evaluations (perplexity, downstream) of other outputs into --output, then report",
+    _study().add_merge_argument(
+        parser, "copy the evaluations (perplexity, downstream) of other outputs into --output, then report"
     )
     parser.add_argument(
         "--timing-only",
