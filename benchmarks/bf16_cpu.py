@@ -15,29 +15,18 @@ plus the share of mask entries on which bf16 and fp32 pruning agree. Writes ``OU
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
+from common import load_average, write_record
 
 from optimum_mwanda import MWandaConfig, Pruner, WandaConfig
 from optimum_mwanda.calibration import build_calibration, load_bundled_corpus
 from optimum_mwanda.demo import load_demo_model
-from optimum_mwanda.evaluation import evaluate_perplexity
+from optimum_mwanda.evaluation import evaluate_perplexity, geometric_mean
 
 LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
-def geometric_mean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def main() -> None:
@@ -114,10 +103,7 @@ def main() -> None:
         run["mask_agreement"] = agree / total
         record["runs"][method] = run
 
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.output}.json").write_text(json.dumps(record, indent=2))
-    Path(f"{args.output}.md").write_text(markdown(record))
-    print(markdown(record))
+    write_record(args.output, record, markdown(record))
 
 
 def markdown(record: dict) -> str:

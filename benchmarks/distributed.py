@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from common import load_average, write_record
 
 METHODS = ("wanda", "mwanda", "sparsegpt")
 LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
@@ -72,7 +73,7 @@ def worker(rank: int, world_size: int, init_file: str, args: dict, out: str) -> 
         sparsity=0.5, samples_per_language=args["samples_per_language"], calibration_seq_len=args["seq_len"]
     )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    load = os.getloadavg()[0]
+    load = load_average()
     report = Pruner(config).prune_model(model, calibration, show_progress=False)
     local = len(local_indices(calibration.languages))
     result = {
@@ -85,7 +86,7 @@ def worker(rank: int, world_size: int, init_file: str, args: dict, out: str) -> 
         "activation_mb": local * args["seq_len"] * model.config.hidden_size * 4 / 2**20,
         "bytes": counter,
         "num_layers": model.config.num_hidden_layers,
-        "load_average": [load, os.getloadavg()[0]],
+        "load_average": [load, load_average()],
         "checksum": [_checksum(model.get_submodule(n).weight) for n in sorted(report.module_sparsity)],
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -128,10 +129,7 @@ def main() -> None:
             print(
                 f"[distributed] {method} x{world_size}: {max(r['seconds'] for r in ranks):.1f} s", flush=True
             )
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.output}.json").write_text(json.dumps(record, indent=2))
-    Path(f"{args.output}.md").write_text(markdown(record))
-    print(markdown(record))
+    write_record(args.output, record, markdown(record))
 
 
 def markdown(record: dict) -> str:

@@ -82,7 +82,6 @@ def run(
 ) -> dict:
     import torch
 
-    from optimum_mwanda.calibration import default_calibration
     from optimum_mwanda.evaluation.harness import run_downstream
 
     torch.set_num_threads(args.threads)
@@ -97,13 +96,7 @@ def run(
     cache.setdefault("uptime", []).append(f"start: {_uptime()}")
     model, tokenizer = study._load_model(args.model)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calibration = default_calibration(
-        tokenizer,
-        languages=args.languages,
-        samples_per_language=args.samples_per_language,
-        seq_len=args.seq_len,
-        seed=args.seed,
-    )
+    calibration = study.study_calibration(tokenizer, args)
     for i, config in enumerate(todo, 1):
         print(f"[downstream] ({i}/{len(todo)}) {config.name}  {_uptime()}", flush=True)
         model.load_state_dict(dense_state)

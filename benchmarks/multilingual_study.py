@@ -41,7 +41,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,11 +239,16 @@ def expand_config_names(
             names += [f"{item}@{_format_percent(s)}" for s in sparsities]
         else:
             names.append(item)
-    configs: dict[str, StudyConfig] = {}
+    return unique_by_name(names, parse_config_name)
+
+
+def unique_by_name(names: Iterable[str], parse: Callable[[str], Any]) -> list[Any]:
+    """``parse`` of every name, keeping the first of each canonical ``.name`` (spellings of one run differ)."""
+    parsed: dict[str, Any] = {}
     for name in names:
-        config = parse_config_name(name)
-        configs.setdefault(config.name, config)
-    return list(configs.values())
+        item = parse(name)
+        parsed.setdefault(item.name, item)
+    return list(parsed.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -516,11 +521,28 @@ def prune_config(model, config: StudyConfig, calibration, args: argparse.Namespa
     }
 
 
+def study_calibration(
+    tokenizer, args: argparse.Namespace, languages: Sequence[str] | None = None, samples: int | None = None
+):
+    """The study's calibration set from the bundled corpus: ``args.languages`` x ``args.samples_per_language``
+    sequences of ``args.seq_len`` tokens drawn with ``args.seed`` (``languages``/``samples`` override the first two).
+    """
+    from optimum_mwanda.calibration import default_calibration
+
+    return default_calibration(
+        tokenizer,
+        languages=args.languages if languages is None else languages,
+        samples_per_language=args.samples_per_language if samples is None else samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+
+
 def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[str, Any]:
     """Prune and evaluate every configuration not already cached; the cache is saved after each one."""
     import torch
 
-    from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
+    from optimum_mwanda.calibration import load_bundled_corpus
     from optimum_mwanda.evaluation import evaluate_perplexity
 
     torch.set_num_threads(args.threads)
@@ -551,21 +573,9 @@ def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[
 
     model, tokenizer = _load_model(args.model)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calibration = default_calibration(
-        tokenizer,
-        languages=args.languages,
-        samples_per_language=args.samples_per_language,
-        seq_len=args.seq_len,
-        seed=args.seed,
-    )
+    calibration = study_calibration(tokenizer, args)
     # Same total budget, one language: every sequence English.
-    english = default_calibration(
-        tokenizer,
-        languages=["en"],
-        samples_per_language=args.samples_per_language * len(args.languages),
-        seq_len=args.seq_len,
-        seed=args.seed,
-    )
+    english = study_calibration(tokenizer, args, ["en"], args.samples_per_language * len(args.languages))
     heldout = load_bundled_corpus("heldout", args.languages)
     extra = load_bundled_corpus("heldout", args.extra_eval_languages) if args.extra_eval_languages else {}
     loss_impl = "auto"  # checked against the full logits once, then reused
@@ -759,6 +769,11 @@ def plot_results(
     plt.close(fig)
 
 
+def add_merge_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--merge JSON [JSON ...]``: other outputs of the same benchmark to fold into this one."""
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="JSON", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -789,13 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="path without suffix")
     parser.add_argument("--report-only", action="store_true", help="rewrite md/png from the JSON cache")
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        type=Path,
-        default=[],
-        metavar="JSON",
-        help="add the finished results (and commands) of other study outputs, e.g. shards run in parallel "
+    add_merge_argument(
+        parser,
+        "add the finished results (and commands) of other study outputs, e.g. shards run in parallel "
         "with --output elsewhere; implies --report-only",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")

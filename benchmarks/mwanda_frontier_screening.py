@@ -20,8 +20,6 @@ Usage: ``nice -n 5 python benchmarks/mwanda_frontier_screening.py [--sparsity 0.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -30,21 +28,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mwanda_update_screening import LANGUAGES, collect, fixed_mask_obs  # noqa: E402
+import screening  # noqa: E402
+from mwanda_update_screening import collect, fixed_mask_obs  # noqa: E402
 
-from optimum_mwanda.calibration import default_calibration, load_bundled_corpus  # noqa: E402
 from optimum_mwanda.configuration import parse_mask_structure  # noqa: E402
-from optimum_mwanda.demo import load_demo_model  # noqa: E402
-from optimum_mwanda.evaluation import evaluate_perplexity  # noqa: E402
 from optimum_mwanda.methods import mask_from_scores, sparsegpt_prune, wanda_scores  # noqa: E402
 from optimum_mwanda.methods.compensation import (  # noqa: E402
     covariance_factors,
     low_rank_compensation,
     mean_shift_compensation,
 )
-from optimum_mwanda.modeling import find_decoder_stack, find_prunable_linears  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 MAX_RANK = 128
 
 
@@ -53,9 +47,7 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sparsity", nargs="+", default=["0.5", "0.6", "2:4"])
-    parser.add_argument("--samples-per-language", type=int, default=4)
-    parser.add_argument("--max-windows", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    screening.add_screening_arguments(parser, threads=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--only", nargs="*", help="run only variants whose name contains one of these, in this order"
@@ -66,29 +58,19 @@ def main(argv=None) -> None:
         default=None,
         help="file to keep the dense statistics in between runs (a screen is slow)",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "mwanda_frontier_screening")
+    parser.add_argument("--output", type=Path, default=screening.RESULTS / "mwanda_frontier_screening")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_demo_model()
-    model.eval()
-    calibration = default_calibration(
-        tokenizer, languages=LANGUAGES, samples_per_language=args.samples_per_language, seed=args.seed
-    )
-    heldout = load_bundled_corpus("heldout", languages=LANGUAGES)
+    data = screening.load_screening_data(args.samples_per_language, seed=args.seed)
     t = time.perf_counter()
     cached = (
         torch.load(args.cache, weights_only=False) if args.cache is not None and args.cache.exists() else None
     )
     if cached is None:
-        modules, stats = collect(model, calibration, with_gram=True)
+        modules, stats = collect(data.model, data.calibration, with_gram=True)
     else:
-        stack = find_decoder_stack(model)
-        modules = [
-            m
-            for i, layer in enumerate(stack.layers)
-            for m in find_prunable_linears(layer, stack.layer_name(i), [])
-        ]
+        modules = screening.prunable_modules(data.model)
         stats = cached["stats"]
     print(f"[screen3] dense statistics in {time.perf_counter() - t:.0f} s", flush=True)
     originals = {m.name: m.read_weight().clone() for m in modules}
@@ -167,8 +149,7 @@ def main(argv=None) -> None:
         "sparsegpt": (None, None),
     }
 
-    out_json = args.output.with_suffix(".json")
-    results = json.loads(out_json.read_text()).get("results", {}) if out_json.exists() else {}
+    results = screening.load_results(args.output)
     for target in args.sparsity:
         nm = parse_mask_structure(target) if ":" in target else None
         sparsity = 1 - nm[0] / nm[1] if nm else float(target)
@@ -188,12 +169,7 @@ def main(argv=None) -> None:
                     new = update(weight, mask, s)
                 m.write_weight(new.to(weight.dtype))
             seconds = time.perf_counter() - t
-            ppl = evaluate_perplexity(
-                model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
-            )
-            for m in modules:
-                m.write_weight(originals[m.name])
-            geo = math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl))
+            ppl, geo = screening.score_and_restore(data, modules, originals, args.max_windows)
             results[key] = {"perplexity": ppl, "geomean": geo, "update_seconds": seconds}
             print(f"[screen3] {target} {name:34s} geomean {geo:8.2f} ({seconds:.1f} s)", flush=True)
             _write(args, results)
@@ -201,19 +177,12 @@ def main(argv=None) -> None:
 
 
 def _write(args, results) -> None:
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/mwanda_frontier_screening.py " + " ".join(sys.argv[1:]),
-                "load_average": os.getloadavg(),
-                "settings": {k: str(v) for k, v in vars(args).items()},
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {
+        "command": "python benchmarks/mwanda_frontier_screening.py " + " ".join(sys.argv[1:]),
+        "load_average": os.getloadavg(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+    }
     lines = [
         "# Screening round 3: masks and kept-weight updates beyond the means (dense statistics, one-shot)",
         "",
@@ -222,19 +191,27 @@ def _write(args, results) -> None:
         "A screen, not the final numbers: statistics of the dense model, every module pruned at once. "
         f"Load average at the last write: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores, shared).",
         "",
-        "| sparsity | variant | geomean | vs Wanda | update s | " + " | ".join(LANGUAGES) + " |",
-        "|---|---|---:|---:|---:|" + "---:|" * len(LANGUAGES),
+        *screening.table_head(
+            [
+                ("sparsity", "---"),
+                ("variant", "---"),
+                ("geomean", "---:"),
+                ("vs Wanda", "---:"),
+                ("update s", "---:"),
+            ]
+        ),
     ]
     for key, res in results.items():
         target, name = key.split(" | ")
-        base = results.get(f"{target} | wanda", {}).get("geomean")
-        rel = f"{res['geomean'] / base:.3f}" if base else "-"
-        lines.append(
-            f"| {target} | {name} | {res['geomean']:.2f} | {rel} | {res['update_seconds']:.1f} | "
-            + " | ".join(f"{res['perplexity'][lang]:.1f}" for lang in LANGUAGES)
-            + " |"
-        )
-    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        cells = [
+            target,
+            name,
+            f"{res['geomean']:.2f}",
+            screening.versus_wanda(results, key),
+            f"{res['update_seconds']:.1f}",
+        ]
+        lines.append(screening.table_row(cells, res))
+    screening.write_results(args.output, record, lines)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,14 @@ Usage: ``python benchmarks/mwanda_screening.py`` (writes ``benchmarks/results/mw
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import screening
 import torch
 
-from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
-from optimum_mwanda.demo import load_demo_model
-from optimum_mwanda.evaluation import evaluate_perplexity, geometric_mean
 from optimum_mwanda.methods import (
     FeatureStatistics,
     cross_lingual_correlation,
@@ -32,21 +29,14 @@ from optimum_mwanda.methods import (
     owl_schedule,
     wanda_scores,
 )
-from optimum_mwanda.modeling import LayerStatisticsCollector, find_decoder_stack, find_prunable_linears
+from optimum_mwanda.modeling import LayerStatisticsCollector
 
-RESULTS = Path(__file__).parent / "results"
-LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 THRESHOLDS = (1.0, 2.0, 3.0)
 
 
 def collect_dense_statistics(model, calibration, batch_size: int = 4):
     """Per-language statistics of every prunable module's input, from one dense forward pass."""
-    stack = find_decoder_stack(model)
-    modules = [
-        m
-        for i, layer in enumerate(stack.layers)
-        for m in find_prunable_linears(layer, stack.layer_name(i), [])
-    ]
+    modules = screening.prunable_modules(model)
     n_lang = len(calibration.language_list)
     collectors = {
         t: LayerStatisticsCollector(
@@ -57,20 +47,9 @@ def collect_dense_statistics(model, calibration, batch_size: int = 4):
         )
         for t in THRESHOLDS
     }
-    index = calibration.language_index
-    from contextlib import ExitStack
-
-    with ExitStack() as stack_ctx, torch.no_grad():
-        for collector in collectors.values():
-            stack_ctx.enter_context(collector.attached())
-        for start in range(0, len(calibration), batch_size):
-            ids = calibration.input_ids[start : start + batch_size]
-            mask = calibration.attention_mask[start : start + batch_size]
-            for collector in collectors.values():
-                collector.set_batch(mask, index[start : start + batch_size])
-            model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-            for collector in collectors.values():
-                collector.end_batch()
+    screening.forward_calibration(
+        model, calibration, collectors.values(), calibration.language_index, batch_size
+    )
     stats = {t: {m.name: c.statistic_for(m) for m in modules} for t, c in collectors.items()}
     return modules, stats
 
@@ -161,25 +140,18 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--samples-per-language", type=int, default=4)
-    parser.add_argument("--max-windows", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    screening.add_screening_arguments(parser, threads=1)
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument(
         "--cwl", action="store_true", help="also screen CWL layer schedules with the Wanda score"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "mwanda_screening")
+    parser.add_argument("--output", type=Path, default=screening.RESULTS / "mwanda_screening")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_demo_model()
-    model.eval()
-    calibration = default_calibration(
-        tokenizer, languages=LANGUAGES, samples_per_language=args.samples_per_language
-    )
-    heldout = load_bundled_corpus("heldout", languages=LANGUAGES)
+    data = screening.load_screening_data(args.samples_per_language)
     t = time.perf_counter()
-    modules, stats = collect_dense_statistics(model, calibration)
+    modules, stats = collect_dense_statistics(data.model, data.calibration)
     print(f"[screening] dense statistics in {time.perf_counter() - t:.0f} s", flush=True)
     originals = {m.name: m.read_weight().clone() for m in modules}
     layer_of = {m.name: int(m.name.split(".")[-3]) for m in modules}
@@ -193,31 +165,19 @@ def main(argv=None) -> None:
             scores = wanda_scores(weight, value) if value is not None else importance(stats, m.name, weight)
             mask = mask_from_scores(scores, sparsity, None)
             m.write_weight(weight.masked_fill(mask, 0.0))
-        ppl = evaluate_perplexity(
-            model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
-        )
-        for m in modules:
-            m.write_weight(originals[m.name])
-        geo = geometric_mean(ppl.values())
+        ppl, geo = screening.score_and_restore(data, modules, originals, args.max_windows)
         print(
             f"[screening] {name:28s} geomean {geo:8.2f}  " + " ".join(f"{k}={v:.1f}" for k, v in ppl.items()),
             flush=True,
         )
         return {"perplexity": ppl, "geomean": geo}
 
-    results = {}
-    out_json = args.output.with_suffix(".json")
-    if out_json.exists():
-        results = json.loads(out_json.read_text()).get("results", {})
+    results = screening.load_results(args.output)
     todo = {k: v for k, v in variants().items() if not args.only or k in args.only}
     if "dense" not in results:
-        ppl = evaluate_perplexity(
-            model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
-        )
-        results["dense"] = {
-            "perplexity": ppl,
-            "geomean": geometric_mean(ppl.values()),
-        }
+        # Nothing is written yet: "restoring" the dense weights leaves the model as it is.
+        ppl, geo = screening.score_and_restore(data, modules, originals, args.max_windows)
+        results["dense"] = {"perplexity": ppl, "geomean": geo}
     for name, importance in todo.items():
         if name not in results:
             results[name] = run(name, importance)
@@ -252,15 +212,8 @@ def main(argv=None) -> None:
 
 
 def _write(args, results) -> None:
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/mwanda_screening.py" + (" --cwl" if args.cwl else "")
-    args.output.with_suffix(".json").write_text(
-        json.dumps(
-            {"command": command, "settings": vars(args) | {"output": str(args.output)}, "results": results},
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {"command": command, "settings": vars(args) | {"output": str(args.output)}, "results": results}
     wanda = results.get("wanda", {}).get("geomean")
     lines = [
         "# M-Wanda screening (dense statistics, one-shot masks)",
@@ -269,17 +222,12 @@ def _write(args, results) -> None:
         f"corpus; held-out: {args.max_windows} windows of 512 tokens per language; sparsity {args.sparsity}.",
         "Statistics from the dense model (not sequential): a screen, not the final numbers.",
         "",
-        "| variant | geomean | vs Wanda | " + " | ".join(LANGUAGES) + " |",
-        "|---|---:|---:|" + "---:|" * len(LANGUAGES),
+        *screening.table_head([("variant", "---"), ("geomean", "---:"), ("vs Wanda", "---:")]),
     ]
     for name, res in results.items():
         rel = f"{res['geomean'] / wanda:.3f}" if wanda else "-"
-        lines.append(
-            f"| {name} | {res['geomean']:.2f} | {rel} | "
-            + " | ".join(f"{res['perplexity'][lang]:.1f}" for lang in LANGUAGES)
-            + " |"
-        )
-    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        lines.append(screening.table_row([name, f"{res['geomean']:.2f}", rel], res))
+    screening.write_results(args.output, record, lines)
 
 
 if __name__ == "__main__":

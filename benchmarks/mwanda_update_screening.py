@@ -18,23 +18,17 @@ Usage: ``python benchmarks/mwanda_update_screening.py [--sparsity 0.5 0.6] [--on
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 
+import screening
 import torch
 
-from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
-from optimum_mwanda.demo import load_demo_model
-from optimum_mwanda.evaluation import evaluate_perplexity, geometric_mean
 from optimum_mwanda.methods import mask_from_scores, sparsegpt_prune, wanda_scores
 from optimum_mwanda.methods.sparsegpt import inverse_hessian_cholesky
-from optimum_mwanda.modeling import LayerStatisticsCollector, find_decoder_stack, find_prunable_linears
+from optimum_mwanda.modeling import LayerStatisticsCollector
 
-RESULTS = Path(__file__).parent / "results"
-LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -81,24 +75,12 @@ class ScreenStatistics:
 
 
 def collect(model, calibration, with_gram: bool, groups: str = "language", batch_size: int = 4):
-    stack = find_decoder_stack(model)
-    modules = [
-        m
-        for i, layer in enumerate(stack.layers)
-        for m in find_prunable_linears(layer, stack.layer_name(i), [])
-    ]
+    modules = screening.prunable_modules(model)
     # groups="sequence" treats every calibration sequence as its own group (finer means than languages).
     index = calibration.language_index if groups == "language" else torch.arange(len(calibration))
     n_lang = int(index.max()) + 1
     collector = LayerStatisticsCollector(modules, lambda n, device: ScreenStatistics(n, n_lang, with_gram))
-    with ExitStack() as ctx, torch.no_grad():
-        ctx.enter_context(collector.attached())
-        for start in range(0, len(calibration), batch_size):
-            ids = calibration.input_ids[start : start + batch_size]
-            mask = calibration.attention_mask[start : start + batch_size]
-            collector.set_batch(mask, index[start : start + batch_size])
-            model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-            collector.end_batch()
+    screening.forward_calibration(model, calibration, [collector], index, batch_size)
     return modules, {m.name: collector.statistic_for(m) for m in modules}
 
 
@@ -187,24 +169,17 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.6])
-    parser.add_argument("--samples-per-language", type=int, default=4)
-    parser.add_argument("--max-windows", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    screening.add_screening_arguments(parser, threads=2)
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--groups", choices=["language", "sequence"], default="language")
     parser.add_argument("--no-gram", action="store_true", help="skip variants that need Gram matrices")
-    parser.add_argument("--output", type=Path, default=RESULTS / "mwanda_update_screening")
+    parser.add_argument("--output", type=Path, default=screening.RESULTS / "mwanda_update_screening")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_demo_model()
-    model.eval()
-    calibration = default_calibration(
-        tokenizer, languages=LANGUAGES, samples_per_language=args.samples_per_language
-    )
-    heldout = load_bundled_corpus("heldout", languages=LANGUAGES)
+    data = screening.load_screening_data(args.samples_per_language)
     t = time.perf_counter()
-    modules, stats = collect(model, calibration, with_gram=not args.no_gram, groups=args.groups)
+    modules, stats = collect(data.model, data.calibration, with_gram=not args.no_gram, groups=args.groups)
     print(f"[screen2] dense statistics in {time.perf_counter() - t:.0f} s", flush=True)
     originals = {m.name: m.read_weight().clone() for m in modules}
     sizes = {n: w.numel() for n, w in originals.items()}
@@ -291,12 +266,7 @@ def main(argv=None) -> None:
                 continue
             mask = mask_from_scores(wanda_scores(weight, importance(s)), plan[m.name], None)
             m.write_weight(update(weight, mask, s).to(weight.dtype))
-        ppl = evaluate_perplexity(
-            model, tokenizer, heldout, max_windows=args.max_windows, show_progress=False
-        )
-        for m in modules:
-            m.write_weight(originals[m.name])
-        geo = geometric_mean(ppl.values())
+        ppl, geo = screening.score_and_restore(data, modules, originals, args.max_windows)
         print(
             f"[screen2] {target} {name:32s} geomean {geo:8.2f}  "
             + " ".join(f"{k}={v:.1f}" for k, v in ppl.items()),
@@ -304,8 +274,7 @@ def main(argv=None) -> None:
         )
         return {"perplexity": ppl, "geomean": geo}
 
-    out_json = args.output.with_suffix(".json")
-    results = json.loads(out_json.read_text()).get("results", {}) if out_json.exists() else {}
+    results = screening.load_results(args.output)
     for target in args.sparsity:
         for name, (importance, schedule, update) in variants.items():
             if args.only and name not in args.only:
@@ -318,37 +287,29 @@ def main(argv=None) -> None:
 
 
 def _write(args, results) -> None:
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/mwanda_update_screening.py",
-                "settings": vars(args) | {"output": str(args.output)},
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {
+        "command": "python benchmarks/mwanda_update_screening.py",
+        "settings": vars(args) | {"output": str(args.output)},
+        "results": results,
+    }
     lines = [
         "# Screening round 2: allocation and cheap compensation (dense statistics, one-shot)",
         "",
         f"Calibration: 7 languages x {args.samples_per_language} x 512 tokens of the bundled corpus; held-out: "
         f"{args.max_windows} windows of 512 tokens per language. A screen, not the final numbers.",
         "",
-        "| sparsity | variant | geomean | vs Wanda | " + " | ".join(LANGUAGES) + " |",
-        "|---|---|---:|---:|" + "---:|" * len(LANGUAGES),
+        *screening.table_head(
+            [("sparsity", "---"), ("variant", "---"), ("geomean", "---:"), ("vs Wanda", "---:")]
+        ),
     ]
     for key, res in results.items():
         target, name = key.split(" | ")
-        base = results.get(f"{target} | wanda", {}).get("geomean")
-        rel = f"{res['geomean'] / base:.3f}" if base else "-"
         lines.append(
-            f"| {target} | {name} | {res['geomean']:.2f} | {rel} | "
-            + " | ".join(f"{res['perplexity'][lang]:.1f}" for lang in LANGUAGES)
-            + " |"
+            screening.table_row(
+                [target, name, f"{res['geomean']:.2f}", screening.versus_wanda(results, key)], res
+            )
         )
-    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    screening.write_results(args.output, record, lines)
 
 
 if __name__ == "__main__":

@@ -158,11 +158,7 @@ def expand_runs(requested: Sequence[str], structures: Sequence[str]) -> list[Run
             names += [f"{item}@{s}" for s in parsed]
         else:
             names.append(item)
-    runs: dict[str, RunSpec] = {}
-    for name in names:
-        spec = parse_run(name)
-        runs.setdefault(spec.name, spec)
-    return list(runs.values())
+    return _study().unique_by_name(names, parse_run)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -514,13 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the pruned weights already in --work-dir (no pruning, no timing); with its own "
         "--output, it can run beside a --timing-only run and be merged in with --merge",
     )
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        type=Path,
-        default=[],
-        metavar="JSON",
-        help="copy the evaluations (perplexity, downstream) of other outputs into --output, then report",
+    _study().add_merge_argument(
+        parser, "copy the evaluations (perplexity, downstream) of other outputs into --output, then report"
     )
     parser.add_argument(
         "--timing-only",
@@ -874,7 +865,7 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
     import transformers
     from safetensors.torch import load_file
 
-    from optimum_mwanda.calibration import available_languages, default_calibration, load_bundled_corpus
+    from optimum_mwanda.calibration import available_languages, load_bundled_corpus
     from optimum_mwanda.demo import load_demo_model
     from optimum_mwanda.evaluation import evaluate_perplexity
 
@@ -929,13 +920,7 @@ def run(args: argparse.Namespace, runs: Sequence[RunSpec], command: str) -> dict
     args.work_dir.mkdir(parents=True, exist_ok=True)
     calib_file = args.work_dir / "calibration.safetensors"
     if not args.eval_only:
-        calibration = default_calibration(
-            tokenizer,
-            languages=args.languages,
-            samples_per_language=args.samples_per_language,
-            seq_len=args.seq_len,
-            seed=args.seed,
-        )
+        calibration = _study().study_calibration(tokenizer, args)
         _save_calibration(calibration, calib_file)
     absent = (
         [lang for lang in available_languages() if lang not in args.languages]

@@ -31,7 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
+from optimum_mwanda.cli.arguments import (
+    ExampleHelpFormatter,
+    add_example_pruning_arguments,
+    add_language_list,
+)
 from optimum_mwanda.evaluation.summary import format_perplexity_table
 
 DEFAULT_CALIBRATION_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
@@ -69,10 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="demo", help="'demo' (embedded Gemma 3 270M), a Hub id or a folder"
     )
     source.add_argument("--pruned", type=Path, help="an already-pruned checkpoint (skips pruning)")
-    source.add_argument(
-        "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
-    )
-    source.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
+    add_example_pruning_arguments(source)
     add_language_list(
         source,
         "--calibration-languages",

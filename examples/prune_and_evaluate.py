@@ -30,7 +30,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from optimum_mwanda.cli.arguments import ExampleHelpFormatter, add_language_list
+from optimum_mwanda.cli.arguments import (
+    ExampleHelpFormatter,
+    add_example_pruning_arguments,
+    add_language_list,
+)
 from optimum_mwanda.evaluation.summary import MEAN_LABEL, format_perplexity_table, geometric_mean  # noqa: F401
 
 DEFAULT_LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
@@ -66,10 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", default="demo", help="'demo' (embedded Gemma 3 270M), a Hub id or a folder"
     )
-    parser.add_argument(
-        "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
-    )
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
+    add_example_pruning_arguments(parser)
     add_language_list(
         parser,
         "--languages",

@@ -1,5 +1,6 @@
 """optimum-mwanda: one-shot pruning of multilingual causal language models."""
 
+from ._lazy import lazy_attributes as _lazy_attributes
 from .calibration import (
     CalibrationSet,
     build_calibration,
@@ -38,11 +39,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # SparsityPreservingCallback subclasses transformers.TrainerCallback, whose import takes seconds: load it
-    # on first use only, so `import optimum_mwanda` stays fast.
-    if name == "SparsityPreservingCallback":
-        from .training import SparsityPreservingCallback
-
-        return SparsityPreservingCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# SparsityPreservingCallback subclasses transformers.TrainerCallback, whose import takes seconds: load it
+# on first use only, so `import optimum_mwanda` stays fast.
+__getattr__ = _lazy_attributes(__name__, {"SparsityPreservingCallback": ".training"})

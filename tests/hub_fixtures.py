@@ -23,15 +23,13 @@ OFFLOAD_LAYER_1 = {
 
 
 def tiny_llama(seed: int = 0, layers: int = 2):
+    from tiny_models import TINY_DECODER
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_DECODER,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=256,
         max_position_embeddings=128,
         bos_token_id=1,

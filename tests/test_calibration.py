@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_script
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -382,11 +381,7 @@ def test_translation_demonstrations_calibrate(tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def build_corpus():
-    spec = importlib.util.spec_from_file_location("build_corpus", REPO / "scripts" / "build_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_corpus"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/build_corpus.py")
 
 
 def test_icu_messages_render_their_other_branch(build_corpus):

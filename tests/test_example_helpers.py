@@ -1,17 +1,11 @@
 """The pure helpers and the command line of examples/prune_and_evaluate.py (no model is loaded)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "prune_and_evaluate.py"
-_spec = importlib.util.spec_from_file_location("prune_and_evaluate", _PATH)
-example = importlib.util.module_from_spec(_spec)
-sys.modules["prune_and_evaluate"] = example
-_spec.loader.exec_module(example)
+example = load_script("examples/prune_and_evaluate.py")
 
 
 def test_split_heldout_keeps_the_tail_out_of_calibration():

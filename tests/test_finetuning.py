@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_script
 from tiny_models import VOCAB, make_model, make_token_calibration, make_tokenizer, text_corpus
 from transformers import Trainer, TrainingArguments
 
@@ -275,11 +274,7 @@ def test_lora_training_and_merge_and_reprune(tmp_path):
 
 # -- the examples -------------------------------------------------------------------------------------------
 def _load_example(name: str):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py", f"example_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,12 @@
 """The multilingual study's pure helpers (names, means, verdict, tables, report) on made-up numbers."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "multilingual_study.py"
-_spec = importlib.util.spec_from_file_location("multilingual_study", _PATH)
-study = importlib.util.module_from_spec(_spec)
-sys.modules["multilingual_study"] = study  # dataclasses look the module up by name
-_spec.loader.exec_module(study)
+study = load_script("benchmarks/multilingual_study.py")
 
 LANGS = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 

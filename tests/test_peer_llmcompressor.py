@@ -4,18 +4,12 @@ No llm-compressor install, model or subprocess is needed: these are the parts th
 into the committed table.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_llmcompressor.py"
-_spec = importlib.util.spec_from_file_location("peer_llmcompressor", _PATH)
-peer = importlib.util.module_from_spec(_spec)
-sys.modules["peer_llmcompressor"] = peer  # dataclasses look the module up by name
-_spec.loader.exec_module(peer)
+peer = load_script("benchmarks/peer_llmcompressor.py")
 
 LANGS = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 

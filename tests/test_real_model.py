@@ -6,13 +6,11 @@ checkpoint, the bundled corpus, the pruner on Gemma 3's layers, chunked perplexi
 and the example script that the README runs.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from repo_scripts import load_script
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +74,7 @@ def test_prune_real_model_small_budget(demo, method):
 
 
 def test_example_script_end_to_end(demo, tmp_path):
-    path = Path(__file__).resolve().parents[1] / "examples" / "prune_and_evaluate.py"
-    spec = importlib.util.spec_from_file_location("prune_and_evaluate", path)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules["prune_and_evaluate"] = example
-    spec.loader.exec_module(example)
+    example = load_script("examples/prune_and_evaluate.py")
     out = tmp_path / "pruned"
     result = example.main(
         [

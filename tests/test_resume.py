@@ -11,7 +11,7 @@ import time
 import fault_injection as fi
 import pytest
 import torch
-from tiny_models import linear_weights, make_model, make_token_calibration
+from tiny_models import TINY_DECODER, linear_weights, make_model, make_token_calibration
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
@@ -52,14 +52,7 @@ def _config(method):
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-    )
+    config = LlamaConfig(**TINY_DECODER, num_hidden_layers=NUM_LAYERS, vocab_size=320)
     path = tmp_path_factory.mktemp("dense6")
     LlamaForCausalLM(config).save_pretrained(path)
     return path

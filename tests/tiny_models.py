@@ -23,53 +23,26 @@ from transformers import (
 
 VOCAB = 320
 HIDDEN = 64
+# The width of every tiny Llama-like decoder in the tests (grouped-query attention: 4 query heads, 2 KV
+# heads); each config adds its layer count, vocabulary and architecture-specific fields.
+TINY_DECODER = dict(hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 
 
 def _configs() -> dict:
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return {
-        "llama": (
-            LlamaForCausalLM,
-            LlamaConfig(
-                hidden_size=HIDDEN,
-                intermediate_size=128,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                **common,
-            ),
-        ),
-        "qwen2": (
-            Qwen2ForCausalLM,
-            Qwen2Config(
-                hidden_size=HIDDEN,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                **common,
-            ),
-        ),
+        "llama": (LlamaForCausalLM, LlamaConfig(**TINY_DECODER, num_hidden_layers=3, **common)),
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config(**TINY_DECODER, num_hidden_layers=2, **common)),
         "mistral": (
             MistralForCausalLM,
-            MistralConfig(
-                hidden_size=HIDDEN,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                sliding_window=16,
-                **common,
-            ),
+            MistralConfig(**TINY_DECODER, num_hidden_layers=2, sliding_window=16, **common),
         ),
         "gemma3": (
             Gemma3ForCausalLM,
+            # One KV head and an explicit head_dim: Gemma 3's own layout, at the tiny width.
             Gemma3TextConfig(
-                hidden_size=HIDDEN,
-                intermediate_size=128,
+                **dict(TINY_DECODER, num_key_value_heads=1),
                 num_hidden_layers=3,
-                num_attention_heads=4,
-                num_key_value_heads=1,
                 head_dim=16,
                 sliding_window=8,
                 **common,

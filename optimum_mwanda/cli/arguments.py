@@ -113,6 +113,18 @@ def add_language_list(group, *flags: str, help: str, default: list[str] | None =
     )
 
 
+def add_example_pruning_arguments(group) -> None:
+    """``--method`` and ``--sparsity`` as the example scripts take them.
+
+    The examples default to M-Wanda at 50%; the CLI's own flags default to ``None`` instead, so that only
+    flags given on the command line override a ``--config`` file.
+    """
+    group.add_argument(
+        "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
+    )
+    group.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
+
+
 def window_budget(value: str) -> int | None:
     """``--max-windows``: a positive integer, or ``all`` (``None``: score every window)."""
     if value.strip().lower() == "all":

@@ -3,8 +3,7 @@ downstream tasks through lm-evaluation-harness (``run_downstream``; the ``eval``
 
 from __future__ import annotations
 
-from typing import Any
-
+from .._lazy import lazy_attributes as _lazy_attributes
 from .harness import DownstreamResult, run_downstream
 from .perplexity import LanguagePerplexity, PerplexityResult, evaluate_perplexity
 from .summary import format_perplexity_table, geometric_mean
@@ -24,10 +23,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The metric imports `evaluate` and `datasets` (seconds); load them only when the metric is asked for.
-    if name == "MultilingualPerplexity":
-        from .metric import MultilingualPerplexity
-
-        return MultilingualPerplexity
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The metric imports `evaluate` and `datasets` (seconds); load them only when the metric is asked for.
+__getattr__ = _lazy_attributes(__name__, {"MultilingualPerplexity": ".metric"})

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_attributes as _lazy_attributes
 from .keeper import SparsityKeeper, preserve_sparsity
 from .lora import merge_and_reprune
 from .masks import find_pruned_modules
@@ -24,11 +25,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The callback subclasses transformers.TrainerCallback, whose import pulls in the whole Trainer stack
-    # (seconds); load it only when it is asked for.
-    if name == "SparsityPreservingCallback":
-        from .callback import SparsityPreservingCallback
-
-        return SparsityPreservingCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The callback subclasses transformers.TrainerCallback, whose import pulls in the whole Trainer stack
+# (seconds); load it only when it is asked for.
+__getattr__ = _lazy_attributes(__name__, {"SparsityPreservingCallback": ".callback"})
