@@ -192,7 +192,9 @@ def parse_config_name(name: str) -> StudyConfig:
     return dataclasses.replace(config, options=kept)
 
 
-def non_default_options(cls: type, sparsity: float, options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+def non_default_options(
+    cls: type, sparsity: float, options: Mapping[str, Any]
+) -> tuple[tuple[str, Any], ...]:
     """``options`` (sorted) without those equal to what ``cls`` resolves them to given the *other* options.
 
     Some defaults depend on other fields (``layerwise=None`` resolves to "uniform" under an N:M structure,
