@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tiny_models import make_model, make_token_calibration
 
-from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
+from optimum_mwanda import CalibrationSet, MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
 from optimum_mwanda.distributed import run_on_main_process, synchronise_weights
 
 ARCHITECTURES = ("llama", "gemma3")
@@ -26,6 +26,16 @@ def _uneven_calibration() -> dict[str, torch.Tensor]:
     calibration["de"] = calibration["de"][:1]
     calibration["sw"] = calibration["sw"][:2]
     return calibration
+
+
+def _padded_calibration() -> CalibrationSet:
+    """Right-padded sequences of unequal lengths: the statistics see each sequence's valid tokens only."""
+    calibration = _uneven_calibration()
+    ids = torch.cat(list(calibration.values()))
+    languages = [lang for lang, rows in calibration.items() for _ in range(len(rows))]
+    lengths = torch.tensor([16, 9, 13, 16, 5, 11])[: len(ids)]
+    mask = (torch.arange(16).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return CalibrationSet(ids.masked_fill(mask == 0, 0), mask, languages)
 
 
 def cases() -> dict[str, dict]:
@@ -45,6 +55,9 @@ def cases() -> dict[str, dict]:
     out["llama-sparsegpt-2:4"] = dict(
         arch="llama", config=SparseGPTConfig(mask_structure="2:4", block_size=16, batch_size=3)
     )
+    # Padding: per-sequence products (M-Wanda's sketch, SparseGPT's X^T X) need the sequence boundaries.
+    out["llama-mwanda-padded"] = dict(arch="llama", config=MWandaConfig(sparsity=0.5), padded=True)
+    out["llama-sparsegpt-padded"] = dict(arch="llama", config=SparseGPTConfig(block_size=16), padded=True)
     # A single sequence: the second rank has no calibration data at all.
     out["llama-wanda-one-sequence"] = dict(arch="llama", config=WandaConfig(sparsity=0.5), single=True)
     out["llama-sparsegpt-one-sequence"] = dict(
@@ -53,7 +66,9 @@ def cases() -> dict[str, dict]:
     return out
 
 
-def calibration_for(case: dict) -> dict[str, torch.Tensor]:
+def calibration_for(case: dict) -> dict[str, torch.Tensor] | CalibrationSet:
+    if case.get("padded"):
+        return _padded_calibration()
     if case.get("single"):
         return {"en": make_token_calibration(("en",), n=1, seq_len=16)["en"]}
     return _uneven_calibration()

@@ -204,15 +204,19 @@ def test_summed_raw_statistics_equal_one_pass(kind):
             return HessianStatistics(48, 3)
         return FeatureStatistics(48, 3, track_activation=True, track_mean=True)
 
+    # 301 tokens = 7 sequences of 43; the walk always hands statistics whole sequences and their lengths.
+    sequences = torch.arange(301).view(7, 43)
     whole = new()
-    for chunk in torch.arange(301).split(64):
-        whole.update(x[chunk], language[chunk])
-    # The same tokens, split unevenly over 3 "ranks" in another order.
-    order = torch.randperm(301, generator=generator)
+    for batch in sequences.split(3):
+        index = batch.reshape(-1)
+        whole.update(x[index], language[index], 43)
+    # The same sequences, split unevenly over 3 "ranks" in another order.
+    order = torch.randperm(7, generator=generator)
     parts = []
-    for index in (order[:17], order[17:200], order[200:]):
+    for chosen in (order[:1], order[1:5], order[5:]):
         part = new()
-        part.update(x[index], language[index])
+        index = sequences[chosen].reshape(-1)
+        part.update(x[index], language[index], [43] * len(chosen))
         parts.append(part)
     reduced = new()
     reduced.load_raw_sums(_add_raw(parts))

@@ -164,9 +164,15 @@ class LayerStatisticsCollector:
         if self._negative:
             self.negative_statistics[group].update(rows, torch.zeros_like(language))
         else:
-            # Whole sequences back to back (nothing masked out): let the statistic sum per sequence.
-            sequence_length = x.shape[-2] if self._all_valid and x.dim() > 2 else None
-            self.statistics[group].update(rows, language, sequence_length)
+            # Tell the statistic where each sequence's tokens start and end, so that it can sum its float32
+            # products one sequence at a time (the same whichever batch or rank a sequence lands in).
+            if x.dim() < 3:
+                lengths = None
+            elif self._all_valid:
+                lengths = x.shape[-2]
+            else:
+                lengths = self._valid.view(-1, x.shape[-2]).sum(dim=1).tolist()
+            self.statistics[group].update(rows, language, lengths)
 
     @contextmanager
     def attached(self):
