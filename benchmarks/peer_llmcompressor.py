@@ -313,26 +313,48 @@ def ratio_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def downstream_table(results: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> str | None:
-    """Markdown of the downstream scores (``record["downstream"] = {task: {metric: value}}``), or ``None``."""
+    """Markdown of the downstream scores (``record["downstream"] = {task: {metric: value}}``), or ``None``.
+
+    One table per task family and metric (``mwanda_continuation_de`` is family ``mwanda_continuation``,
+    column ``de``), languages as columns plus their arithmetic mean, as lm-eval aggregates a group;
+    ``sample_len`` (the number of documents) goes into the heading instead of a column.
+    """
     scored = [n for n in order if results.get(n, {}).get("downstream")]
     if not scored:
         return None
-    columns: list[tuple[str, str]] = []
+    tables: dict[tuple[str, str], list[str]] = {}
+    sizes: dict[str, set[int]] = {}
     for name in scored:
         for task, metrics in results[name]["downstream"].items():
-            for metric in metrics:
-                if (task, metric) not in columns:
-                    columns.append((task, metric))
-    header = ["run", *(f"{task} {metric}" for task, metric in columns)]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
-    for name in scored:
-        scores = results[name]["downstream"]
-        spec = parse_run(name)
-        label = spec.label if name == "dense" else f"{spec.label} @{spec.structure}"
-        lines.append(
-            "| " + " | ".join([label, *(_fmt(scores.get(t, {}).get(m), 3) for t, m in columns)]) + " |"
+            family, _, column = task.rpartition("_")
+            family, column = (family, column) if family else (task, "score")
+            for metric, value in metrics.items():
+                if metric == "sample_len":
+                    sizes.setdefault(family, set()).add(int(value))
+                    continue
+                columns = tables.setdefault((family, metric), [])
+                if column not in columns:
+                    columns.append(column)
+    blocks = []
+    for (family, metric), columns in tables.items():
+        n = sizes.get(family)
+        heading = f"**{family}, {metric}**" + (
+            f" ({'/'.join(str(v) for v in sorted(n))} documents per language)" if n else ""
         )
-    return "\n".join(lines)
+        lines = [heading, "", "| run | " + " | ".join([*columns, "mean"]) + " |"]
+        lines.append("|---|" + "---:|" * (len(columns) + 1))
+        for name in scored:
+            scores = results[name]["downstream"]
+            values = [
+                scores.get(f"{family}_{c}" if c != "score" else family, {}).get(metric) for c in columns
+            ]
+            finite = [v for v in values if v is not None]
+            mean = sum(finite) / len(finite) if finite and len(finite) == len(values) else None
+            spec = parse_run(name)
+            label = spec.label if name == "dense" else f"{spec.label} @{spec.structure}"
+            lines.append("| " + " | ".join([label, *(_fmt(v, 3) for v in values), _fmt(mean, 3)]) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def ordered_names(results: Mapping[str, Any]) -> list[str]:
@@ -385,9 +407,9 @@ def render_report(cache: Mapping[str, Any]) -> str:
             "everything else at the modifiers' defaults (SparseGPT block 128, dampening 0.01)."
         ),
         f"- optimum-mwanda: torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
-        "config defaults (M-Wanda: per-language mean compensation, depth schedule).",
-        f"- Machine: {env.get('platform', '?')}, {settings.get('threads')} torch threads per run, SHARED "
-        "with other jobs (see the load average per run; `uptime` at the start: "
+        "config defaults (M-Wanda: per-language mean and rank-32 low-rank compensation, depth schedule).",
+        f"- Machine: {env.get('platform', '?')}, {settings.get('threads')} torch threads per run (see the "
+        "load average per run and the notes above for what else ran; `uptime` at the start: "
         f"{cache.get('uptime_start', '?')}; at the end: {cache.get('uptime_end', '?')}).",
         "",
         "## Held-out perplexity",

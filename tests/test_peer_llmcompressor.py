@@ -118,7 +118,21 @@ def test_tables_and_report():
     report = peer.render_report(cache)
     assert "## Head to head at 50%" in report and "## Head to head at 2:4" not in report  # 2:4 has one tool
     assert "| llmc-wanda / ours-wanda | 1.100 |" in report
-    assert "story acc_norm" in report and "0.500" in report
+    assert "**story, acc_norm**" in report and "0.500" in report
+
+
+def test_downstream_table_has_one_table_per_task_family_and_metric():
+    results = {
+        "dense": {"downstream": {"cont_de": {"acc": 0.5, "sample_len": 10}, "cont_sw": {"acc": 0.3}}},
+        "ours-wanda@50": {"downstream": {"cont_de": {"acc": 0.4}, "cont_sw": {"acc": 0.2}}},
+        "llmc-wanda@50": {"downstream": {"cont_de": {"acc": 0.1}}},
+    }
+    table = peer.downstream_table(results, ["dense", "ours-wanda@50", "llmc-wanda@50"])
+    assert table.startswith("**cont, acc** (10 documents per language)")
+    assert "| run | de | sw | mean |" in table
+    assert "| dense | 0.500 | 0.300 | 0.400 |" in table
+    assert "| optimum-mwanda Wanda @50 | 0.400 | 0.200 | 0.300 |" in table
+    assert "| llm-compressor Wanda @50 | 0.100 | - | - |" in table  # no mean over a missing language
 
 
 def test_normalize_downstream():
