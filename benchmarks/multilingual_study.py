@@ -195,18 +195,20 @@ def parse_config_name(name: str) -> StudyConfig:
 def non_default_options(
     cls: type, sparsity: float, options: Mapping[str, Any]
 ) -> tuple[tuple[str, Any], ...]:
-    """``options`` (sorted) without those equal to what ``cls`` resolves them to given the *other* options.
+    """The fewest of ``options`` (sorted) from which ``cls`` resolves to all of them.
 
     Some defaults depend on other fields (``layerwise=None`` resolves to "uniform" under an N:M structure,
-    ``compensation_rank=None`` to 0 without a compensation), so each option is compared with the value the
-    config takes when that option alone is left out.
+    ``compensation_rank=None`` to 0 without a compensation, ``weight_update=None`` to "closed_form" when a
+    rank is given), so options are dropped one at a time, each only if the config built from those still
+    kept reproduces every option's value.
     """
-    kept = []
-    for key, value in sorted(options.items()):
-        others = {k: v for k, v in options.items() if k != key}
-        if getattr(cls(sparsity=sparsity, **others), key) != value:
-            kept.append((key, value))
-    return tuple(kept)
+    kept = dict(sorted(options.items()))
+    for key in list(kept):
+        trial = {k: v for k, v in kept.items() if k != key}
+        built = cls(sparsity=sparsity, **trial)
+        if all(getattr(built, k) == v for k, v in options.items()):
+            kept = trial
+    return tuple(kept.items())
 
 
 def expand_config_names(
@@ -417,7 +419,9 @@ def settings_key(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # Fields added to a config after results were cached, with the behaviour the code had before them.
-_LEGACY_VALUES: dict[str, dict[str, Any]] = {"mwanda": {"mean_compensation": "none", "compensation_rank": 0}}
+_LEGACY_VALUES: dict[str, dict[str, Any]] = {
+    "mwanda": {"mean_compensation": "none", "compensation_rank": 0, "weight_update": "closed_form"}
+}
 
 # Config fields that are study settings (recorded in ``settings_key``), not part of a configuration's name.
 _SETTING_FIELDS = {"method", "sparsity", "samples_per_language", "calibration_seq_len", "batch_size", "seed"}

@@ -11,7 +11,9 @@ statistics collected once (a screen; winners are confirmed with the sequential p
 * ``centred``: the mask scored on ``|W_ij| * sqrt(within-language variance_j)`` instead of Wanda's
   ``|W_ij| * ||X_j||``, since the mean part of every input is restored by the update anyway;
 * ``ria``: RIA's relative importance ``(|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||^0.5``;
-* references: the fixed-mask OBS update (full Gram) and SparseGPT.
+* references: the fixed-mask OBS update (full Gram) and SparseGPT;
+* round 4 (N:M): SparseGPT's sweep on the low-rank H, non-sequential OBS scores, and SparseGPT on the
+  Gram matrix of every 4th / 8th / 16th token.
 
 Usage: ``nice -n 5 python benchmarks/mwanda_frontier_screening.py [--sparsity 0.5 0.6 2:4] [--only ...]``
 (writes ``benchmarks/results/mwanda_frontier_screening.{json,md}``).
@@ -134,6 +136,62 @@ def main(argv=None) -> None:
     def obs(w, mask, s):
         return fixed_mask_obs(w, mask, s.gram.float())
 
+    def low_rank_hessian(s, rank):
+        # H ~ D + U U^T from the same factors as the low-rank update, as a dense in x in matrix.
+        d = derived[id(s)]
+        factors, diagonal = covariance_factors(
+            d["mu"], d["shares"], d["evecs"][:, :rank], d["evals"][:rank], d["within"]
+        )
+        hessian = factors @ factors.t()
+        hessian.diagonal().add_(diagonal)
+        return hessian
+
+    def sweep(rank):
+        # Round 4: SparseGPT's column sweep (masks chosen inside it, seeing the updates) on the low-rank
+        # H instead of the full Gram matrix: the mask knows the kept weights will be compensated.
+        def prune(w, s, sparsity, nm):
+            new, _ = sparsegpt_prune(w, low_rank_hessian(s, rank), sparsity, nm=nm)
+            return new
+
+        return prune
+
+    def obs_score(rank):
+        # Non-sequential OBS saliency w_ij^2 / [H^-1]_jj under H = D + U U^T (Woodbury for the diagonal):
+        # a feature the others can stand in for (small 1 / [H^-1]_jj) is cheaper to prune once the kept
+        # weights are compensated. rank=None: the full Gram matrix, for reference.
+        def score(w, s):
+            if rank is None:
+                gram = s.gram.float() / float(s.tokens.sum())
+                gram.diagonal().add_(0.01 * float(gram.diagonal().mean()))
+                inv_diag = torch.diagonal(torch.linalg.inv(gram))
+            else:
+                d = derived[id(s)]
+                u, diagonal = covariance_factors(
+                    d["mu"], d["shares"], d["evecs"][:, :rank], d["evals"][:rank], d["within"]
+                )
+                inv_d = 1.0 / diagonal
+                scaled = u * inv_d.unsqueeze(1)
+                core = torch.eye(u.shape[1]) + u.t() @ scaled
+                inv_diag = inv_d - (scaled @ torch.linalg.inv(core) * scaled).sum(1)
+            return w.float().pow(2) / inv_diag.unsqueeze(0)
+
+        return score
+
+    def sweep_mask_then(update):
+        def prune(w, s, sparsity, nm):
+            swept, _ = sparsegpt_prune(w, low_rank_hessian(s, 32), sparsity, nm=nm)
+            return update(w, swept == 0, s)
+
+        return prune
+
+    def subsampled_sparsegpt(stride):
+        # SparseGPT on the Gram matrix of every stride-th token only: 1/stride of the Hessian's cost.
+        def prune(w, s, sparsity, nm):
+            new, _ = sparsegpt_prune(w, s.subsampled_grams[stride].float(), sparsity, nm=nm)
+            return new
+
+        return prune
+
     variants = {
         "wanda": (wanda_score, no_update),
         "wanda + mean-comp (M-Wanda r=0)": (wanda_score, mean_comp),
@@ -147,6 +205,17 @@ def main(argv=None) -> None:
         "ria + mean-comp": (ria_score, mean_comp),
         "wanda + fixed-mask OBS": (wanda_score, obs),
         "sparsegpt": (None, None),
+        "lowrank-H sweep r=32": (None, sweep(32)),
+        "lowrank-H sweep r=8": (None, sweep(8)),
+        "lowrank-H sweep r=128": (None, sweep(128)),
+        "ria + lowrank r=32": (ria_score, low_rank(32, 0.0)),
+        "obs-diag r=32 + lowrank r=32": (obs_score(32), low_rank(32, 0.0)),
+        "obs-diag full + fixed-mask OBS": (obs_score(None), obs),
+        "obs-diag full + lowrank r=32": (obs_score(None), low_rank(32, 0.0)),
+        "sweep-r32 mask + lowrank r=32": (None, sweep_mask_then(low_rank(32, 0.0))),
+        "sparsegpt, Gram of 1/4 tokens": (None, subsampled_sparsegpt(4)),
+        "sparsegpt, Gram of 1/8 tokens": (None, subsampled_sparsegpt(8)),
+        "sparsegpt, Gram of 1/16 tokens": (None, subsampled_sparsegpt(16)),
     }
 
     results = screening.load_results(args.output)
@@ -162,7 +231,9 @@ def main(argv=None) -> None:
             t = time.perf_counter()
             for m in modules:
                 weight, s = originals[m.name], stats[m.name]
-                if score is None:
+                if score is None and update is not None:
+                    new = update(weight, s, sparsity, nm)
+                elif score is None:
                     new, _ = sparsegpt_prune(weight, s.gram.float(), sparsity, nm=nm)
                 else:
                     mask = mask_from_scores(score(weight, s), sparsity, nm)

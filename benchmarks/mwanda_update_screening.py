@@ -41,8 +41,14 @@ class ScreenStatistics:
         self.active = torch.zeros(num_languages, in_features, dtype=torch.float64)
         self.tokens = torch.zeros(num_languages, dtype=torch.float64)
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64) if with_gram else None
+        # Gram matrices of every k-th token only: what a token-subsampled Hessian would see.
+        self.subsampled_grams = {k: torch.zeros_like(self.gram) for k in (4, 8, 16)} if with_gram else {}
 
-    def update(self, x: torch.Tensor, language: torch.Tensor) -> None:
+    def update(
+        self, x: torch.Tensor, language: torch.Tensor, sequence_lengths: int | list[int] | None = None
+    ) -> None:
+        # sequence_lengths (what the hooks pass for per-sequence float32 sums) is not needed here: a
+        # screen sums the whole batch at once.
         x = x.float()
         self.sum.index_add_(0, language, x.double())
         squares = x * x
@@ -52,6 +58,9 @@ class ScreenStatistics:
         self.tokens.index_add_(0, language, torch.ones_like(language, dtype=torch.float64))
         if self.gram is not None:
             self.gram.add_((x.t() @ x).double())
+            for stride, gram in self.subsampled_grams.items():
+                sample = x[::stride]
+                gram.add_((sample.t() @ sample).double())
 
     @property
     def count(self) -> torch.Tensor:

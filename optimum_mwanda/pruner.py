@@ -108,7 +108,14 @@ class Pruner:
         if negative_calibration is not None:
             if not algorithm.supports_negative_calibration:
                 raise ValueError(
-                    f"negative_calibration is supported by Wanda and M-Wanda, not {type(config).__name__}"
+                    "negative_calibration lowers feature importance in a Wanda-style score: it is supported "
+                    'by WandaConfig and MWandaConfig with weight_update="closed_form", not '
+                    f"{type(config).__name__}"
+                    + (
+                        f'(weight_update="{config.weight_update}")'
+                        if hasattr(config, "weight_update")
+                        else ""
+                    )
                 )
             negative_set = resolve_calibration(
                 _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing

@@ -58,6 +58,10 @@ def cases() -> dict[str, dict]:
     # Padding: per-sequence products (M-Wanda's sketch, SparseGPT's X^T X) need the sequence boundaries.
     out["llama-mwanda-padded"] = dict(arch="llama", config=MWandaConfig(sparsity=0.5), padded=True)
     out["llama-sparsegpt-padded"] = dict(arch="llama", config=SparseGPTConfig(block_size=16), padded=True)
+    # M-Wanda's N:M default: the sweep on every 4th token of each sequence, padded.
+    out["llama-mwanda-2:4-padded"] = dict(
+        arch="llama", config=MWandaConfig(mask_structure="2:4"), padded=True
+    )
     # A single sequence: the second rank has no calibration data at all.
     out["llama-wanda-one-sequence"] = dict(arch="llama", config=WandaConfig(sparsity=0.5), single=True)
     out["llama-sparsegpt-one-sequence"] = dict(

@@ -157,3 +157,33 @@ def test_non_integer_seeds_and_non_finite_floats_are_rejected_when_built(cls, kw
         cls(**kwargs)
     with pytest.raises(error, match=message):
         cls.from_dict({**cls().to_dict(), **kwargs})
+
+
+def test_weight_update_resolves_to_the_sweep_for_nm_structures():
+    from optimum_mwanda import MWandaConfig, PruningConfig, SparseGPTConfig
+
+    unstructured = MWandaConfig()
+    assert (unstructured.weight_update, unstructured.compensation_rank) == ("closed_form", 32)
+    nm = MWandaConfig(mask_structure="2:4")
+    assert (nm.weight_update, nm.compensation_rank, nm.hessian_token_stride) == ("sweep", 0, 4)
+    # An explicit rank, or no compensation, keeps the closed form at N:M.
+    assert MWandaConfig(mask_structure="2:4", compensation_rank=0).weight_update == "closed_form"
+    assert MWandaConfig(mask_structure="4:8", mean_compensation="none").weight_update == "closed_form"
+    assert MWandaConfig(weight_update="sweep").compensation_rank == 0
+    with pytest.raises(ValueError, match="weight_update must be one of"):
+        MWandaConfig(weight_update="obs")
+    with pytest.raises(ValueError, match="keep them"):
+        MWandaConfig(weight_update="sweep", mean_compensation="none")
+    with pytest.raises(ValueError, match="applies to"):
+        MWandaConfig(weight_update="sweep", compensation_rank=8)
+    with pytest.raises(ValueError, match="dividing its block"):
+        MWandaConfig(mask_structure="1:3", sparsity=2 / 3)
+    for config_class in (MWandaConfig, SparseGPTConfig):
+        with pytest.raises(ValueError, match="hessian_token_stride"):
+            config_class(hessian_token_stride=0)
+    assert SparseGPTConfig().hessian_token_stride == 1
+    # Round trip, and configs written before the field existed ran the closed form.
+    assert MWandaConfig.from_dict(nm.to_dict()) == nm
+    written = nm.to_dict()
+    del written["weight_update"]
+    assert PruningConfig.from_dict(written).weight_update == "closed_form"

@@ -237,3 +237,24 @@ def test_sparsegpt_group_equals_separate(nm):
         alone, alone_mask = sparsegpt_prune(weight, h, 0.5, nm=nm, block_size=16)
         assert torch.equal(mask, alone_mask)
         torch.testing.assert_close(new, alone)
+
+
+def test_hessian_token_stride_samples_every_kth_token_of_each_sequence():
+    """``token_stride=k`` builds H from tokens 0, k, 2k, ... of every sequence; norms still see every token,
+    and the sample does not depend on how the sequences are batched."""
+    torch.manual_seed(0)
+    lengths = [7, 5, 9]
+    x = torch.randn(sum(lengths), 6)
+    language = torch.tensor([0] * 7 + [1] * 5 + [0] * 9)
+    h = HessianStatistics(6, 2, token_stride=3)
+    h.update(x, language, lengths)
+    sampled = torch.cat([part[::3] for part in x.split(lengths)])
+    assert h.count == sampled.shape[0] == 3 + 2 + 3
+    torch.testing.assert_close(h.hessian, 2 * sampled.t() @ sampled / sampled.shape[0])
+    torch.testing.assert_close(h.features.pooled_norm, x.pow(2).mean(0).sqrt())
+    batched = HessianStatistics(6, 2, token_stride=3)
+    batched.update(x[:7], language[:7], [7])
+    batched.update(x[7:], language[7:], lengths[1:])
+    assert torch.equal(batched.hessian_sum, h.hessian_sum)
+    with pytest.raises(ValueError, match="token_stride"):
+        HessianStatistics(6, 2, token_stride=0)

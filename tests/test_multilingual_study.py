@@ -156,6 +156,15 @@ def test_records_written_before_a_field_existed_keep_their_legacy_behaviour():
     assert study.canonical_name("mwanda@60", {"config": before_rank}) == "mwanda[compensation_rank=0]@60"
     today = MWandaConfig(sparsity=0.6).to_dict()
     assert study.canonical_name("mwanda@60", {"config": today}) == "mwanda@60"
+    # A 2:4 record from before the sweep became the N:M default ran the rank-32 closed form; the rank
+    # follows from weight_update, so only weight_update enters the name.
+    before_sweep = MWandaConfig(sparsity=0.5, mask_structure="2:4", compensation_rank=32).to_dict()
+    del before_sweep["weight_update"]
+    assert study.canonical_name("mwanda[mask_structure=2:4]@50", {"config": before_sweep}) == (
+        "mwanda[mask_structure=2:4,weight_update=closed_form]@50"
+    )
+    sweep = MWandaConfig(sparsity=0.5, mask_structure="2:4").to_dict()
+    assert study.canonical_name("x", {"config": sweep}) == "mwanda[mask_structure=2:4]@50"
 
 
 def test_defaults_that_depend_on_other_options_do_not_enter_the_name():

@@ -401,3 +401,39 @@ def test_algorithm_registry_one_object_per_method():
     with pytest.raises(TypeError):
         WandaAlgorithm(SparseGPTConfig())
     assert issubclass(MWandaAlgorithm, PruningAlgorithm)
+
+
+@pytest.mark.parametrize("structure", ["2:4", "unstructured"])
+def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
+    """M-Wanda's ``weight_update="sweep"`` (the N:M default) runs SparseGPT's sweep on the Hessian of every
+    ``hessian_token_stride``-th token: the same weights as SparseGPT with that stride, and other weights than
+    SparseGPT on every token."""
+    calibration = make_token_calibration(n=8)  # 144 sampled tokens: more than the 128 inputs of down_proj
+    extra = {} if structure == "2:4" else {"weight_update": "sweep", "layerwise": "uniform"}
+    config = MWandaConfig(mask_structure=structure, **extra)
+    assert config.weight_update == "sweep" and config.hessian_token_stride == 4
+    models = {name: make_model("llama") for name in ("mwanda", "sampled", "full")}
+    Pruner(config).prune_model(models["mwanda"], calibration, show_progress=False)
+    for name, stride in (("sampled", 4), ("full", 1)):
+        Pruner(SparseGPTConfig(mask_structure=structure, hessian_token_stride=stride)).prune_model(
+            models[name], calibration, show_progress=False
+        )
+    for (name, a), b in zip(models["mwanda"].named_parameters(), models["sampled"].parameters()):
+        assert torch.equal(a, b), name
+    assert any(
+        not torch.equal(a, c) for a, c in zip(models["mwanda"].parameters(), models["full"].parameters())
+    )
+    if structure == "2:4":
+        for name, mask in _masks(models["mwanda"]).items():
+            assert ((~mask).reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), name
+    negative = {"code": torch.randint(200, 320, (2, 24), generator=torch.Generator().manual_seed(3))}
+    with pytest.raises(ValueError, match='weight_update="sweep"'):
+        Pruner(config).prune_model(make_model("llama"), calibration, negative_calibration=negative)
+
+
+def test_sweep_warns_when_the_hessian_saw_fewer_tokens_than_inputs():
+    calibration = make_token_calibration(n=1)
+    with pytest.warns(UserWarning, match="lower hessian_token_stride"):
+        Pruner(SparseGPTConfig(hessian_token_stride=24)).prune_model(
+            make_model("llama"), calibration, show_progress=False
+        )

@@ -7,9 +7,15 @@ from typing import ClassVar
 
 import torch
 
-from ..configuration import MWandaConfig
-from ..methods import FeatureStatistics, mean_shift_compensation, mwanda_feature_importance
+from ..configuration import MWandaConfig, SparseGPTConfig
+from ..methods import (
+    FeatureStatistics,
+    HessianStatistics,
+    mean_shift_compensation,
+    mwanda_feature_importance,
+)
 from ..methods.compensation import covariance_factors, low_rank_compensation
+from .sparsegpt import sweep_group
 from .wanda import WandaAlgorithm
 
 
@@ -19,8 +25,19 @@ class MWandaAlgorithm(WandaAlgorithm):
     config_class: ClassVar[type[MWandaConfig]] = MWandaConfig
     config: MWandaConfig
 
-    def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> FeatureStatistics:
+    @property
+    def supports_negative_calibration(self) -> bool:  # type: ignore[override]
+        """Negative calibration lowers the score's feature importance: the sweep has no such score."""
+        return self.config.weight_update != "sweep"
+
+    def new_statistic(
+        self, in_features: int, num_languages: int, device: torch.device
+    ) -> FeatureStatistics | HessianStatistics:
         config = self.config
+        if config.weight_update == "sweep":
+            return HessianStatistics(
+                in_features, num_languages, device=device, token_stride=config.hessian_token_stride
+            )
         return FeatureStatistics(
             in_features,
             num_languages,
@@ -32,6 +49,21 @@ class MWandaAlgorithm(WandaAlgorithm):
             if config.compensation_rank
             else 0,
         )
+
+    def prune_group(self, name, weights, statistic, negative_statistic, sparsity):
+        if self.config.weight_update == "sweep":
+            # SparseGPT's reference block size and dampening: the sweep is the same algorithm, on the
+            # token-sampled Hessian.
+            return sweep_group(
+                name,
+                weights,
+                statistic,
+                sparsity,
+                self.config.nm_structure,
+                SparseGPTConfig.block_size,
+                SparseGPTConfig.dampening,
+            )
+        return super().prune_group(name, weights, statistic, negative_statistic, sparsity)
 
     def feature_importance(self, statistic: FeatureStatistics) -> torch.Tensor:
         config = self.config

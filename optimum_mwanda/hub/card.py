@@ -34,8 +34,10 @@ _METHOD_NOTES = {
 # Hyperparameters worth showing per method (the rest of the config is in pruning_report.json).
 _METHOD_KEYS = {
     "wanda": ("negative_weight",),
-    "sparsegpt": ("block_size", "dampening"),
+    "sparsegpt": ("block_size", "dampening", "hessian_token_stride"),
     "mwanda": (
+        "weight_update",
+        "hessian_token_stride",
         "mean_compensation",
         "compensation_rank",
         "variance_weight",
@@ -354,6 +356,7 @@ def _card_context(
         "method_note": _METHOD_NOTES.get(report.method, ""),
         "mean_compensation": getattr(config, "mean_compensation", "none"),
         "compensation_rank": getattr(config, "compensation_rank", 0),
+        "weight_update": getattr(config, "weight_update", None),
         "base_model": base_model,
         "target_sparsity": _pct(report.target_sparsity),
         "achieved_sparsity": _pct(achieved),
