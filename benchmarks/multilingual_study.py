@@ -205,7 +205,10 @@ def non_default_options(
     kept = dict(sorted(options.items()))
     for key in list(kept):
         trial = {k: v for k, v in kept.items() if k != key}
-        built = cls(sparsity=sparsity, **trial)
+        try:
+            built = cls(sparsity=sparsity, **trial)
+        except ValueError:  # e.g. diagonal_dampening > 0 once weight_update="sweep" is dropped
+            continue
         if all(getattr(built, k) == v for k, v in options.items()):
             kept = trial
     return tuple(kept.items())
@@ -420,7 +423,12 @@ def settings_key(args: argparse.Namespace) -> dict[str, Any]:
 
 # Fields added to a config after results were cached, with the behaviour the code had before them.
 _LEGACY_VALUES: dict[str, dict[str, Any]] = {
-    "mwanda": {"mean_compensation": "none", "compensation_rank": 0, "weight_update": "closed_form"}
+    "mwanda": {
+        "mean_compensation": "none",
+        "compensation_rank": 0,
+        "weight_update": "closed_form",
+        "diagonal_dampening": 0.0,
+    }
 }
 
 # Config fields that are study settings (recorded in ``settings_key``), not part of a configuration's name.

@@ -13,7 +13,9 @@ statistics collected once (a screen; winners are confirmed with the sequential p
 * ``ria``: RIA's relative importance ``(|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||^0.5``;
 * references: the fixed-mask OBS update (full Gram) and SparseGPT;
 * round 4 (N:M): SparseGPT's sweep on the low-rank H, non-sequential OBS scores, and SparseGPT on the
-  Gram matrix of every 4th / 8th / 16th token.
+  Gram matrix of every 4th / 8th / 16th token;
+* round 5 (languages absent from calibration, ``--absent``): stronger ridges on both updates, so that
+  what they fit to the calibration languages transfers to others; equal language weights.
 
 Usage: ``nice -n 5 python benchmarks/mwanda_frontier_screening.py [--sparsity 0.5 0.6 2:4] [--only ...]``
 (writes ``benchmarks/results/mwanda_frontier_screening.{json,md}``).
@@ -34,6 +36,7 @@ import screening  # noqa: E402
 from mwanda_update_screening import collect, fixed_mask_obs  # noqa: E402
 
 from optimum_mwanda.configuration import parse_mask_structure  # noqa: E402
+from optimum_mwanda.evaluation import geometric_mean  # noqa: E402
 from optimum_mwanda.methods import mask_from_scores, sparsegpt_prune, wanda_scores  # noqa: E402
 from optimum_mwanda.methods.compensation import (  # noqa: E402
     covariance_factors,
@@ -52,6 +55,9 @@ def main(argv=None) -> None:
     screening.add_screening_arguments(parser, threads=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--absent", nargs="*", default=[], help="held-out languages absent from calibration, also evaluated"
+    )
+    parser.add_argument(
         "--only", nargs="*", help="run only variants whose name contains one of these, in this order"
     )
     parser.add_argument(
@@ -64,7 +70,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    data = screening.load_screening_data(args.samples_per_language, seed=args.seed)
+    data = screening.load_screening_data(
+        args.samples_per_language, seed=args.seed, absent_languages=args.absent
+    )
     t = time.perf_counter()
     cached = (
         torch.load(args.cache, weights_only=False) if args.cache is not None and args.cache.exists() else None
@@ -177,6 +185,44 @@ def main(argv=None) -> None:
 
         return score
 
+    def low_rank_equal_shares(rank):
+        # Every calibration language weighs the same in the objective, whatever its token count.
+        def update(w, mask, s):
+            d = derived[id(s)]
+            equal = torch.full_like(d["shares"], 1.0 / len(d["shares"]))
+            factors, diagonal = covariance_factors(
+                d["mu"], equal, d["evecs"][:, :rank], d["evals"][:rank], d["within"]
+            )
+            return low_rank_compensation(w, mask, factors, diagonal)
+
+        return update
+
+    def low_rank_diagonal_ridge(rank, relative):
+        # The closed form's counterpart of the sweep's relative ridge: add ``relative`` times H's own
+        # diagonal (the factors' squared row norms plus D) to D.
+        def update(w, mask, s):
+            d = derived[id(s)]
+            factors, diagonal = covariance_factors(
+                d["mu"], d["shares"], d["evecs"][:, :rank], d["evals"][:rank], d["within"]
+            )
+            diagonal = diagonal + relative * (factors.pow(2).sum(1) + diagonal)
+            return low_rank_compensation(w, mask, factors, diagonal)
+
+        return update
+
+    def ridged_sweep(stride, relative=0.0, dampening=0.01):
+        # Round 5: SparseGPT's sweep on the Gram matrix of every stride-th token with a stronger ridge.
+        # ``relative`` adds that share of each feature's own diagonal (shrinking the off-diagonal
+        # structure fitted to the calibration languages towards the diagonal, where the sweep is Wanda);
+        # ``dampening`` is SparseGPT's isotropic ridge (a share of the mean diagonal).
+        def prune(w, s, sparsity, nm):
+            gram = s.subsampled_grams[stride].float() if stride > 1 else s.gram.float()
+            gram = gram + torch.diag(relative * torch.diagonal(gram))
+            new, _ = sparsegpt_prune(w, gram, sparsity, nm=nm, dampening=dampening)
+            return new
+
+        return prune
+
     def sweep_mask_then(update):
         def prune(w, s, sparsity, nm):
             swept, _ = sparsegpt_prune(w, low_rank_hessian(s, 32), sparsity, nm=nm)
@@ -216,6 +262,19 @@ def main(argv=None) -> None:
         "sparsegpt, Gram of 1/4 tokens": (None, subsampled_sparsegpt(4)),
         "sparsegpt, Gram of 1/8 tokens": (None, subsampled_sparsegpt(8)),
         "sparsegpt, Gram of 1/16 tokens": (None, subsampled_sparsegpt(16)),
+        "wanda + lowrank r=32 damp=0.1": (wanda_score, low_rank(32, 0.1)),
+        "wanda + lowrank r=32 damp=0.3": (wanda_score, low_rank(32, 0.3)),
+        "wanda + lowrank r=32 damp=1": (wanda_score, low_rank(32, 1.0)),
+        "wanda + lowrank r=32 equal shares": (wanda_score, low_rank_equal_shares(32)),
+        "sweep 1/4, relative ridge 0.1": (None, ridged_sweep(4, relative=0.1)),
+        "wanda + lowrank r=32 relative ridge 0.1": (wanda_score, low_rank_diagonal_ridge(32, 0.1)),
+        "wanda + lowrank r=32 relative ridge 0.3": (wanda_score, low_rank_diagonal_ridge(32, 0.3)),
+        "wanda + lowrank r=32 relative ridge 1": (wanda_score, low_rank_diagonal_ridge(32, 1.0)),
+        "sparsegpt, relative ridge 0.3": (None, ridged_sweep(1, relative=0.3)),
+        "sweep 1/4, relative ridge 0.3": (None, ridged_sweep(4, relative=0.3)),
+        "sweep 1/4, relative ridge 1": (None, ridged_sweep(4, relative=1.0)),
+        "sweep 1/4, dampening 0.1": (None, ridged_sweep(4, dampening=0.1)),
+        "sweep 1/4, dampening 1": (None, ridged_sweep(4, dampening=1.0)),
     }
 
     results = screening.load_results(args.output)
@@ -242,7 +301,10 @@ def main(argv=None) -> None:
             seconds = time.perf_counter() - t
             ppl, geo = screening.score_and_restore(data, modules, originals, args.max_windows)
             results[key] = {"perplexity": ppl, "geomean": geo, "update_seconds": seconds}
-            print(f"[screen3] {target} {name:34s} geomean {geo:8.2f} ({seconds:.1f} s)", flush=True)
+            absent = (
+                f", absent {geometric_mean(ppl[lang] for lang in args.absent):8.2f}" if args.absent else ""
+            )
+            print(f"[screen3] {target} {name:34s} geomean {geo:8.2f}{absent} ({seconds:.1f} s)", flush=True)
             _write(args, results)
     _write(args, results)
 
@@ -259,7 +321,12 @@ def _write(args, results) -> None:
         "",
         f"Calibration: 7 languages x {args.samples_per_language} x 512 tokens of the bundled corpus (seed "
         f"{args.seed}); held-out: {args.max_windows} windows of 512 tokens per language; uniform schedule. "
-        "A screen, not the final numbers: statistics of the dense model, every module pruned at once. "
+        + (
+            f"Starred columns: languages absent from calibration ({' '.join(args.absent)}). "
+            if args.absent
+            else ""
+        )
+        + "A screen, not the final numbers: statistics of the dense model, every module pruned at once. "
         f"Load average at the last write: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores, shared).",
         "",
         *screening.table_head(
@@ -272,6 +339,9 @@ def _write(args, results) -> None:
             ]
         ),
     ]
+    if args.absent:
+        lines[-2] += "".join(f" {lang}* |" for lang in args.absent) + " absent geomean* |"
+        lines[-1] += "---:|" * (len(args.absent) + 1)
     for key, res in results.items():
         target, name = key.split(" | ")
         cells = [
@@ -281,7 +351,12 @@ def _write(args, results) -> None:
             screening.versus_wanda(results, key),
             f"{res['update_seconds']:.1f}",
         ]
-        lines.append(screening.table_row(cells, res))
+        row = screening.table_row(cells, res)
+        if args.absent:
+            absent = [res["perplexity"].get(lang) for lang in args.absent]
+            row += "".join(f" {v:.1f} |" if v is not None else " - |" for v in absent)
+            row += f" {geometric_mean(absent):.1f} |" if None not in absent else " - |"
+        lines.append(row)
     screening.write_results(args.output, record, lines)
 
 

@@ -12,6 +12,8 @@ methods) on the same model and the same calibration tokens:
 Usage (the committed results came from exactly this)::
 
     python benchmarks/prune_speed.py                 # Gemma 3 270M, bundled corpus, 7 x 8 x 512 tokens
+    python benchmarks/prune_speed.py --runs wanda mwanda sparsegpt --mask-structure 2:4 \
+        --output benchmarks/results/prune_speed_2of4
 
 Writes ``benchmarks/results/prune_speed.json`` and ``.md``.
 """
@@ -100,6 +102,10 @@ def _config(name: str, args):
     from optimum_mwanda import MWandaConfig, SparseGPTConfig, WandaConfig
 
     common = dict(sparsity=args.sparsity, batch_size=args.batch_size)
+    if args.mask_structure:
+        # N:M: the sparsity follows from the structure (every method's config checks that they agree).
+        n, m = (int(v) for v in args.mask_structure.split(":"))
+        common.update(sparsity=1 - n / m, mask_structure=args.mask_structure)
     return {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "mwanda": MWandaConfig}[name](**common)
 
 
@@ -150,6 +156,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument(
+        "--mask-structure", default=None, help="e.g. 2:4 (overrides --sparsity; default: unstructured)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", nargs="+", default=["floor_with_logits", "wanda", "mwanda", "sparsegpt"])
     parser.add_argument("--output", type=Path, default=RESULTS / "prune_speed")

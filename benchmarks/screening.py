@@ -46,14 +46,20 @@ def add_screening_arguments(parser: argparse.ArgumentParser, threads: int) -> No
     parser.add_argument("--threads", type=int, default=threads)
 
 
-def load_screening_data(samples_per_language: int, seed: int = 0) -> ScreeningData:
-    """The demo model and tokenizer, the bundled calibration set of :data:`LANGUAGES` and their held-out text."""
+def load_screening_data(
+    samples_per_language: int, seed: int = 0, absent_languages: Sequence[str] = ()
+) -> ScreeningData:
+    """The demo model and tokenizer, the bundled calibration set of :data:`LANGUAGES` and their held-out text.
+
+    ``absent_languages`` (not calibrated on) are evaluated too; they do not enter the geometric mean that
+    :func:`score_and_restore` returns.
+    """
     model, tokenizer = load_demo_model()
     model.eval()
     calibration = default_calibration(
         tokenizer, languages=LANGUAGES, samples_per_language=samples_per_language, seed=seed
     )
-    heldout = load_bundled_corpus("heldout", languages=LANGUAGES)
+    heldout = load_bundled_corpus("heldout", languages=[*LANGUAGES, *absent_languages])
     return ScreeningData(model, tokenizer, calibration, heldout)
 
 
@@ -96,7 +102,8 @@ def forward_calibration(
 def score_and_restore(
     data: ScreeningData, modules: Sequence, originals: Mapping[str, torch.Tensor], max_windows: int
 ) -> tuple[dict[str, float], float]:
-    """Held-out perplexity per language of the weights the modules hold now, and its geometric mean.
+    """Held-out perplexity per language of the weights the modules hold now, and its geometric mean over
+    the calibration :data:`LANGUAGES`.
 
     The dense weights are written back afterwards, so the next variant starts from the dense model.
     """
@@ -105,7 +112,7 @@ def score_and_restore(
     )
     for m in modules:
         m.write_weight(originals[m.name])
-    return ppl, geometric_mean(ppl.values())
+    return ppl, geometric_mean(ppl[lang] for lang in LANGUAGES)
 
 
 def load_results(output: Path) -> dict[str, Any]:

@@ -182,8 +182,21 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
         with pytest.raises(ValueError, match="hessian_token_stride"):
             config_class(hessian_token_stride=0)
     assert SparseGPTConfig().hessian_token_stride == 1
+    # The sweep's Hessian is shrunk towards its diagonal by default; SparseGPT keeps the reference (0).
+    assert nm.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.3
+    assert unstructured.diagonal_dampening == SparseGPTConfig().diagonal_dampening == 0.0
+    assert MWandaConfig(mask_structure="2:4", diagonal_dampening=0).diagonal_dampening == 0
+    with pytest.raises(ValueError, match='diagonal_dampening applies to weight_update="sweep"'):
+        MWandaConfig(diagonal_dampening=0.3)
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.3"):
+        for config_class in (MWandaConfig, SparseGPTConfig):
+            with pytest.raises((ValueError, TypeError), match="diagonal_dampening"):
+                config_class(mask_structure="2:4", diagonal_dampening=bad)
     # Round trip, and configs written before the field existed ran the closed form.
     assert MWandaConfig.from_dict(nm.to_dict()) == nm
     written = nm.to_dict()
+    del written["diagonal_dampening"]
+    # A sweep written before diagonal_dampening existed ran without the shrinkage.
+    assert PruningConfig.from_dict(written).diagonal_dampening == 0.0
     del written["weight_update"]
     assert PruningConfig.from_dict(written).weight_update == "closed_form"

@@ -99,6 +99,48 @@ def test_statistics_per_language():
     assert not torch.isfinite(stats.pooled_norm).all()
 
 
+def test_hessian_long_and_short_sequences_take_either_product_and_agree():
+    """A long sequence's X^T X is a float32 product added in float64, a short one's a fused float64 addmm
+    (HessianStatistics.update): both match the float64 reference and stay independent of batching."""
+    from optimum_mwanda.methods.statistics import _FUSED_FLOAT64_ROWS
+
+    torch.manual_seed(0)
+    lengths = [_FUSED_FLOAT64_ROWS + 40, 11, _FUSED_FLOAT64_ROWS - 1]
+    x = torch.randn(sum(lengths), 16)
+    language = torch.zeros(sum(lengths), dtype=torch.long)
+    h = HessianStatistics(16, 1)
+    h.update(x, language, lengths)
+    reference = x.double().t() @ x.double()
+    torch.testing.assert_close(h.hessian_sum, reference, rtol=1e-6, atol=1e-4)
+    batched = HessianStatistics(16, 1)
+    for part, lang, n in zip(x.split(lengths), language.split(lengths), lengths):
+        batched.update(part, lang, [n])
+    assert torch.equal(batched.hessian_sum, h.hessian_sum)
+
+
+def test_diagonal_dampening_shrinks_the_hessian_towards_its_diagonal():
+    """``diagonal_dampening=d`` is the sweep on ``H + d * diag(H)``; on a diagonal Hessian the sweep is
+    Wanda (no update), so a very large ``d`` gives Wanda's N:M mask and leaves the kept weights alone."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 16) @ torch.randn(16, 16) * torch.rand(16)
+    hessian = x.t() @ x / 200
+    weight = torch.randn(6, 16)
+    shrunk = hessian + torch.diag(0.3 * torch.diagonal(hessian))
+    for nm in (None, (2, 4)):
+        a, mask_a = sparsegpt_prune(weight, hessian, 0.5, nm=nm, diagonal_dampening=0.3)
+        b, mask_b = sparsegpt_prune(weight, shrunk, 0.5, nm=nm)
+        assert torch.equal(mask_a, mask_b)
+        torch.testing.assert_close(a, b)  # (1 + d) * h and h + d * h round differently
+    c, mask_c = sparsegpt_prune(weight, hessian, 0.5, nm=(2, 4), diagonal_dampening=1e6)
+    # (SparseGPT's isotropic dampening, 1% of the mean diagonal, still applies.)
+    diagonal = torch.diagonal(hessian)
+    wanda = nm_mask(wanda_scores(weight, (diagonal + 0.01 * diagonal.mean()).sqrt()), 2, 4)
+    assert torch.equal(mask_c, wanda)
+    torch.testing.assert_close(c, weight.masked_fill(wanda, 0.0), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="diagonal_dampening"):
+        sparsegpt_prune(weight, hessian, 0.5, diagonal_dampening=-1.0)
+
+
 def test_hessian_is_running_mean():
     torch.manual_seed(0)
     x = torch.randn(30, 5)

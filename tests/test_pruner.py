@@ -406,23 +406,28 @@ def test_algorithm_registry_one_object_per_method():
 @pytest.mark.parametrize("structure", ["2:4", "unstructured"])
 def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
     """M-Wanda's ``weight_update="sweep"`` (the N:M default) runs SparseGPT's sweep on the Hessian of every
-    ``hessian_token_stride``-th token: the same weights as SparseGPT with that stride, and other weights than
-    SparseGPT on every token."""
+    ``hessian_token_stride``-th token shrunk towards its diagonal: the same weights as SparseGPT with that
+    stride and ``diagonal_dampening``, and other weights than SparseGPT on every token or without the
+    shrinkage."""
     calibration = make_token_calibration(n=8)  # 144 sampled tokens: more than the 128 inputs of down_proj
     extra = {} if structure == "2:4" else {"weight_update": "sweep", "layerwise": "uniform"}
     config = MWandaConfig(mask_structure=structure, **extra)
     assert config.weight_update == "sweep" and config.hessian_token_stride == 4
-    models = {name: make_model("llama") for name in ("mwanda", "sampled", "full")}
+    assert config.diagonal_dampening == MWandaConfig.default_diagonal_dampening > 0
+    references = {"sampled": (4, config.diagonal_dampening), "full": (1, config.diagonal_dampening)}
+    references["unshrunk"] = (4, 0.0)
+    models = {name: make_model("llama") for name in ("mwanda", *references)}
     Pruner(config).prune_model(models["mwanda"], calibration, show_progress=False)
-    for name, stride in (("sampled", 4), ("full", 1)):
-        Pruner(SparseGPTConfig(mask_structure=structure, hessian_token_stride=stride)).prune_model(
-            models[name], calibration, show_progress=False
+    for name, (stride, diagonal) in references.items():
+        reference = SparseGPTConfig(
+            mask_structure=structure, hessian_token_stride=stride, diagonal_dampening=diagonal
         )
+        Pruner(reference).prune_model(models[name], calibration, show_progress=False)
     for (name, a), b in zip(models["mwanda"].named_parameters(), models["sampled"].parameters()):
         assert torch.equal(a, b), name
-    assert any(
-        not torch.equal(a, c) for a, c in zip(models["mwanda"].parameters(), models["full"].parameters())
-    )
+    for other in ("full", "unshrunk"):
+        pairs = zip(models["mwanda"].parameters(), models[other].parameters())
+        assert any(not torch.equal(a, c) for a, c in pairs), other
     if structure == "2:4":
         for name, mask in _masks(models["mwanda"]).items():
             assert ((~mask).reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), name

@@ -53,7 +53,7 @@ class MWandaAlgorithm(WandaAlgorithm):
     def prune_group(self, name, weights, statistic, negative_statistic, sparsity):
         if self.config.weight_update == "sweep":
             # SparseGPT's reference block size and dampening: the sweep is the same algorithm, on the
-            # token-sampled Hessian.
+            # token-sampled Hessian shrunk towards its diagonal.
             return sweep_group(
                 name,
                 weights,
@@ -62,6 +62,7 @@ class MWandaAlgorithm(WandaAlgorithm):
                 self.config.nm_structure,
                 SparseGPTConfig.block_size,
                 SparseGPTConfig.dampening,
+                self.config.diagonal_dampening,
             )
         return super().prune_group(name, weights, statistic, negative_statistic, sparsity)
 

@@ -26,7 +26,14 @@ class SparseGPTAlgorithm(PruningAlgorithm):
     def prune_group(self, name, weights, statistic, negative_statistic, sparsity):
         config = self.config
         return sweep_group(
-            name, weights, statistic, sparsity, config.nm_structure, config.block_size, config.dampening
+            name,
+            weights,
+            statistic,
+            sparsity,
+            config.nm_structure,
+            config.block_size,
+            config.dampening,
+            config.diagonal_dampening,
         )
 
 
@@ -38,6 +45,7 @@ def sweep_group(
     nm: tuple[int, int] | None,
     block_size: int,
     dampening: float,
+    diagonal_dampening: float = 0.0,
 ) -> list[torch.Tensor]:
     """SparseGPT's column sweep over one shared-input group (SparseGPT, and M-Wanda's ``"sweep"``)."""
     if not torch.isfinite(statistic.hessian).all():
@@ -61,5 +69,6 @@ def sweep_group(
         nm=nm,
         block_size=block_size,
         dampening=dampening,
+        diagonal_dampening=diagonal_dampening,
     )
     return new_weights

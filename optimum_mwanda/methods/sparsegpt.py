@@ -12,13 +12,16 @@ class CholeskyError(RuntimeError):
 
 
 def inverse_hessian_cholesky(
-    hessian: torch.Tensor, dampening: float, retries: int = 3
+    hessian: torch.Tensor, dampening: float, retries: int = 3, diagonal_dampening: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+    """Upper Cholesky factor of ``(H' + damp * mean(diag H') * I)^-1`` with
+    ``H' = H + diagonal_dampening * diag(H)``.
 
-    Dead inputs (zero diagonal: features never active) get a unit diagonal so that the matrix stays
-    invertible; their weights are irrelevant to the output and are returned in ``dead`` for the caller to
-    zero. When the factorisation fails the dampening is multiplied by 10, up to ``retries`` times.
+    ``diagonal_dampening`` shrinks the cross-feature part of ``H`` towards its diagonal (each input's
+    own second moment), where the sweep reduces to Wanda's mask with no update; ``0`` is SparseGPT's
+    reference. Dead inputs (zero diagonal: features never active) get a unit diagonal so that the matrix
+    stays invertible; their weights are irrelevant to the output and are returned in ``dead`` for the
+    caller to zero. When the factorisation fails the dampening is multiplied by 10, up to ``retries`` times.
 
     Returns ``(upper_factor, dead, dampening_used)``.
     """
@@ -26,7 +29,11 @@ def inverse_hessian_cholesky(
         raise ValueError(f"the Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise FloatingPointError("the Hessian contains NaN or infinite values")
+    if not diagonal_dampening >= 0:
+        raise ValueError(f"diagonal_dampening must be >= 0, got {diagonal_dampening}")
     h = hessian.float().clone()
+    if diagonal_dampening:
+        h.diagonal().mul_(1.0 + diagonal_dampening)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     diag_mean = torch.diagonal(h).mean()
@@ -55,14 +62,18 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     dampening: float = 0.01,
+    diagonal_dampening: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (``[out, in]``) and update the surviving weights to compensate.
 
     Masks are chosen adaptively per block of ``block_size`` columns from ``w^2 / [H^-1]_jj^2`` (over the
-    whole block for unstructured sparsity, per group of ``M`` for N:M). Returns ``(new_weight, mask)`` with
-    ``new_weight`` in float32 and ``mask`` ``True`` where pruned.
+    whole block for unstructured sparsity, per group of ``M`` for N:M). ``dampening`` and
+    ``diagonal_dampening`` are the ridges of :func:`inverse_hessian_cholesky`. Returns
+    ``(new_weight, mask)`` with ``new_weight`` in float32 and ``mask`` ``True`` where pruned.
     """
-    (new_weight,), (mask,) = sparsegpt_prune_group([weight], hessian, sparsity, nm, block_size, dampening)
+    (new_weight,), (mask,) = sparsegpt_prune_group(
+        [weight], hessian, sparsity, nm, block_size, dampening, diagonal_dampening
+    )
     return new_weight, mask
 
 
@@ -73,6 +84,7 @@ def sparsegpt_prune_group(
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     dampening: float = 0.01,
+    diagonal_dampening: float = 0.0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """:func:`sparsegpt_prune` for several weights that read the same input (q/k/v, gate/up).
 
@@ -98,7 +110,9 @@ def sparsegpt_prune_group(
     for w in weights:
         row_slices.append(slice(start_row, start_row + w.shape[0]))
         start_row += w.shape[0]
-    hinv, dead, _ = inverse_hessian_cholesky(hessian.to(device), dampening)
+    hinv, dead, _ = inverse_hessian_cholesky(
+        hessian.to(device), dampening, diagonal_dampening=diagonal_dampening
+    )
     wt[dead, :] = 0.0
     mask_t = torch.zeros_like(wt, dtype=torch.bool)
 
