@@ -776,7 +776,8 @@ def plot_results(
         ax.axvline(len(languages) + 0.5, color="grey", linewidth=0.8, linestyle="--")
         ax.set_ylabel("held-out perplexity (log)")
         ax.set_title(f"Gemma 3 270M at {p}% sparsity (* = not in calibration)")
-        ax.legend(fontsize=8, ncol=len(names))
+        if names:  # a run of only non-main configurations has nothing to label
+            ax.legend(fontsize=8, ncol=len(names))
         ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -183,7 +183,7 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
             config_class(hessian_token_stride=0)
     assert SparseGPTConfig().hessian_token_stride == 1
     # The sweep's Hessian is shrunk towards its diagonal by default; SparseGPT keeps the reference (0).
-    assert nm.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.3
+    assert nm.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.1
     assert unstructured.diagonal_dampening == SparseGPTConfig().diagonal_dampening == 0.0
     assert MWandaConfig(mask_structure="2:4", diagonal_dampening=0).diagonal_dampening == 0
     with pytest.raises(ValueError, match='diagonal_dampening applies to weight_update="sweep"'):
