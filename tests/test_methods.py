@@ -22,7 +22,14 @@ from optimum_mwanda.methods import (
     sparsegpt_prune_group,
     wanda_scores,
 )
+from optimum_mwanda.methods.masks import lowest_k_per_column
 from optimum_mwanda.methods.sparsegpt import inverse_hessian_cholesky
+from optimum_mwanda.methods.statistics import (
+    _FUSED_FLOAT64_ROWS,
+    _GRAM_ROW_BLOCKS,
+    add_lower_gram,
+    symmetric_from_lower,
+)
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.77])
@@ -58,6 +65,18 @@ def test_lowest_k_mask_ties_go_to_earlier_positions():
         1, torch.sort(scores, dim=1, stable=True).indices[:, :13], True
     )
     assert torch.equal(lowest_k_mask(scores, 13), expected)
+
+
+@pytest.mark.parametrize("m,k", [(4, 2), (8, 4), (4, 0), (4, 4), (1, 1)])
+def test_lowest_k_per_column_is_a_stable_sort(m, k):
+    """The sweep's per-group selection by pairwise ranks equals a stable sort, ties included."""
+    torch.manual_seed(m + k)
+    values = torch.randint(0, 3, (m, 500)).float()  # many ties
+    expected = torch.zeros_like(values, dtype=torch.bool).scatter_(
+        0, torch.sort(values, dim=0, stable=True).indices[:k], True
+    )
+    assert torch.equal(lowest_k_per_column(values, k), expected)
+    assert torch.equal(lowest_k_per_column(values.neg(), k).sum(0), torch.full((500,), k))
 
 
 def test_nm_mask_indivisible():
@@ -102,8 +121,6 @@ def test_statistics_per_language():
 def test_hessian_long_and_short_sequences_take_either_product_and_agree():
     """A long sequence's X^T X is a float32 product added in float64, a short one's a fused float64 addmm
     (HessianStatistics.update): both match the float64 reference and stay independent of batching."""
-    from optimum_mwanda.methods.statistics import _FUSED_FLOAT64_ROWS
-
     torch.manual_seed(0)
     lengths = [_FUSED_FLOAT64_ROWS + 40, 11, _FUSED_FLOAT64_ROWS - 1]
     x = torch.randn(sum(lengths), 16)
@@ -111,7 +128,7 @@ def test_hessian_long_and_short_sequences_take_either_product_and_agree():
     h = HessianStatistics(16, 1)
     h.update(x, language, lengths)
     reference = x.double().t() @ x.double()
-    torch.testing.assert_close(h.hessian_sum, reference, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(symmetric_from_lower(h.hessian_sum), reference, rtol=1e-6, atol=1e-4)
     batched = HessianStatistics(16, 1)
     for part, lang, n in zip(x.split(lengths), language.split(lengths), lengths):
         batched.update(part, lang, [n])
@@ -139,6 +156,26 @@ def test_diagonal_dampening_shrinks_the_hessian_towards_its_diagonal():
     torch.testing.assert_close(c, weight.masked_fill(wanda, 0.0), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="diagonal_dampening"):
         sparsegpt_prune(weight, hessian, 0.5, diagonal_dampening=-1.0)
+
+
+@pytest.mark.parametrize("features", [1, 3, 10, 17])
+@pytest.mark.parametrize("tokens", [5, _FUSED_FLOAT64_ROWS + 3])
+def test_lower_gram_staircase_is_the_full_product(features, tokens):
+    """add_lower_gram accumulates X^T X's lower triangle only (row blocks times the columns up to each
+    block's end, for any width, also narrower than the number of blocks); symmetric_from_lower restores the
+    full product, exactly symmetric."""
+    torch.manual_seed(features)
+    x = torch.randn(tokens, features)
+    total = torch.zeros(features, features, dtype=torch.float64)
+    add_lower_gram(total, x)
+    add_lower_gram(total, 2 * x)
+    full = symmetric_from_lower(total)
+    torch.testing.assert_close(full, 5 * x.double().t() @ x.double(), rtol=1e-6, atol=1e-4)
+    assert torch.equal(full, full.t())
+    # Nothing outside the staircase is touched.
+    edges = [features * k // _GRAM_ROW_BLOCKS for k in range(_GRAM_ROW_BLOCKS + 1)]
+    for start, end in zip(edges, edges[1:]):
+        assert not total[start:end, end:].any()
 
 
 def test_hessian_is_running_mean():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import lowest_k_mask
+from .masks import lowest_k_mask, lowest_k_per_column
 
 
 class CholeskyError(RuntimeError):
@@ -136,8 +136,7 @@ def sparsegpt_prune_group(
         for i in range(end - start):
             if nm is not None and i % m == 0:
                 group = block[i : i + m].pow(2) / diag[i : i + m].pow(2)
-                drop = torch.sort(group, dim=0, stable=True).indices[: m - n_keep]
-                block_mask[i : i + m].scatter_(0, drop, True)
+                block_mask[i : i + m] = lowest_k_per_column(group, m - n_keep)
             # err = (w - q) / d with q the pruned column; the update below then turns row i into q itself.
             err = block[i].mul(block_mask[i]).div_(diag[i])
             block[i:].addr_(hinv_block[i, i:], err, alpha=-1.0)

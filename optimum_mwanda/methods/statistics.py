@@ -138,10 +138,46 @@ class FeatureStatistics:
 # measured crossover on a 2-core CPU: about 200 tokens at in = 2048.
 _FUSED_FLOAT64_ROWS = 192
 
+# X^T X is symmetric, so only its lower triangle is accumulated, as a staircase of this many row blocks
+# (block k: its rows times the columns up to the block's end). Four blocks do 5/8 of the full product's
+# flops; on a 2-core CPU they cut the time of a 128-token part by 35% (in = 2048) and, for a 512-token
+# float32 part, also half of the in x in float64 addition: about 2x.
+_GRAM_ROW_BLOCKS = 4
+
+
+def add_lower_gram(total: torch.Tensor, part: torch.Tensor) -> None:
+    """Add the lower triangle of ``part^T part`` (``part``: ``[tokens, n]``) to the float64 ``total``.
+
+    Entries above the diagonal of the staircase's off-diagonal blocks are left untouched: read the sum
+    through :func:`symmetric_from_lower`. A part below ``_FUSED_FLOAT64_ROWS`` tokens goes through fused
+    float64 ``addmm`` calls (adding a float32 product would cost as much as computing it); a longer one is
+    multiplied in float32 and added. The result depends only on ``part`` itself.
+    """
+    fused = part.shape[0] < _FUSED_FLOAT64_ROWS
+    part = part.double() if fused else part.float()
+    n = part.shape[1]
+    edges = [n * k // _GRAM_ROW_BLOCKS for k in range(_GRAM_ROW_BLOCKS + 1)]
+    for start, end in zip(edges, edges[1:]):
+        if end == start:
+            continue
+        target = total[start:end, :end]
+        if fused:
+            target.addmm_(part[:, start:end].t(), part[:, :end])
+        else:
+            target.add_(part[:, start:end].t() @ part[:, :end])
+
+
+def symmetric_from_lower(total: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle (diagonal included) is that of ``total``."""
+    return torch.tril(total) + torch.tril(total, -1).t()
+
 
 class HessianStatistics:
-    """``H = 2 X^T X / T`` for SparseGPT's sweep (per-sequence float32 ``X^T X`` summed in float64), plus
+    """``H = 2 X^T X / T`` for SparseGPT's sweep (per-sequence ``X^T X`` summed in float64), plus
     Wanda-style norms for schedules.
+
+    ``hessian_sum`` accumulates the lower triangle of ``X^T X`` only (:func:`add_lower_gram`); read ``H``
+    through :attr:`hessian`.
 
     Args:
         token_stride: build ``H`` from every ``token_stride``-th token of each sequence only (its first
@@ -174,7 +210,8 @@ class HessianStatistics:
     def hessian(self) -> torch.Tensor:
         """``[in, in]`` float32: ``2 X^T X / T`` over the (sampled) tokens seen so far."""
         if self._hessian is None:
-            self._hessian = (self.hessian_sum * (2.0 / max(self.count, 1))).float()
+            full = symmetric_from_lower(self.hessian_sum)
+            self._hessian = (full * (2.0 / max(self.count, 1))).float()
         return self._hessian
 
     def update(
@@ -189,15 +226,12 @@ class HessianStatistics:
         # or ranks (see CovarianceSketch.update). For a long part a float32 product added to the float64 sum
         # is fastest (a float64 X^T X made SparseGPT's statistics pass about 1.5x slower on CPU); for a
         # short one (a token-strided sample) adding the in x in product costs as much as computing it, and
-        # one fused float64 addmm is about a third cheaper. The choice depends only on the part itself.
+        # a fused float64 addmm is about a third cheaper (add_lower_gram). The choice depends only on the
+        # part itself.
         for part in x.split(sequence_lengths or CovarianceSketch.default_chunk):
             if self.token_stride > 1:
                 part = part[:: self.token_stride]
-            if part.shape[0] < _FUSED_FLOAT64_ROWS:
-                part = part.double()
-                self.hessian_sum.addmm_(part.t(), part)
-            else:
-                self.hessian_sum.add_(part.t() @ part)
+            add_lower_gram(self.hessian_sum, part)
             self.token_count += part.shape[0]
         self._hessian = None
 
