@@ -456,6 +456,9 @@ def canonical_name(key: str, record: Mapping[str, Any]) -> str:
         for k, v in config.items()
         if k not in _SETTING_FIELDS and k != "optimum_mwanda_version" and k in fields
     }
+    if config["method"] == "mwanda" and config.get("weight_update") != "sweep":
+        # The Hessian's token sample does not exist for the closed form: its stored value changed nothing.
+        options.pop("hessian_token_stride", None)
     english_only = key.startswith("wanda-en")
     kept = non_default_options(cls, config["sparsity"], options)
     return StudyConfig(config["method"], config["sparsity"], kept, english_only).name

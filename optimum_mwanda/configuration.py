@@ -308,8 +308,12 @@ class MWandaConfig(WandaConfig):
             (docs/mwanda.md, round 4). ``None`` (default) resolves to ``"sweep"`` for an ``N:M``
             ``mask_structure`` and ``"closed_form"`` otherwise, or when ``compensation_rank`` is given or
             ``mean_compensation="none"``.
-        hessian_token_stride: with ``weight_update="sweep"``: the Hessian's token sample (``4``: every 4th
-            token, a quarter of SparseGPT's statistics cost; see :class:`SparseGPTConfig`).
+        hessian_token_stride: with ``weight_update="sweep"``: the Hessian's token sample (``k``: every
+            ``k``-th token of each sequence, ``1 / k`` of SparseGPT's statistics cost; see
+            :class:`SparseGPTConfig`). ``None`` (default): per shared-input group, the largest stride up to
+            ``max_hessian_token_stride`` (8) that leaves at least ``hessian_tokens_per_input`` (1.75) sampled
+            tokens per input feature of the run's calibration tokens; 8 everywhere on Gemma 3 270M with the
+            default 7 x 8 x 512 calibration, smaller for smaller calibration sets or wider inputs.
         diagonal_dampening: with ``weight_update="sweep"``: the Hessian is shrunk towards its diagonal,
             ``H + d * diag(H)`` (see :class:`SparseGPTConfig`), so that the updates fitted to the
             calibration languages carry over to others. ``None`` (default) resolves to
@@ -331,7 +335,7 @@ class MWandaConfig(WandaConfig):
     mean_compensation: str = "language"
     compensation_rank: int | None = None
     weight_update: str | None = None
-    hessian_token_stride: int = 4
+    hessian_token_stride: int | None = None
     diagonal_dampening: float | None = None
 
     #: ``compensation_rank=None`` resolves to this with a compensation (0 with ``mean_compensation="none"``):
@@ -341,6 +345,12 @@ class MWandaConfig(WandaConfig):
     #: 0.1 kept 2:4 in-domain perplexity where it was and lowered 4:8's by 8%, and cut the absent languages'
     #: by 14-18%; 0.3 helped them more but cost 2:4 3-6% in-domain (docs/mwanda.md, round 5).
     default_diagonal_dampening: ClassVar[float] = 0.1
+    #: ``hessian_token_stride=None``: the largest stride up to this ...
+    max_hessian_token_stride: ClassVar[int] = 8
+    #: ... that leaves the Hessian this many sampled tokens per input feature. On Gemma 3 270M 1.75 per input
+    #: (every 8th token at in = 2048) cost the 2:4 sweep 0.6% against every 4th; 0.875 lost a quarter
+    #: (docs/mwanda.md, rounds 4 and 6).
+    hessian_tokens_per_input: ClassVar[float] = 1.75
     fields_added_later: ClassVar[dict[str, Any]] = {
         "mean_compensation": "none",
         "compensation_rank": 0,
@@ -371,7 +381,8 @@ class MWandaConfig(WandaConfig):
             raise ValueError(
                 f"weight_update must be one of {list(WEIGHT_UPDATES)}, got {self.weight_update!r}"
             )
-        _check_positive_int("hessian_token_stride", self.hessian_token_stride)
+        if self.hessian_token_stride is not None:
+            _check_positive_int("hessian_token_stride", self.hessian_token_stride)
         sweep = self.weight_update == "sweep"
         if sweep and self.mean_compensation == "none":
             raise ValueError(

@@ -120,6 +120,7 @@ class Pruner:
             negative_set = resolve_calibration(
                 _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
             )
+        algorithm.calibration_tokens = sum(calibration_set.token_counts.values())
         stack = find_decoder_stack(model)
         layer_modules = prunable_linears_by_layer(stack, config.ignore)
         _validate_modules(layer_modules, config)

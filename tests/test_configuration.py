@@ -165,7 +165,9 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
     unstructured = MWandaConfig()
     assert (unstructured.weight_update, unstructured.compensation_rank) == ("closed_form", 32)
     nm = MWandaConfig(mask_structure="2:4")
-    assert (nm.weight_update, nm.compensation_rank, nm.hessian_token_stride) == ("sweep", 0, 4)
+    assert (nm.weight_update, nm.compensation_rank, nm.hessian_token_stride) == ("sweep", 0, None)
+    with pytest.raises(ValueError, match="hessian_token_stride"):
+        MWandaConfig(mask_structure="2:4", hessian_token_stride=0)
     # An explicit rank, or no compensation, keeps the closed form at N:M.
     assert MWandaConfig(mask_structure="2:4", compensation_rank=0).weight_update == "closed_form"
     assert MWandaConfig(mask_structure="4:8", mean_compensation="none").weight_update == "closed_form"

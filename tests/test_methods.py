@@ -10,6 +10,7 @@ from optimum_mwanda.methods import (
     cross_lingual_correlation,
     cwl_schedule,
     depth_schedule,
+    hessian_token_stride_for,
     mask_from_scores,
     mwanda_feature_importance,
     negative_feature_factor,
@@ -176,6 +177,21 @@ def test_lower_gram_staircase_is_the_full_product(features, tokens):
     edges = [features * k // _GRAM_ROW_BLOCKS for k in range(_GRAM_ROW_BLOCKS + 1)]
     for start, end in zip(edges, edges[1:]):
         assert not total[start:end, end:].any()
+
+
+def test_hessian_token_stride_for_keeps_enough_tokens_per_input():
+    """The largest stride up to the cap that leaves >= 1.75 sampled tokens per input, exactly at the
+    boundary: Gemma 3 270M's 7 x 8 x 512 tokens give every 8th token at in = 2048."""
+    assert hessian_token_stride_for(28672, 2048) == 8
+    assert hessian_token_stride_for(28671, 2048) == 7
+    assert hessian_token_stride_for(14336, 2048) == 4
+    assert hessian_token_stride_for(28672, 640) == 8  # capped
+    assert hessian_token_stride_for(28672, 640, max_stride=16) == 16
+    assert hessian_token_stride_for(100, 2048) == 1
+    assert hessian_token_stride_for(0, 16) == 1
+    assert hessian_token_stride_for(600, 100, tokens_per_input=3.0) == 2
+    with pytest.raises(ValueError):
+        hessian_token_stride_for(100, 0)
 
 
 def test_hessian_is_running_mean():

@@ -1,6 +1,7 @@
 """The Pruner on tiny models of every supported architecture."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -411,8 +412,8 @@ def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
     shrinkage."""
     calibration = make_token_calibration(n=8)  # 144 sampled tokens: more than the 128 inputs of down_proj
     extra = {} if structure == "2:4" else {"weight_update": "sweep", "layerwise": "uniform"}
-    config = MWandaConfig(mask_structure=structure, **extra)
-    assert config.weight_update == "sweep" and config.hessian_token_stride == 4
+    config = MWandaConfig(mask_structure=structure, hessian_token_stride=4, **extra)
+    assert config.weight_update == "sweep"
     assert config.diagonal_dampening == MWandaConfig.default_diagonal_dampening > 0
     references = {"sampled": (4, config.diagonal_dampening), "full": (1, config.diagonal_dampening)}
     references["unshrunk"] = (4, 0.0)
@@ -434,6 +435,39 @@ def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
     negative = {"code": torch.randint(200, 320, (2, 24), generator=torch.Generator().manual_seed(3))}
     with pytest.raises(ValueError, match='weight_update="sweep"'):
         Pruner(config).prune_model(make_model("llama"), calibration, negative_calibration=negative)
+
+
+def test_mwanda_sweep_sizes_its_token_sample_from_the_calibration(monkeypatch):
+    """``hessian_token_stride=None`` (the default) resolves per shared-input group from the run's
+    calibration tokens: 576 tokens give inputs of 64 features every 5th token and of 128 every 2nd (at least
+    1.75 sampled tokens per input), so no group is left rank-deficient; the card names the strides."""
+    import optimum_mwanda.algorithms.mwanda as mwanda_module
+    from optimum_mwanda.hub import create_model_card
+
+    created: dict[int, int] = {}
+    original = mwanda_module.HessianStatistics
+
+    def recording(in_features, num_languages, device="cpu", token_stride=1):
+        created[in_features] = token_stride
+        return original(in_features, num_languages, device=device, token_stride=token_stride)
+
+    monkeypatch.setattr(mwanda_module, "HessianStatistics", recording)
+    calibration = make_token_calibration(n=8)  # 3 languages x 8 x 24 = 576 tokens
+    config = MWandaConfig(mask_structure="2:4")
+    assert config.hessian_token_stride is None
+    pruner = Pruner(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in particular no "fewer tokens than inputs" warning
+        report = pruner.prune_model(make_model("llama"), calibration, show_progress=False)
+    assert created == {64: 5, 128: 2}
+    card = create_model_card(report).text
+    assert "auto: 5 for 64-feature inputs; 2 for 128-feature inputs" in card
+    # An explicit stride is used as given.
+    created.clear()
+    Pruner(MWandaConfig(mask_structure="2:4", hessian_token_stride=3)).prune_model(
+        make_model("llama"), calibration, show_progress=False
+    )
+    assert created == {64: 3, 128: 3}
 
 
 def test_sweep_warns_when_the_hessian_saw_fewer_tokens_than_inputs():

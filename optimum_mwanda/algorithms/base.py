@@ -41,6 +41,9 @@ class PruningAlgorithm:
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}")
         self.config = config
+        #: non-padding calibration tokens of the whole run (all ranks), set by the pruner before the walk:
+        #: what a statistic sized from the calibration budget (M-Wanda's automatic Hessian sample) reads
+        self.calibration_tokens: int | None = None
 
     # -- statistics ----------------------------------------------------------------------------------
     def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> Any:

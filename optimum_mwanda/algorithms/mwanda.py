@@ -11,6 +11,7 @@ from ..configuration import MWandaConfig, SparseGPTConfig
 from ..methods import (
     FeatureStatistics,
     HessianStatistics,
+    hessian_token_stride_for,
     mean_shift_compensation,
     mwanda_feature_importance,
 )
@@ -36,7 +37,7 @@ class MWandaAlgorithm(WandaAlgorithm):
         config = self.config
         if config.weight_update == "sweep":
             return HessianStatistics(
-                in_features, num_languages, device=device, token_stride=config.hessian_token_stride
+                in_features, num_languages, device=device, token_stride=self.hessian_token_stride(in_features)
             )
         return FeatureStatistics(
             in_features,
@@ -48,6 +49,24 @@ class MWandaAlgorithm(WandaAlgorithm):
             sketch_width=config.compensation_rank + config.sketch_oversampling
             if config.compensation_rank
             else 0,
+        )
+
+    def hessian_token_stride(self, in_features: int) -> int:
+        """The sweep's token stride for an ``in_features`` input: the config's, or with ``None`` the largest
+        up to ``max_hessian_token_stride`` that leaves ``hessian_tokens_per_input`` sampled tokens per input
+        of the run's calibration tokens (:func:`optimum_mwanda.methods.hessian_token_stride_for`)."""
+        stride = self.config.hessian_token_stride
+        if stride is not None:
+            return stride
+        if self.calibration_tokens is None:
+            raise RuntimeError(
+                "the automatic hessian_token_stride needs calibration_tokens, set by the pruner"
+            )
+        return hessian_token_stride_for(
+            self.calibration_tokens,
+            in_features,
+            MWandaConfig.max_hessian_token_stride,
+            MWandaConfig.hessian_tokens_per_input,
         )
 
     def prune_group(self, name, weights, statistic, negative_statistic, sparsity):

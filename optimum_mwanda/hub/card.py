@@ -88,6 +88,33 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _hyperparameter_text(report: PruningReport, key: str) -> Any:
+    """A config value for the card; M-Wanda's automatic Hessian stride as the strides it resolved to."""
+    config = report.config
+    value = getattr(config, key)
+    if (
+        key != "hessian_token_stride"
+        or value is not None
+        or getattr(config, "weight_update", None) != "sweep"
+    ):
+        return value
+    from ..methods import hessian_token_stride_for
+
+    tokens = sum(report.token_counts.values())
+    widths = sorted({shape[1] for shape in report.module_shapes.values()})
+    by_stride: dict[int, list[int]] = {}
+    for width in widths:
+        stride = hessian_token_stride_for(
+            tokens, width, config.max_hessian_token_stride, config.hessian_tokens_per_input
+        )
+        by_stride.setdefault(stride, []).append(width)
+    parts = [
+        f"{stride} for {' / '.join(map(str, group))}-feature inputs"
+        for stride, group in sorted(by_stride.items(), reverse=True)
+    ]
+    return "auto: " + "; ".join(parts)
+
+
 def _check_eval_results(eval_results: dict[str, Any] | None) -> dict[str, Any]:
     if eval_results is None:
         return {}
@@ -276,7 +303,9 @@ def _card_context(
     # The method's own knobs, then only the calibration knobs that applied (not the config's sampling knobs
     # when the caller gave token ids or a ready calibration set).
     hyperparameters = [
-        (key, getattr(config, key)) for key in _METHOD_KEYS.get(report.method, ()) if hasattr(config, key)
+        (key, _hyperparameter_text(report, key))
+        for key in _METHOD_KEYS.get(report.method, ())
+        if hasattr(config, key)
     ]
     hyperparameters += [
         (f"calibration {key}", _setting_text(value)) for key, value in report.calibration_settings.items()

@@ -12,7 +12,12 @@ from .layerwise import (
 from .masks import mask_from_scores, nm_mask, per_row_mask
 from .mwanda import mwanda_feature_importance
 from .sparsegpt import CholeskyError, sparsegpt_prune, sparsegpt_prune_group
-from .statistics import CovarianceSketch, FeatureStatistics, HessianStatistics
+from .statistics import (
+    CovarianceSketch,
+    FeatureStatistics,
+    HessianStatistics,
+    hessian_token_stride_for,
+)
 from .wanda import negative_feature_factor, wanda_scores
 
 __all__ = [
@@ -20,6 +25,7 @@ __all__ = [
     "CovarianceSketch",
     "FeatureStatistics",
     "HessianStatistics",
+    "hessian_token_stride_for",
     "covariance_factors",
     "cross_lingual_correlation",
     "cwl_schedule",
