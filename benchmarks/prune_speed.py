@@ -7,7 +7,8 @@ methods) on the same model and the same calibration tokens:
   LM head), in batches of ``--batch-size``: the least work any calibration-based pruner must do. Each
   process measures it right before its own run, so every ratio compares timings taken under the same load;
 - ``floor_with_logits``: the same through the full model (LM head and logits included), for reference;
-- one run of ``Pruner.prune_model`` per method.
+- one run of ``Pruner.prune_model`` per method; a run may set config fields in brackets, as in
+  ``multilingual_study.py``: ``--runs wanda mwanda 'mwanda[hessian_token_stride=4]'``.
 
 Usage (the committed results came from exactly this)::
 
@@ -99,14 +100,20 @@ def peak_rss_mb() -> float | None:
 
 
 def _config(name: str, args):
-    from optimum_mwanda import MWandaConfig, SparseGPTConfig, WandaConfig
+    """The config of run ``name``: a method (``wanda``, ``sparsegpt``, ``mwanda``), optionally with config
+    fields in brackets as in benchmarks/multilingual_study.py, e.g. ``mwanda[hessian_token_stride=4]``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from multilingual_study import parse_config_name
 
-    common = dict(sparsity=args.sparsity, batch_size=args.batch_size)
+    sparsity = args.sparsity
+    common: dict = {"batch_size": args.batch_size}
     if args.mask_structure:
         # N:M: the sparsity follows from the structure (every method's config checks that they agree).
         n, m = (int(v) for v in args.mask_structure.split(":"))
-        common.update(sparsity=1 - n / m, mask_structure=args.mask_structure)
-    return {"wanda": WandaConfig, "sparsegpt": SparseGPTConfig, "mwanda": MWandaConfig}[name](**common)
+        sparsity = 1 - n / m
+        common["mask_structure"] = args.mask_structure
+    study = parse_config_name(f"{name}@{sparsity * 100:g}")  # ValueError for "dense" and unknown names
+    return study.pruning_config(**{k: v for k, v in common.items() if k not in dict(study.options)})
 
 
 def worker(name: str, args) -> dict:
@@ -200,11 +207,13 @@ def main(argv=None) -> None:
         "ratios": {f"{name}/floor": res["ratio_to_floor"] for name, res in results.items()},
     }
     if "wanda" in results:
-        for name in ("mwanda", "sparsegpt"):
-            if name in results:
-                summary["ratios"][f"{name}/wanda"] = (
-                    results[name]["ratio_to_floor"] / results["wanda"]["ratio_to_floor"]
-                )
+        wanda = results["wanda"]
+        for name, res in results.items():
+            if name not in ("wanda", "floor_with_logits"):
+                # Both: the raw seconds (same machine, minutes apart) and the ratio of the runs' ratios to
+                # their own floors (which cancels a load that changed between the processes).
+                summary["ratios"][f"{name}/wanda seconds"] = res["seconds"] / wanda["seconds"]
+                summary["ratios"][f"{name}/wanda"] = res["ratio_to_floor"] / wanda["ratio_to_floor"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     lines = [
@@ -214,13 +223,18 @@ def main(argv=None) -> None:
         f"Tokens: {next(iter(results.values()))['tokens']} calibration tokens, {args.threads} CPU threads, "
         f"{platform.platform()}",
         "",
-        "| run | seconds | floor seconds (same process) | x floor | peak RSS (MB) | load avg |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | seconds | statistics / pruning / propagation s | floor seconds (same process) | x floor "
+        "| peak RSS (MB) | load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, res in results.items():
+        phases = res.get("timings", {})
+        phase_text = " / ".join(
+            f"{phases[k]:.1f}" for k in ("statistics", "pruning", "propagation") if k in phases
+        )
         lines.append(
-            f"| {name} | {res['seconds']:.1f} | {res['floor_seconds']:.1f} | {res['ratio_to_floor']:.2f} | "
-            f"{res['peak_rss_mb']:.0f} | {res['load_average_1min']:.1f} |"
+            f"| {name} | {res['seconds']:.1f} | {phase_text or '-'} | {res['floor_seconds']:.1f} | "
+            f"{res['ratio_to_floor']:.2f} | {res['peak_rss_mb']:.0f} | {res['load_average_1min']:.1f} |"
         )
     lines += ["", *(f"- {k}: {v:.2f}" for k, v in summary["ratios"].items() if "/wanda" in k)]
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")

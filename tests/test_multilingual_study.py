@@ -206,3 +206,21 @@ def test_report_without_a_dense_row(tmp_path):
     cache = {"results": {"wanda@50": _record(wanda, 0.5, key)}}
     markdown = study.write_report(cache, args, "python x.py")
     assert "| wanda@50 |" in markdown and "| dense |" not in markdown
+
+
+def test_prune_speed_runs_take_config_options_in_brackets():
+    """benchmarks/prune_speed.py names its runs like the study: a method, optionally with config fields."""
+    from types import SimpleNamespace
+
+    speed = load_script("benchmarks/prune_speed.py")
+    args = SimpleNamespace(sparsity=0.6, batch_size=2, mask_structure=None)
+    config = speed._config("mwanda", args)
+    assert (config.method, config.sparsity, config.batch_size) == ("mwanda", 0.6, 2)
+    args.mask_structure = "2:4"
+    config = speed._config("mwanda[hessian_token_stride=4]", args)
+    assert (config.sparsity, config.mask_structure, config.hessian_token_stride) == (0.5, "2:4", 4)
+    assert speed._config("sparsegpt", args).hessian_token_stride == 1
+    with pytest.raises(ValueError, match="unknown"):
+        speed._config("gptq", args)
+    with pytest.raises(ValueError, match="dense"):
+        speed._config("dense", args)
