@@ -311,9 +311,10 @@ class MWandaConfig(WandaConfig):
         hessian_token_stride: with ``weight_update="sweep"``: the Hessian's token sample (``k``: every
             ``k``-th token of each sequence, ``1 / k`` of SparseGPT's statistics cost; see
             :class:`SparseGPTConfig`). ``None`` (default): per shared-input group, the largest stride up to
-            ``max_hessian_token_stride`` (8) that leaves at least ``hessian_tokens_per_input`` (1.75) sampled
-            tokens per input feature of the run's calibration tokens; 8 everywhere on Gemma 3 270M with the
-            default 7 x 8 x 512 calibration, smaller for smaller calibration sets or wider inputs.
+            ``max_hessian_token_stride`` (4) that leaves at least ``hessian_tokens_per_input`` (1.75) sampled
+            tokens per input feature of the run's calibration tokens: 4 with 14336 or more tokens at
+            ``in`` = 2048 (Gemma 3 270M's ``down_proj``), smaller for smaller calibration sets or wider
+            inputs, down to every token.
         diagonal_dampening: with ``weight_update="sweep"``: the Hessian is shrunk towards its diagonal,
             ``H + d * diag(H)`` (see :class:`SparseGPTConfig`), so that the updates fitted to the
             calibration languages carry over to others. ``None`` (default) resolves to
@@ -345,10 +346,11 @@ class MWandaConfig(WandaConfig):
     #: 0.1 kept 2:4 in-domain perplexity where it was and lowered 4:8's by 8%, and cut the absent languages'
     #: by 14-18%; 0.3 helped them more but cost 2:4 3-6% in-domain (docs/mwanda.md, round 5).
     default_diagonal_dampening: ClassVar[float] = 0.1
-    #: ``hessian_token_stride=None``: the largest stride up to this ...
-    max_hessian_token_stride: ClassVar[int] = 8
-    #: ... that leaves the Hessian this many sampled tokens per input feature. On Gemma 3 270M 1.75 per input
-    #: (every 8th token at in = 2048) cost the 2:4 sweep 0.6% against every 4th; 0.875 lost a quarter
+    #: ``hessian_token_stride=None``: the largest stride up to this ... (on Gemma 3 270M every 8th token
+    #: cost the N:M sweep 0.6-4.3% in-domain against every 4th on all four runs, for 1.6 s of a 115 s prune)
+    max_hessian_token_stride: ClassVar[int] = 4
+    #: ... that leaves the Hessian this many sampled tokens per input feature: 1.75 per input (every 4th of
+    #: 7 x 4 x 512 tokens at in = 2048) was within 2% of every token, 0.875 lost a quarter
     #: (docs/mwanda.md, rounds 4 and 6).
     hessian_tokens_per_input: ClassVar[float] = 1.75
     fields_added_later: ClassVar[dict[str, Any]] = {

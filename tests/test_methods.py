@@ -180,12 +180,13 @@ def test_lower_gram_staircase_is_the_full_product(features, tokens):
 
 
 def test_hessian_token_stride_for_keeps_enough_tokens_per_input():
-    """The largest stride up to the cap that leaves >= 1.75 sampled tokens per input, exactly at the
-    boundary: Gemma 3 270M's 7 x 8 x 512 tokens give every 8th token at in = 2048."""
-    assert hessian_token_stride_for(28672, 2048) == 8
-    assert hessian_token_stride_for(28671, 2048) == 7
+    """The largest stride up to the cap (4) that leaves >= 1.75 sampled tokens per input, exactly at the
+    boundary: 7 x 4 x 512 tokens give every 4th token at in = 2048, one token fewer every 3rd."""
     assert hessian_token_stride_for(14336, 2048) == 4
-    assert hessian_token_stride_for(28672, 640) == 8  # capped
+    assert hessian_token_stride_for(14335, 2048) == 3
+    assert hessian_token_stride_for(28672, 2048) == 4  # capped
+    assert hessian_token_stride_for(28672, 2048, max_stride=8) == 8
+    assert hessian_token_stride_for(28671, 2048, max_stride=8) == 7
     assert hessian_token_stride_for(28672, 640, max_stride=16) == 16
     assert hessian_token_stride_for(100, 2048) == 1
     assert hessian_token_stride_for(0, 16) == 1

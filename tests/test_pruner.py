@@ -439,8 +439,9 @@ def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
 
 def test_mwanda_sweep_sizes_its_token_sample_from_the_calibration(monkeypatch):
     """``hessian_token_stride=None`` (the default) resolves per shared-input group from the run's
-    calibration tokens: 576 tokens give inputs of 64 features every 5th token and of 128 every 2nd (at least
-    1.75 sampled tokens per input), so no group is left rank-deficient; the card names the strides."""
+    calibration tokens: 576 tokens give inputs of 64 features every 4th token (the cap) and of 128 every 2nd
+    (at least 1.75 sampled tokens per input), so no group is left rank-deficient; the card names the
+    strides."""
     import optimum_mwanda.algorithms.mwanda as mwanda_module
     from optimum_mwanda.hub import create_model_card
 
@@ -459,9 +460,9 @@ def test_mwanda_sweep_sizes_its_token_sample_from_the_calibration(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # in particular no "fewer tokens than inputs" warning
         report = pruner.prune_model(make_model("llama"), calibration, show_progress=False)
-    assert created == {64: 5, 128: 2}
+    assert created == {64: 4, 128: 2}
     card = create_model_card(report).text
-    assert "auto: 5 for 64-feature inputs; 2 for 128-feature inputs" in card
+    assert "auto: 4 for 64-feature inputs; 2 for 128-feature inputs" in card
     # An explicit stride is used as given.
     created.clear()
     Pruner(MWandaConfig(mask_structure="2:4", hessian_token_stride=3)).prune_model(
