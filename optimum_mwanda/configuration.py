@@ -347,7 +347,8 @@ class MWandaConfig(WandaConfig):
     #: by 14-18%; 0.3 helped them more but cost 2:4 3-6% in-domain (docs/mwanda.md, round 5).
     default_diagonal_dampening: ClassVar[float] = 0.1
     #: ``hessian_token_stride=None``: the largest stride up to this ... (on Gemma 3 270M every 8th token
-    #: cost the N:M sweep 0.6-4.3% in-domain against every 4th on all four runs, for 1.6 s of a 115 s prune)
+    #: cost the N:M sweep 0.6-4.3% in-domain against every 4th on all four runs, to save an estimated 3-6%
+    #: of the prune time)
     max_hessian_token_stride: ClassVar[int] = 4
     #: ... that leaves the Hessian this many sampled tokens per input feature: 1.75 per input (every 4th of
     #: 7 x 4 x 512 tokens at in = 2048) was within 2% of every token, 0.875 lost a quarter
