@@ -19,6 +19,9 @@ from .version import __version__
 LAYERWISE_SCHEDULES = ("uniform", "depth", "owl", "cwl")
 MEAN_COMPENSATIONS = ("language", "pooled", "none")
 WEIGHT_UPDATES = ("closed_form", "sweep")
+#: How the sweep picks the pruned ``M - N`` of each ``N:M`` group: SparseGPT's ``"greedy"`` ranking of the
+#: group's columns, or ``"joint"``, the pattern of least total OBS loss (methods/sparsegpt.py).
+NM_SELECTIONS = ("greedy", "joint")
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -251,6 +254,15 @@ class SparseGPTConfig(PruningConfig):
             sweep (``H + d * diag(H)``): shrinks the cross-feature structure fitted to the calibration text
             towards the diagonal, where the sweep is Wanda's mask with no update. ``0`` (default) is the
             reference algorithm; M-Wanda's sweep uses 0.1 (docs/mwanda.md, round 5).
+        nm_selection: at ``N:M``, how each group's pruned weights are chosen: ``"greedy"`` (default, the
+            reference) ranks the group's columns by ``w^2 / [H^-1]_jj`` where the group starts;
+            ``"joint"`` evaluates every pattern of the group (6 at 2:4, 70 at 4:8) with the weight
+            updates that pruning the earlier columns makes to the later ones, and keeps the one of least
+            OBS loss, per row (docs/mwanda.md, round 7). Unstructured masks are not affected.
+        refinement_steps: after the sweep, this many conjugate-gradient steps lower each row's
+            reconstruction loss on the same dampened Hessian with the mask fixed (the sweep never revisits
+            a kept column; :func:`optimum_mwanda.methods.refine_kept_weights`). Each step costs one
+            ``[rows, in] x [in, in]`` product; ``0`` (default) is the reference algorithm.
     """
 
     method: ClassVar[str] = "sparsegpt"
@@ -258,17 +270,21 @@ class SparseGPTConfig(PruningConfig):
     dampening: float = 0.01
     hessian_token_stride: int = 1
     diagonal_dampening: float = 0.0
+    nm_selection: str = "greedy"
+    refinement_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
         for name in ("block_size", "hessian_token_stride"):
             _check_positive_int(name, getattr(self, name))
+        _check_refinement_steps(self.refinement_steps)
         nm = self.nm_structure
         if nm is not None and self.block_size % nm[1]:
             raise ValueError(f"block_size {self.block_size} must be a multiple of M={nm[1]}")
         if not self.dampening > 0:
             raise ValueError(f"dampening must be > 0, got {self.dampening}")
         _check_diagonal_dampening(self.diagonal_dampening)
+        _check_nm_selection(self.nm_selection)
 
 
 @dataclass
@@ -320,6 +336,10 @@ class MWandaConfig(WandaConfig):
             calibration languages carry over to others. ``None`` (default) resolves to
             ``default_diagonal_dampening`` (0.1) for the sweep and to 0 for the closed form, where it
             does not apply.
+        nm_selection: with ``weight_update="sweep"`` at ``N:M``: how the sweep chooses each group's pruned
+            weights (see :class:`SparseGPTConfig`).
+        refinement_steps: with ``weight_update="sweep"``: conjugate-gradient steps on the kept weights
+            after the sweep (see :class:`SparseGPTConfig`).
     """
 
     method: ClassVar[str] = "mwanda"
@@ -338,6 +358,8 @@ class MWandaConfig(WandaConfig):
     weight_update: str | None = None
     hessian_token_stride: int | None = None
     diagonal_dampening: float | None = None
+    nm_selection: str = "greedy"
+    refinement_steps: int = 0
 
     #: ``compensation_rank=None`` resolves to this with a compensation (0 with ``mean_compensation="none"``):
     #: r = 32 measured best on Gemma 3 270M (docs/mwanda.md, round 3), at 1.13x Wanda's prune time.
@@ -359,6 +381,8 @@ class MWandaConfig(WandaConfig):
         "compensation_rank": 0,
         "weight_update": "closed_form",
         "diagonal_dampening": 0.0,
+        "nm_selection": "greedy",
+        "refinement_steps": 0,
     }
     #: extra columns of the randomized sketch beyond ``compensation_rank`` (accuracy of the directions)
     sketch_oversampling: ClassVar[int] = 16
@@ -414,6 +438,20 @@ class MWandaConfig(WandaConfig):
         _check_diagonal_dampening(self.diagonal_dampening)
         if self.diagonal_dampening and not sweep:
             raise ValueError('diagonal_dampening applies to weight_update="sweep", not "closed_form"')
+        _check_nm_selection(self.nm_selection)
+        _check_refinement_steps(self.refinement_steps)
+        if self.refinement_steps and not sweep:
+            raise ValueError('refinement_steps applies to weight_update="sweep", not "closed_form"')
+
+
+def _check_refinement_steps(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"refinement_steps must be a non-negative integer, got {value!r}")
+
+
+def _check_nm_selection(value: Any) -> None:
+    if value not in NM_SELECTIONS:
+        raise ValueError(f"nm_selection must be one of {list(NM_SELECTIONS)}, got {value!r}")
 
 
 def _check_diagonal_dampening(value: Any) -> None:

@@ -202,3 +202,23 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
     assert PruningConfig.from_dict(written).diagonal_dampening == 0.0
     del written["weight_update"]
     assert PruningConfig.from_dict(written).weight_update == "closed_form"
+
+
+def test_sweep_selection_and_refinement_options():
+    for config_class in (MWandaConfig, SparseGPTConfig):
+        config = config_class(mask_structure="2:4", nm_selection="joint", refinement_steps=3)
+        assert (config.nm_selection, config.refinement_steps) == ("joint", 3)
+        assert config_class.from_dict(config.to_dict()) == config
+        with pytest.raises(ValueError, match="nm_selection must be one of"):
+            config_class(mask_structure="2:4", nm_selection="best")
+        for bad in (-1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="refinement_steps"):
+                config_class(mask_structure="2:4", refinement_steps=bad)
+    assert SparseGPTConfig().refinement_steps == 0 and SparseGPTConfig().nm_selection == "greedy"
+    with pytest.raises(ValueError, match='refinement_steps applies to weight_update="sweep"'):
+        MWandaConfig(refinement_steps=2)
+    # Configs written before the fields existed ran the greedy sweep with no refinement.
+    written = MWandaConfig(mask_structure="2:4").to_dict()
+    del written["nm_selection"], written["refinement_steps"]
+    rebuilt = PruningConfig.from_dict(written)
+    assert (rebuilt.nm_selection, rebuilt.refinement_steps) == ("greedy", 0)

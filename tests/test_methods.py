@@ -1,5 +1,8 @@
 """The pure maths: masks, scores, SparseGPT, schedules, statistics."""
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -24,7 +27,12 @@ from optimum_mwanda.methods import (
     wanda_scores,
 )
 from optimum_mwanda.methods.masks import lowest_k_per_column
-from optimum_mwanda.methods.sparsegpt import inverse_hessian_cholesky
+from optimum_mwanda.methods.sparsegpt import (
+    inverse_hessian_cholesky,
+    nm_group_errors,
+    nm_patterns,
+    refine_kept_weights,
+)
 from optimum_mwanda.methods.statistics import (
     _FUSED_FLOAT64_ROWS,
     _GRAM_ROW_BLOCKS,
@@ -322,17 +330,137 @@ def test_outlier_ratio_and_correlation():
         cross_lingual_correlation(profiles[:1])
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_sparsegpt_group_equals_separate(nm):
+@pytest.mark.parametrize(
+    "nm,selection,steps",
+    [(None, "greedy", 0), ((2, 4), "greedy", 0), ((2, 4), "joint", 0), ((2, 4), "greedy", 3)],
+)
+def test_sparsegpt_group_equals_separate(nm, selection, steps):
     x = _correlated_inputs(d=32)
     h = 2 * x.t() @ x / x.shape[0]
     torch.manual_seed(2)
     a, b = torch.randn(10, 32), torch.randn(6, 32) * 3
-    grouped, masks = sparsegpt_prune_group([a, b], h, 0.5, nm=nm, block_size=16)
+    options = {"nm": nm, "block_size": 16, "nm_selection": selection, "refinement_steps": steps}
+    grouped, masks = sparsegpt_prune_group([a, b], h, 0.5, **options)
     for weight, new, mask in zip((a, b), grouped, masks):
-        alone, alone_mask = sparsegpt_prune(weight, h, 0.5, nm=nm, block_size=16)
+        alone, alone_mask = sparsegpt_prune(weight, h, 0.5, **options)
         assert torch.equal(mask, alone_mask)
         torch.testing.assert_close(new, alone)
+
+
+def _group_errors_by_full_recurrence(weights, upper, n, m):
+    """Reference for ``nm_group_errors``: the sweep's own column-by-column updates, for every pattern."""
+    out = []
+    for pattern in itertools.combinations(range(m), m - n):
+        current, errors = weights.clone(), []
+        for j in range(m):
+            if j in pattern:
+                errors.append(current[j] / upper[j, j])
+                current[j + 1 :] -= upper[j, j + 1 :, None] * errors[-1]
+        out.append(torch.stack(errors))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_group_errors_follow_the_sweep_updates(n, m):
+    torch.manual_seed(n * m)
+    a = torch.randn(m, m, dtype=torch.float64)
+    upper = torch.linalg.cholesky(a @ a.t() + m * torch.eye(m, dtype=torch.float64), upper=True)
+    weights = torch.randn(m, 11, dtype=torch.float64)
+    patterns = nm_patterns(n, m)
+    assert patterns.shape == (math.comb(m, m - n), m - n)
+    torch.testing.assert_close(
+        nm_group_errors(weights, upper, patterns), _group_errors_by_full_recurrence(weights, upper, n, m)
+    )
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_joint_nm_selection_loses_less_than_greedy(nm):
+    """One group (in = M): the joint pattern's OBS loss (the output error under the dampened Hessian the
+    sweep solves with) is the least of all patterns, so at most the greedy one's, row by row; over many
+    groups the output error is lower on correlated inputs too."""
+    n, m = nm
+    x = _correlated_inputs(d=m)
+    h = 2 * x.t() @ x / x.shape[0]
+    dampened = (h + 0.01 * h.diagonal().mean() * torch.eye(m)).double()
+    torch.manual_seed(3)
+    weight = torch.randn(200, m)
+    errors = {}
+    for selection in ("greedy", "joint"):
+        pruned, mask = sparsegpt_prune(weight, h, 0.5, nm=nm, block_size=m, nm_selection=selection)
+        assert torch.equal(pruned == 0, mask) and ((~mask).sum(1) == n).all()
+        delta = (weight - pruned).double()
+        errors[selection] = torch.einsum("ri,ij,rj->r", delta, dampened, delta)
+    assert (errors["joint"] <= errors["greedy"] * (1 + 1e-5)).all()
+    assert errors["joint"].sum() < errors["greedy"].sum()
+
+    x = _correlated_inputs(d=64)
+    h = 2 * x.t() @ x / x.shape[0]
+    weight = torch.randn(40, 64)
+    totals = {}
+    for selection in ("greedy", "joint"):
+        pruned, mask = sparsegpt_prune(weight, h, 0.5, nm=nm, block_size=16, nm_selection=selection)
+        assert torch.equal(pruned == 0, mask) and ((~mask).reshape(40, -1, m).sum(2) == n).all()
+        totals[selection] = float((x @ (weight - pruned).t()).norm())
+    assert totals["joint"] < totals["greedy"]
+
+
+def test_joint_nm_selection_is_greedy_without_cross_feature_terms():
+    """With a diagonal Hessian pruning one input moves no other, so both selections are the same sweep."""
+    h = torch.diag(torch.rand(32) + 0.5)
+    torch.manual_seed(4)
+    weight = torch.randn(12, 32)
+    greedy = sparsegpt_prune(weight, h, 0.5, nm=(2, 4), block_size=16)
+    joint = sparsegpt_prune(weight, h, 0.5, nm=(2, 4), block_size=16, nm_selection="joint")
+    assert torch.equal(greedy[1], joint[1])
+    torch.testing.assert_close(greedy[0], joint[0])
+    with pytest.raises(ValueError, match="nm_selection"):
+        sparsegpt_prune(weight, h, 0.5, nm=(2, 4), nm_selection="best")
+
+
+def _row_losses(dense, new, hessian):
+    delta = (dense - new).double()
+    return torch.einsum("ri,ij,rj->r", delta, hessian.double(), delta)
+
+
+def test_refine_kept_weights_descends_to_the_fixed_mask_least_squares():
+    """Each step lowers every row's loss; enough steps reach the exact per-row solution for the mask."""
+    x = _correlated_inputs(d=24)
+    h = 2 * x.t() @ x / x.shape[0] + 0.01 * torch.eye(24)
+    torch.manual_seed(5)
+    dense = torch.randn(9, 24)
+    keep = torch.rand(9, 24) > 0.5
+    start = dense.masked_fill(~keep, 0.0)
+    losses = [_row_losses(dense, refine_kept_weights(dense, start, keep, h, k), h) for k in (0, 1, 2, 5)]
+    for before, after in zip(losses, losses[1:]):
+        assert (after <= before * (1 + 1e-5) + 1e-9).all()
+    assert losses[-1].sum() < 0.5 * losses[0].sum()
+    refined = refine_kept_weights(dense, start, keep, h, 60)
+    assert (refined[~keep] == 0).all()
+    hd = h.double()
+    for row in range(9):
+        k, p = keep[row], ~keep[row]
+        # w'_K = w_K + H_KK^-1 H_KP w_P minimises (w - w') H (w - w')^T with w'_P = 0.
+        exact = dense[row, k].double() + torch.linalg.solve(hd[k][:, k], hd[k][:, p] @ dense[row, p].double())
+        torch.testing.assert_close(refined[row, k].double(), exact, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(refine_kept_weights(dense, start, keep, h, 0), start)
+    with pytest.raises(ValueError, match="steps"):
+        refine_kept_weights(dense, start, keep, h, -1)
+    with pytest.raises(ValueError, match="do not match"):
+        refine_kept_weights(dense, start, keep[:, :5], h, 2)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sweep_refinement_keeps_the_mask_and_lowers_the_error(nm):
+    x = _correlated_inputs(d=64)
+    h = 2 * x.t() @ x / x.shape[0]
+    h[7, :] = h[:, 7] = 0.0  # a dead input stays zero
+    torch.manual_seed(6)
+    weight = torch.randn(30, 64)
+    plain, plain_mask = sparsegpt_prune(weight, h, 0.5, nm=nm, block_size=16)
+    refined, mask = sparsegpt_prune(weight, h, 0.5, nm=nm, block_size=16, refinement_steps=4)
+    assert torch.equal(mask, plain_mask) and torch.equal(refined == 0, (refined == 0) | mask)
+    assert (refined[mask] == 0).all() and (refined[:, 7] == 0).all()
+    assert (x @ (weight - refined).t()).norm() < (x @ (weight - plain).t()).norm()
 
 
 def test_hessian_token_stride_samples_every_kth_token_of_each_sequence():

@@ -82,6 +82,8 @@ class MWandaAlgorithm(WandaAlgorithm):
                 SparseGPTConfig.block_size,
                 SparseGPTConfig.dampening,
                 self.config.diagonal_dampening,
+                self.config.nm_selection,
+                self.config.refinement_steps,
             )
         return super().prune_group(name, weights, statistic, negative_statistic, sparsity)
 

@@ -34,6 +34,8 @@ class SparseGPTAlgorithm(PruningAlgorithm):
             config.block_size,
             config.dampening,
             config.diagonal_dampening,
+            config.nm_selection,
+            config.refinement_steps,
         )
 
 
@@ -46,6 +48,8 @@ def sweep_group(
     block_size: int,
     dampening: float,
     diagonal_dampening: float = 0.0,
+    nm_selection: str = "greedy",
+    refinement_steps: int = 0,
 ) -> list[torch.Tensor]:
     """SparseGPT's column sweep over one shared-input group (SparseGPT, and M-Wanda's ``"sweep"``)."""
     if not torch.isfinite(statistic.hessian).all():
@@ -70,5 +74,7 @@ def sweep_group(
         block_size=block_size,
         dampening=dampening,
         diagonal_dampening=diagonal_dampening,
+        nm_selection=nm_selection,
+        refinement_steps=refinement_steps,
     )
     return new_weights

@@ -34,11 +34,18 @@ _METHOD_NOTES = {
 # Hyperparameters worth showing per method (the rest of the config is in pruning_report.json).
 _METHOD_KEYS = {
     "wanda": ("negative_weight",),
-    "sparsegpt": ("block_size", "dampening", "hessian_token_stride", "diagonal_dampening"),
+    "sparsegpt": (
+        "block_size",
+        "dampening",
+        "hessian_token_stride",
+        "diagonal_dampening",
+        "nm_selection",
+    ),
     "mwanda": (
         "weight_update",
         "hessian_token_stride",
         "diagonal_dampening",
+        "nm_selection",
         "mean_compensation",
         "compensation_rank",
         "variance_weight",

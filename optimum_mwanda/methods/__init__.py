@@ -11,7 +11,7 @@ from .layerwise import (
 )
 from .masks import mask_from_scores, nm_mask, per_row_mask
 from .mwanda import mwanda_feature_importance
-from .sparsegpt import CholeskyError, sparsegpt_prune, sparsegpt_prune_group
+from .sparsegpt import CholeskyError, refine_kept_weights, sparsegpt_prune, sparsegpt_prune_group
 from .statistics import (
     CovarianceSketch,
     FeatureStatistics,
@@ -40,6 +40,7 @@ __all__ = [
     "owl_schedule",
     "per_row_mask",
     "schedule_from_signal",
+    "refine_kept_weights",
     "sparsegpt_prune",
     "sparsegpt_prune_group",
     "wanda_scores",
