@@ -421,16 +421,6 @@ def settings_key(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# Fields added to a config after results were cached, with the behaviour the code had before them.
-_LEGACY_VALUES: dict[str, dict[str, Any]] = {
-    "mwanda": {
-        "mean_compensation": "none",
-        "compensation_rank": 0,
-        "weight_update": "closed_form",
-        "diagonal_dampening": 0.0,
-    }
-}
-
 # Config fields that are study settings (recorded in ``settings_key``), not part of a configuration's name.
 _SETTING_FIELDS = {"method", "sparsity", "samples_per_language", "calibration_seq_len", "batch_size", "seed"}
 
@@ -449,8 +439,9 @@ def canonical_name(key: str, record: Mapping[str, Any]) -> str:
 
     cls = config_class_for_method(config["method"])
     fields = cls(sparsity=config["sparsity"]).to_dict()
-    # A field added after a record was written did not exist then: the record ran with its legacy value.
-    config = {**_LEGACY_VALUES.get(config["method"], {}), **config}
+    # A field added after a record was written did not exist then: the record ran with the value the
+    # config class rebuilds it with (the behaviour before the field).
+    config = {**cls.fields_added_later, **config}
     options = {
         k: v
         for k, v in config.items()

@@ -197,7 +197,7 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
     # Round trip, and configs written before the field existed ran the closed form.
     assert MWandaConfig.from_dict(nm.to_dict()) == nm
     written = nm.to_dict()
-    del written["diagonal_dampening"]
+    del written["refinement_steps"], written["nm_selection"], written["diagonal_dampening"]
     # A sweep written before diagonal_dampening existed ran without the shrinkage.
     assert PruningConfig.from_dict(written).diagonal_dampening == 0.0
     del written["weight_update"]
@@ -215,6 +215,10 @@ def test_sweep_selection_and_refinement_options():
             with pytest.raises(ValueError, match="refinement_steps"):
                 config_class(mask_structure="2:4", refinement_steps=bad)
     assert SparseGPTConfig().refinement_steps == 0 and SparseGPTConfig().nm_selection == "greedy"
+    # M-Wanda's sweep refines by default (round 7); the closed form has nothing to refine.
+    assert MWandaConfig(mask_structure="2:4").refinement_steps == MWandaConfig.default_refinement_steps == 5
+    assert MWandaConfig().refinement_steps == 0
+    assert MWandaConfig(mask_structure="2:4", refinement_steps=0).refinement_steps == 0
     with pytest.raises(ValueError, match='refinement_steps applies to weight_update="sweep"'):
         MWandaConfig(refinement_steps=2)
     # Configs written before the fields existed ran the greedy sweep with no refinement.

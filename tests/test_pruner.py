@@ -407,26 +407,35 @@ def test_algorithm_registry_one_object_per_method():
 @pytest.mark.parametrize("structure", ["2:4", "unstructured"])
 def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
     """M-Wanda's ``weight_update="sweep"`` (the N:M default) runs SparseGPT's sweep on the Hessian of every
-    ``hessian_token_stride``-th token shrunk towards its diagonal: the same weights as SparseGPT with that
-    stride and ``diagonal_dampening``, and other weights than SparseGPT on every token or without the
-    shrinkage."""
+    ``hessian_token_stride``-th token shrunk towards its diagonal, then refines the kept weights: the same
+    weights as SparseGPT with that stride, ``diagonal_dampening`` and ``refinement_steps``, and other
+    weights than SparseGPT on every token, without the shrinkage or without the refinement."""
     calibration = make_token_calibration(n=8)  # 144 sampled tokens: more than the 128 inputs of down_proj
     extra = {} if structure == "2:4" else {"weight_update": "sweep", "layerwise": "uniform"}
     config = MWandaConfig(mask_structure=structure, hessian_token_stride=4, **extra)
     assert config.weight_update == "sweep"
     assert config.diagonal_dampening == MWandaConfig.default_diagonal_dampening > 0
-    references = {"sampled": (4, config.diagonal_dampening), "full": (1, config.diagonal_dampening)}
-    references["unshrunk"] = (4, 0.0)
+    steps = config.refinement_steps
+    assert steps == MWandaConfig.default_refinement_steps > 0
+    references = {
+        "sampled": (4, config.diagonal_dampening, steps),
+        "full": (1, config.diagonal_dampening, steps),
+        "unshrunk": (4, 0.0, steps),
+        "unrefined": (4, config.diagonal_dampening, 0),
+    }
     models = {name: make_model("llama") for name in ("mwanda", *references)}
     Pruner(config).prune_model(models["mwanda"], calibration, show_progress=False)
-    for name, (stride, diagonal) in references.items():
+    for name, (stride, diagonal, refinement) in references.items():
         reference = SparseGPTConfig(
-            mask_structure=structure, hessian_token_stride=stride, diagonal_dampening=diagonal
+            mask_structure=structure,
+            hessian_token_stride=stride,
+            diagonal_dampening=diagonal,
+            refinement_steps=refinement,
         )
         Pruner(reference).prune_model(models[name], calibration, show_progress=False)
     for (name, a), b in zip(models["mwanda"].named_parameters(), models["sampled"].parameters()):
         assert torch.equal(a, b), name
-    for other in ("full", "unshrunk"):
+    for other in ("full", "unshrunk", "unrefined"):
         pairs = zip(models["mwanda"].parameters(), models[other].parameters())
         assert any(not torch.equal(a, c) for a, c in pairs), other
     if structure == "2:4":
