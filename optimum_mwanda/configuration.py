@@ -331,11 +331,13 @@ class MWandaConfig(WandaConfig):
             tokens per input feature of the run's calibration tokens: 4 with 14336 or more tokens at
             ``in`` = 2048 (Gemma 3 270M's ``down_proj``), smaller for smaller calibration sets or wider
             inputs, down to every token.
-        diagonal_dampening: with ``weight_update="sweep"``: the Hessian is shrunk towards its diagonal,
-            ``H + d * diag(H)`` (see :class:`SparseGPTConfig`), so that the updates fitted to the
-            calibration languages carry over to others. ``None`` (default) resolves to
-            ``default_diagonal_dampening`` (0.1) for the sweep and to 0 for the closed form, where it
-            does not apply.
+        diagonal_dampening: shrink the input's second moment towards its diagonal, ``H + d * diag(H)``,
+            so that the updates fitted to the calibration languages carry over to others: for the sweep,
+            the Hessian (see :class:`SparseGPTConfig`); for the closed form, the compensation's modelled
+            ``H`` (means, principal directions and within-language variance; see
+            :func:`optimum_mwanda.methods.covariance_factors`), which changes the update but not the mask.
+            ``None`` (default) resolves to ``default_diagonal_dampening`` (0.1) for the sweep and to 0 for
+            the closed form.
         nm_selection: with ``weight_update="sweep"`` at ``N:M``: how the sweep chooses each group's pruned
             weights (see :class:`SparseGPTConfig`).
         refinement_steps: with ``weight_update="sweep"``: conjugate-gradient steps on the kept weights
@@ -442,8 +444,8 @@ class MWandaConfig(WandaConfig):
         if self.diagonal_dampening is None:
             self.diagonal_dampening = self.default_diagonal_dampening if sweep else 0.0
         _check_diagonal_dampening(self.diagonal_dampening)
-        if self.diagonal_dampening and not sweep:
-            raise ValueError('diagonal_dampening applies to weight_update="sweep", not "closed_form"')
+        if self.diagonal_dampening and not sweep and self.mean_compensation == "none":
+            raise ValueError('diagonal_dampening shrinks the compensation; mean_compensation="none" has none')
         _check_nm_selection(self.nm_selection)
         if self.refinement_steps is None:
             self.refinement_steps = self.default_refinement_steps if sweep else 0

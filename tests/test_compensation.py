@@ -196,6 +196,54 @@ def test_low_rank_with_means_only_is_mean_shift_compensation():
     )
 
 
+def test_closed_form_shrinkage_is_the_exact_solve_on_the_shrunk_hessian():
+    """``diagonal_dampening=d`` gives ``delta_K = H'_KK^-1 H'_KP w_P`` for ``H' = H + d diag(H)``, the
+    sweep's shrinkage, with ``H = U U^T + D`` the model ``covariance_factors`` builds."""
+    from optimum_mwanda.methods import covariance_factors, low_rank_compensation
+
+    x, language = _correlated_languages(n_lang=3, features=24, tokens=900)
+    stats = _statistics(x, language, 3)
+    generator = torch.Generator().manual_seed(1)
+    directions = torch.linalg.qr(torch.randn(24, 4, generator=generator)).Q
+    eigenvalues = torch.tensor([2.0, 1.0, 0.5, 0.25])
+    within = (
+        (stats.language_second_moments - stats.language_means.pow(2))
+        * stats.language_shares.float().unsqueeze(1)
+    ).sum(0)
+    weight = torch.randn(5, 24, generator=generator)
+    mask = torch.rand(5, 24, generator=generator) < 0.5
+    args = (stats.language_means, stats.language_shares, directions, eigenvalues, within)
+    factors, diagonal = covariance_factors(*args)
+    h = (factors @ factors.t() + torch.diag(diagonal)).double()
+    previous = None
+    for d in (0.0, 0.3, 3.0):
+        shrunk_factors, shrunk_diagonal = covariance_factors(*args, diagonal_dampening=d)
+        torch.testing.assert_close(shrunk_factors, factors)
+        shrunk = h + d * torch.diag(torch.diagonal(h))
+        torch.testing.assert_close(
+            (shrunk_factors @ shrunk_factors.t() + torch.diag(shrunk_diagonal)).double(),
+            shrunk,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        new = low_rank_compensation(weight, mask, shrunk_factors, shrunk_diagonal)
+        for row in range(weight.shape[0]):
+            kept, pruned = ~mask[row], mask[row]
+            delta = torch.linalg.solve(
+                shrunk[kept][:, kept], shrunk[kept][:, pruned] @ weight[row, pruned].double()
+            )
+            torch.testing.assert_close(
+                new[row, kept], (weight[row, kept].double() + delta).float(), atol=1e-4, rtol=1e-4
+            )
+            assert (new[row, pruned] == 0).all()
+        # A stronger shrinkage moves the kept weights less: towards Wanda's (no update).
+        size = (new - weight.masked_fill(mask, 0.0)).norm()
+        assert previous is None or size < previous
+        previous = size
+    with pytest.raises(ValueError, match="diagonal_dampening"):
+        covariance_factors(*args, diagonal_dampening=-0.1)
+
+
 def test_sketched_directions_match_the_exact_covariance():
     x, language = _correlated_languages()
     stats = FeatureStatistics(x.shape[1], 3, track_mean=True, sketch_width=16)

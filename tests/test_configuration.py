@@ -188,8 +188,11 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
     assert nm.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.1
     assert unstructured.diagonal_dampening == SparseGPTConfig().diagonal_dampening == 0.0
     assert MWandaConfig(mask_structure="2:4", diagonal_dampening=0).diagonal_dampening == 0
-    with pytest.raises(ValueError, match='diagonal_dampening applies to weight_update="sweep"'):
-        MWandaConfig(diagonal_dampening=0.3)
+    # The closed form takes the same shrinkage (off by default); without a compensation there is nothing
+    # to shrink.
+    assert MWandaConfig(diagonal_dampening=0.3).diagonal_dampening == 0.3
+    with pytest.raises(ValueError, match='mean_compensation="none" has none'):
+        MWandaConfig(diagonal_dampening=0.3, mean_compensation="none")
     for bad in (-0.1, float("nan"), float("inf"), True, "0.3"):
         for config_class in (MWandaConfig, SparseGPTConfig):
             with pytest.raises((ValueError, TypeError), match="diagonal_dampening"):

@@ -124,6 +124,30 @@ def test_mwanda_terms_change_masks():
     assert different > 0
 
 
+@pytest.mark.parametrize("rank", [0, None])
+def test_closed_form_shrinkage_changes_only_the_update(rank):
+    """``diagonal_dampening`` with the closed form: the first layer keeps its mask (the score does not
+    change), its kept weights move less as the shrinkage grows, and a huge one leaves Wanda's weights."""
+    calibration = make_token_calibration()
+    original = make_model("llama")
+    first_layer = [n for n, _ in original.named_parameters() if ".layers.0." in n and "proj" in n]
+    dense = {n: p.detach().clone() for n, p in original.named_parameters()}
+    results = {}
+    for d in (0.0, 0.3, 1e6):
+        model = copy.deepcopy(original)
+        config = MWandaConfig(sparsity=0.5, compensation_rank=rank, diagonal_dampening=d)
+        assert config.weight_update == "closed_form"
+        Pruner(config).prune_model(model, calibration, show_progress=False)
+        results[d] = {n: p.detach().clone() for n, p in model.named_parameters() if n in first_layer}
+    for name in first_layer:
+        masks = {d: weights[name] == 0 for d, weights in results.items()}
+        assert torch.equal(masks[0.0], masks[0.3]) and torch.equal(masks[0.0], masks[1e6]), name
+        wanda = dense[name].masked_fill(masks[0.0], 0.0)
+        moved = {d: float((weights[name] - wanda).norm()) for d, weights in results.items()}
+        assert moved[0.0] > moved[0.3] > moved[1e6], (name, moved)
+        torch.testing.assert_close(results[1e6][name], wanda, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize(
     "config",
     [WandaConfig(layerwise="owl"), MWandaConfig(layerwise="cwl"), MWandaConfig(layerwise="depth")],

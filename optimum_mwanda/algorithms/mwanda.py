@@ -116,18 +116,22 @@ class MWandaAlgorithm(WandaAlgorithm):
         else:  # "pooled": the all-language mean only
             means, second, shares = statistic.pooled_mean, statistic.pooled_second_moment, torch.ones(1)
         rank = self.config.compensation_rank
-        if not rank:
+        shrinkage = self.config.diagonal_dampening
+        if not rank and not shrinkage:
             return mean_shift_compensation(weight, mask, means, second, shares)
-        # Directions of the covariance left once every language's mean is removed (shares as weights).
-        directions, eigenvalues = statistic.sketch.principal_directions(
-            statistic.tokens.sum(), statistic.language_means, statistic.language_shares, rank
-        )
+        directions = eigenvalues = None
+        if rank:
+            # Directions of the covariance left once every language's mean is removed (shares as weights).
+            directions, eigenvalues = statistic.sketch.principal_directions(
+                statistic.tokens.sum(), statistic.language_means, statistic.language_shares, rank
+            )
         within = (statistic.language_second_moments - statistic.language_means.pow(2)).clamp_min(0.0)
         within = (within * statistic.language_shares.float().unsqueeze(1)).sum(0)
         if compensation == "pooled":
             # The pooled mean leaves the between-language spread in the noise: add it to the diagonal.
             within = (second - means.pow(2)).clamp_min(0.0).squeeze(0)
+        # Rank 0 with a shrinkage: the means-only model of H through the general (Woodbury) form.
         factors, diagonal = covariance_factors(
-            means, shares.to(means.device), directions, eigenvalues, within
+            means, shares.to(means.device), directions, eigenvalues, within, diagonal_dampening=shrinkage
         )
         return low_rank_compensation(weight, mask, factors, diagonal)

@@ -144,6 +144,7 @@ def covariance_factors(
     covariance_eigenvalues: torch.Tensor | None,
     within_variance: torch.Tensor,
     damping: float = 0.0,
+    diagonal_dampening: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, D)`` for :func:`low_rank_compensation` from per-language means and the top principal
     directions of the pooled within-language covariance.
@@ -152,7 +153,14 @@ def covariance_factors(
     ``sqrt(pi_l) mu_l`` and ``sqrt(lambda_k) v_k``; ``D`` is the within-language variance minus what the
     directions already explain, floored like :func:`mean_shift_compensation`, plus ``damping`` times the
     mean within-language variance (a ridge on the update, as SparseGPT's dampening).
+
+    ``diagonal_dampening`` ``d`` shrinks the modelled ``H`` towards its diagonal as the sweep's
+    ``H + d * diag(H)`` does (:func:`~optimum_mwanda.methods.inverse_hessian_cholesky`): ``D`` gains
+    ``d * diag(D + U U^T)``, so the cross-feature part that moves the kept weights counts less against
+    each input's own second moment (``0``: no shrinkage).
     """
+    if not diagonal_dampening >= 0:
+        raise ValueError(f"diagonal_dampening must be >= 0, got {diagonal_dampening}")
     shares = language_shares.float().clamp_min(0.0)
     columns = [(language_means.float() * shares.sqrt().unsqueeze(1)).t()]
     residual = within_variance.float().clone()
@@ -163,4 +171,8 @@ def covariance_factors(
         residual = residual - directions.pow(2).sum(1)
     mean_variance = float(within_variance.float().mean())
     floor = _VARIANCE_FLOOR * mean_variance + 1e-12
-    return torch.cat(columns, dim=1), residual.clamp_min(floor) + damping * mean_variance
+    factors = torch.cat(columns, dim=1)
+    diagonal = residual.clamp_min(floor)
+    if diagonal_dampening:
+        diagonal = diagonal + diagonal_dampening * (diagonal + factors.pow(2).sum(1))
+    return factors, diagonal + damping * mean_variance
