@@ -201,7 +201,7 @@ def test_summed_raw_statistics_equal_one_pass(kind):
 
     def new():
         if kind == "hessian":
-            return HessianStatistics(48, 3)
+            return HessianStatistics(48, 3, track_norms=True)
         return FeatureStatistics(48, 3, track_activation=True, track_mean=True)
 
     # 301 tokens = 7 sequences of 43; the walk always hands statistics whole sequences and their lengths.

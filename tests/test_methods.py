@@ -243,7 +243,7 @@ def test_sparsegpt_reconstructs_better_than_wanda(nm):
     x = _correlated_inputs()
     torch.manual_seed(1)
     weight = torch.randn(24, 32)
-    hessian = HessianStatistics(32, 1)
+    hessian = HessianStatistics(32, 1, track_norms=True)
     hessian.update(x, torch.zeros(x.shape[0], dtype=torch.long))
     pruned, mask = sparsegpt_prune(weight, hessian.hessian, 0.5, nm=nm, block_size=8)
     assert torch.equal(pruned == 0, mask)
@@ -509,12 +509,17 @@ def test_hessian_token_stride_samples_every_kth_token_of_each_sequence():
     lengths = [7, 5, 9]
     x = torch.randn(sum(lengths), 6)
     language = torch.tensor([0] * 7 + [1] * 5 + [0] * 9)
-    h = HessianStatistics(6, 2, token_stride=3)
+    h = HessianStatistics(6, 2, token_stride=3, track_norms=True)
     h.update(x, language, lengths)
     sampled = torch.cat([part[::3] for part in x.split(lengths)])
     assert h.count == sampled.shape[0] == 3 + 2 + 3
     torch.testing.assert_close(h.hessian, 2 * sampled.t() @ sampled / sampled.shape[0])
     torch.testing.assert_close(h.features.pooled_norm, x.pow(2).mean(0).sqrt())
+    # Without the norms (the default, what the sweep uses) H is the same and the raw sums hold H only.
+    plain = HessianStatistics(6, 2, token_stride=3)
+    plain.update(x, language, lengths)
+    assert plain.features is None and set(plain.raw_sums()) == {"hessian_sum", "token_count"}
+    assert torch.equal(plain.hessian, h.hessian)
     batched = HessianStatistics(6, 2, token_stride=3)
     batched.update(x[:7], language[:7], [7])
     batched.update(x[7:], language[7:], lengths[1:])
