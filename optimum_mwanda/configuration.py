@@ -253,7 +253,7 @@ class SparseGPTConfig(PruningConfig):
         diagonal_dampening: add this share of each input's own diagonal entry to the Hessian before the
             sweep (``H + d * diag(H)``): shrinks the cross-feature structure fitted to the calibration text
             towards the diagonal, where the sweep is Wanda's mask with no update. ``0`` (default) is the
-            reference algorithm; M-Wanda's sweep uses 0.1 (docs/mwanda.md, round 5).
+            reference algorithm; M-Wanda uses 0.1 for both its updates (docs/mwanda.md, rounds 5 and 9).
         nm_selection: at ``N:M``, how each group's pruned weights are chosen: ``"greedy"`` (default, the
             reference) ranks the group's columns by ``w^2 / [H^-1]_jj`` where the group starts;
             ``"joint"`` evaluates every pattern of the group (6 at 2:4, 70 at 4:8) with the weight
@@ -336,8 +336,8 @@ class MWandaConfig(WandaConfig):
             the Hessian (see :class:`SparseGPTConfig`); for the closed form, the compensation's modelled
             ``H`` (means, principal directions and within-language variance; see
             :func:`optimum_mwanda.methods.covariance_factors`), which changes the update but not the mask.
-            ``None`` (default) resolves to ``default_diagonal_dampening`` (0.1) for the sweep and to 0 for
-            the closed form.
+            ``None`` (default) resolves to ``default_diagonal_dampening`` (0.1) for both updates, and to 0
+            with ``mean_compensation="none"`` (no update to shrink).
         nm_selection: with ``weight_update="sweep"`` at ``N:M``: how the sweep chooses each group's pruned
             weights (see :class:`SparseGPTConfig`).
         refinement_steps: with ``weight_update="sweep"``: conjugate-gradient steps on the kept weights
@@ -368,9 +368,11 @@ class MWandaConfig(WandaConfig):
     #: ``compensation_rank=None`` resolves to this with a compensation (0 with ``mean_compensation="none"``):
     #: r = 32 measured best on Gemma 3 270M (docs/mwanda.md, round 3), at 1.13x Wanda's prune time.
     default_compensation_rank: ClassVar[int] = 32
-    #: ``diagonal_dampening=None`` resolves to this for the sweep: on Gemma 3 270M (two calibration seeds)
-    #: 0.1 kept 2:4 in-domain perplexity where it was and lowered 4:8's by 8%, and cut the absent languages'
-    #: by 14-18%; 0.3 helped them more but cost 2:4 3-6% in-domain (docs/mwanda.md, round 5).
+    #: ``diagonal_dampening=None`` resolves to this for either update (two calibration seeds on Gemma 3
+    #: 270M): for the sweep 0.1 kept 2:4 in-domain perplexity where it was and lowered 4:8's by 8%, and cut
+    #: the absent languages' by 14-18%; 0.3 helped them more but cost 2:4 3-6% in-domain (round 5). For
+    #: the closed form 0.1 lowered 50% and 60% on both seeds and the absent languages at 70% by 2.7%
+    #: (in-domain there within 0.2%) (docs/mwanda.md, rounds 8 and 9).
     default_diagonal_dampening: ClassVar[float] = 0.1
     #: ``refinement_steps=None`` resolves to this for the sweep: on Gemma 3 270M at 2:4 five steps took the
     #: sweep from 141.7 / 142.4 to 118.3 / 118.3 in-domain (two calibration seeds; SparseGPT 136.0 / 137.4)
@@ -442,7 +444,8 @@ class MWandaConfig(WandaConfig):
         if rank and sweep:
             raise ValueError('compensation_rank > 0 applies to weight_update="closed_form", not "sweep"')
         if self.diagonal_dampening is None:
-            self.diagonal_dampening = self.default_diagonal_dampening if sweep else 0.0
+            updates = sweep or self.mean_compensation != "none"
+            self.diagonal_dampening = self.default_diagonal_dampening if updates else 0.0
         _check_diagonal_dampening(self.diagonal_dampening)
         if self.diagonal_dampening and not sweep and self.mean_compensation == "none":
             raise ValueError('diagonal_dampening shrinks the compensation; mean_compensation="none" has none')

@@ -132,7 +132,8 @@ def test_configs_written_before_a_field_existed_rebuild_with_the_behaviour_they_
     written = MWandaConfig(sparsity=0.6).to_dict()
     del written["compensation_rank"]  # a report written before the low-rank compensation existed
     assert PruningConfig.from_dict(written).compensation_rank == 0
-    del written["mean_compensation"]
+    for later in MWandaConfig.fields_added_later:  # a report written before the compensation existed
+        written.pop(later, None)
     assert MWandaConfig.from_dict(written) == MWandaConfig(sparsity=0.6, mean_compensation="none")
     # A hand-written dict (no package version) means today's defaults.
     assert MWandaConfig.from_dict({"method": "mwanda", "sparsity": 0.6}) == MWandaConfig(sparsity=0.6)
@@ -184,12 +185,14 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
         with pytest.raises(ValueError, match="hessian_token_stride"):
             config_class(hessian_token_stride=0)
     assert SparseGPTConfig().hessian_token_stride == 1
-    # The sweep's Hessian is shrunk towards its diagonal by default; SparseGPT keeps the reference (0).
+    # Both updates shrink towards the diagonal by default; SparseGPT keeps the reference (0), and without a
+    # compensation there is nothing to shrink.
     assert nm.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.1
-    assert unstructured.diagonal_dampening == SparseGPTConfig().diagonal_dampening == 0.0
+    assert unstructured.diagonal_dampening == MWandaConfig.default_diagonal_dampening
+    assert SparseGPTConfig().diagonal_dampening == 0.0
+    assert MWandaConfig(mean_compensation="none").diagonal_dampening == 0.0
     assert MWandaConfig(mask_structure="2:4", diagonal_dampening=0).diagonal_dampening == 0
-    # The closed form takes the same shrinkage (off by default); without a compensation there is nothing
-    # to shrink.
+    assert MWandaConfig(diagonal_dampening=0).diagonal_dampening == 0
     assert MWandaConfig(diagonal_dampening=0.3).diagonal_dampening == 0.3
     with pytest.raises(ValueError, match='mean_compensation="none" has none'):
         MWandaConfig(diagonal_dampening=0.3, mean_compensation="none")

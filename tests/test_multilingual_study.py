@@ -144,24 +144,35 @@ def test_cached_records_are_renamed_from_their_config():
 def test_records_written_before_a_field_existed_keep_their_legacy_behaviour():
     from optimum_mwanda import MWandaConfig
 
-    before_compensation = MWandaConfig(sparsity=0.6).to_dict()
-    del before_compensation["mean_compensation"], before_compensation["compensation_rank"]
+    def written_before(field: str, **kwargs) -> dict:
+        """Today's config dict without ``field`` and every field added after it."""
+        record = MWandaConfig(**kwargs).to_dict()
+        later = list(MWandaConfig.fields_added_later)
+        for name in later[later.index(field) :]:
+            del record[name]
+        return record
+
+    before_compensation = written_before("mean_compensation", sparsity=0.6)
     assert study.canonical_name("mwanda@60", {"config": before_compensation}) == (
         "mwanda[mean_compensation=none]@60"
     )
     assert study.parse_config_name("mwanda-no-compensation@60").name == "mwanda[mean_compensation=none]@60"
-    # Written after the mean compensation but before the low-rank one: it ran means-only (rank 0).
-    before_rank = MWandaConfig(sparsity=0.6).to_dict()
-    del before_rank["compensation_rank"]
-    assert study.canonical_name("mwanda@60", {"config": before_rank}) == "mwanda[compensation_rank=0]@60"
+    # Written after the mean compensation but before the low-rank one: it ran means-only (rank 0), and
+    # without the closed form's shrinkage (added later still).
+    before_rank = written_before("compensation_rank", sparsity=0.6)
+    assert study.canonical_name("mwanda@60", {"config": before_rank}) == (
+        "mwanda[compensation_rank=0,diagonal_dampening=0]@60"
+    )
     today = MWandaConfig(sparsity=0.6).to_dict()
     assert study.canonical_name("mwanda@60", {"config": today}) == "mwanda@60"
+    # Written when the closed form was unshrunk by default (rounds 5-8 stored the resolved 0).
+    unshrunk = MWandaConfig(sparsity=0.6, diagonal_dampening=0).to_dict()
+    assert study.canonical_name("mwanda@60", {"config": unshrunk}) == "mwanda[diagonal_dampening=0]@60"
     # A 2:4 record from before the sweep became the N:M default ran the rank-32 closed form; the rank
-    # follows from weight_update, so only weight_update enters the name.
-    before_sweep = MWandaConfig(sparsity=0.5, mask_structure="2:4", compensation_rank=32).to_dict()
-    del before_sweep["weight_update"]
+    # follows from weight_update, so only weight_update (and the shrinkage it ran without) enter the name.
+    before_sweep = written_before("weight_update", sparsity=0.5, mask_structure="2:4", compensation_rank=32)
     assert study.canonical_name("mwanda[mask_structure=2:4]@50", {"config": before_sweep}) == (
-        "mwanda[mask_structure=2:4,weight_update=closed_form]@50"
+        "mwanda[diagonal_dampening=0,mask_structure=2:4,weight_update=closed_form]@50"
     )
     sweep = MWandaConfig(sparsity=0.5, mask_structure="2:4").to_dict()
     assert study.canonical_name("x", {"config": sweep}) == "mwanda[mask_structure=2:4]@50"
