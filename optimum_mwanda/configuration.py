@@ -253,7 +253,7 @@ class SparseGPTConfig(PruningConfig):
         diagonal_dampening: add this share of each input's own diagonal entry to the Hessian before the
             sweep (``H + d * diag(H)``): shrinks the cross-feature structure fitted to the calibration text
             towards the diagonal, where the sweep is Wanda's mask with no update. ``0`` (default) is the
-            reference algorithm; M-Wanda uses 0.1 for both its updates (docs/mwanda.md, rounds 5 and 9).
+            reference algorithm; M-Wanda's sweep uses 0.3 (docs/mwanda.md, rounds 5, 9 and 10).
         nm_selection: at ``N:M``, how each group's pruned weights are chosen: ``"greedy"`` (default, the
             reference) ranks the group's columns by ``w^2 / [H^-1]_jj`` where the group starts;
             ``"joint"`` evaluates every pattern of the group (6 at 2:4, 70 at 4:8) with the weight
@@ -321,8 +321,10 @@ class MWandaConfig(WandaConfig):
             it updates the weights, on the input Hessian of every ``hessian_token_stride``-th calibration
             token (the score terms, ``mean_compensation`` and ``compensation_rank`` then do not apply). At
             ``N:M`` the mask is forced into every group, and only the sweep recovers what it removes
-            (docs/mwanda.md, round 4). ``None`` (default) resolves to ``"sweep"`` for an ``N:M``
-            ``mask_structure`` and ``"closed_form"`` otherwise, or when ``compensation_rank`` is given or
+            (docs/mwanda.md, round 4); at high unstructured sparsity the sweep also beat the closed form on
+            every language (round 10). ``None`` (default) resolves to ``"sweep"`` for an ``N:M``
+            ``mask_structure`` or a ``sparsity`` of at least ``sweep_from_sparsity`` (0.7), and to
+            ``"closed_form"`` otherwise, or when ``compensation_rank`` is given or
             ``mean_compensation="none"``.
         hessian_token_stride: with ``weight_update="sweep"``: the Hessian's token sample (``k``: every
             ``k``-th token of each sequence, ``1 / k`` of SparseGPT's statistics cost; see
@@ -336,8 +338,9 @@ class MWandaConfig(WandaConfig):
             the Hessian (see :class:`SparseGPTConfig`); for the closed form, the compensation's modelled
             ``H`` (means, principal directions and within-language variance; see
             :func:`optimum_mwanda.methods.covariance_factors`), which changes the update but not the mask.
-            ``None`` (default) resolves to ``default_diagonal_dampening`` (0.1) for both updates, and to 0
-            with ``mean_compensation="none"`` (no update to shrink).
+            ``None`` (default) resolves to ``default_diagonal_dampening`` (0.1) for the closed form, to
+            ``sweep_diagonal_dampening`` (0.3) for the sweep, and to 0 with ``mean_compensation="none"``
+            (no update to shrink).
         nm_selection: with ``weight_update="sweep"`` at ``N:M``: how the sweep chooses each group's pruned
             weights (see :class:`SparseGPTConfig`).
         refinement_steps: with ``weight_update="sweep"``: conjugate-gradient steps on the kept weights
@@ -368,12 +371,21 @@ class MWandaConfig(WandaConfig):
     #: ``compensation_rank=None`` resolves to this with a compensation (0 with ``mean_compensation="none"``):
     #: r = 32 measured best on Gemma 3 270M (docs/mwanda.md, round 3), at 1.13x Wanda's prune time.
     default_compensation_rank: ClassVar[int] = 32
-    #: ``diagonal_dampening=None`` resolves to this for either update (two calibration seeds on Gemma 3
-    #: 270M): for the sweep 0.1 kept 2:4 in-domain perplexity where it was and lowered 4:8's by 8%, and cut
-    #: the absent languages' by 14-18%; 0.3 helped them more but cost 2:4 3-6% in-domain (round 5). For
-    #: the closed form 0.1 lowered 50% and 60% on both seeds and the absent languages at 70% by 2.7%
-    #: (in-domain there within 0.2%) (docs/mwanda.md, rounds 8 and 9).
+    #: ``diagonal_dampening=None`` resolves to this for the closed form (two calibration seeds on Gemma 3
+    #: 270M): 0.1 lowered 50% and 60% on both seeds and the absent languages at 70% by 2.7% (in-domain
+    #: there within 0.2%) (docs/mwanda.md, rounds 8 and 9).
     default_diagonal_dampening: ClassVar[float] = 0.1
+    #: ... and to this for the sweep. Unstructured, 0.3 was lower than 0.1 in-domain and on the absent
+    #: languages at 60% and 70% on both seeds. With the refinement at N:M it cost 0.8-4.2% in-domain and
+    #: took 1.6-9.4% off the absent languages (Turkish 3-21%) on all four 2:4 and 4:8 runs; it favours
+    #: the languages not calibrated on (docs/mwanda.md, rounds 5, 9 and 10).
+    sweep_diagonal_dampening: ClassVar[float] = 0.3
+    #: ``weight_update=None`` resolves to the sweep at or above this unstructured sparsity: at 70% the
+    #: sweep (shrunk by 0.3) was lower than the closed form on the calibration and the absent languages on
+    #: both seeds, and lower than Wanda and SparseGPT on all 11; at 60% it traded the absent languages for
+    #: in-domain perplexity (docs/mwanda.md, rounds 9 and 10). It costs more prune time than the closed
+    #: form (benchmarks/results/prune_speed_70.md).
+    sweep_from_sparsity: ClassVar[float] = 0.7
     #: ``refinement_steps=None`` resolves to this for the sweep: on Gemma 3 270M at 2:4 five steps took the
     #: sweep from 141.7 / 142.4 to 118.3 / 118.3 in-domain (two calibration seeds; SparseGPT 136.0 / 137.4)
     #: and lowered the absent languages too (docs/mwanda.md, round 7).
@@ -411,9 +423,11 @@ class MWandaConfig(WandaConfig):
                 f"mean_compensation must be one of {list(MEAN_COMPENSATIONS)}, got {self.mean_compensation!r}"
             )
         if self.weight_update is None:
-            # An explicit compensation_rank asks for the closed-form compensation.
-            structured = self.nm_structure is not None and self.mean_compensation != "none"
-            self.weight_update = "sweep" if structured and self.compensation_rank is None else "closed_form"
+            # An explicit compensation_rank asks for the closed-form compensation, and without a
+            # compensation the kept weights stay as they are.
+            forced = self.nm_structure is not None or self.sparsity >= self.sweep_from_sparsity
+            updates = self.mean_compensation != "none" and self.compensation_rank is None
+            self.weight_update = "sweep" if forced and updates else "closed_form"
         if self.weight_update not in WEIGHT_UPDATES:
             raise ValueError(
                 f"weight_update must be one of {list(WEIGHT_UPDATES)}, got {self.weight_update!r}"
@@ -444,8 +458,12 @@ class MWandaConfig(WandaConfig):
         if rank and sweep:
             raise ValueError('compensation_rank > 0 applies to weight_update="closed_form", not "sweep"')
         if self.diagonal_dampening is None:
-            updates = sweep or self.mean_compensation != "none"
-            self.diagonal_dampening = self.default_diagonal_dampening if updates else 0.0
+            if sweep:
+                self.diagonal_dampening = self.sweep_diagonal_dampening
+            elif self.mean_compensation != "none":
+                self.diagonal_dampening = self.default_diagonal_dampening
+            else:
+                self.diagonal_dampening = 0.0
         _check_diagonal_dampening(self.diagonal_dampening)
         if self.diagonal_dampening and not sweep and self.mean_compensation == "none":
             raise ValueError('diagonal_dampening shrinks the compensation; mean_compensation="none" has none')

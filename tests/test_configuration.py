@@ -160,11 +160,29 @@ def test_non_integer_seeds_and_non_finite_floats_are_rejected_when_built(cls, kw
         cls.from_dict({**cls().to_dict(), **kwargs})
 
 
-def test_weight_update_resolves_to_the_sweep_for_nm_structures():
+def test_weight_update_resolves_to_the_sweep_for_nm_structures_and_high_sparsity():
     from optimum_mwanda import MWandaConfig, PruningConfig, SparseGPTConfig
 
     unstructured = MWandaConfig()
     assert (unstructured.weight_update, unstructured.compensation_rank) == ("closed_form", 32)
+    # From sweep_from_sparsity (0.7) up the unstructured default is the sweep too, shrunk by 0.3.
+    threshold = MWandaConfig.sweep_from_sparsity
+    assert threshold == 0.7
+    assert MWandaConfig(sparsity=0.69).weight_update == "closed_form"
+    for sparsity in (threshold, 0.8):
+        high = MWandaConfig(sparsity=sparsity)
+        assert (high.weight_update, high.compensation_rank, high.refinement_steps) == ("sweep", 0, 5)
+        assert high.diagonal_dampening == MWandaConfig.sweep_diagonal_dampening == 0.3
+        assert high.layerwise == "depth"
+        # An explicit rank, or no compensation, keeps the closed form there as at N:M.
+        assert MWandaConfig(sparsity=sparsity, compensation_rank=32).weight_update == "closed_form"
+        assert MWandaConfig(sparsity=sparsity, mean_compensation="none").weight_update == "closed_form"
+        closed = MWandaConfig(sparsity=sparsity, weight_update="closed_form")
+        assert (closed.compensation_rank, closed.diagonal_dampening) == (32, 0.1)
+        # The resolved values are stored, so a config written at 70% rebuilds as it ran.
+        assert MWandaConfig.from_dict(closed.to_dict()) == closed
+        assert MWandaConfig.from_dict(high.to_dict()) == high
+    assert MWandaConfig(weight_update="sweep").diagonal_dampening == 0.3
     nm = MWandaConfig(mask_structure="2:4")
     assert (nm.weight_update, nm.compensation_rank, nm.hessian_token_stride) == ("sweep", 0, None)
     with pytest.raises(ValueError, match="hessian_token_stride"):
@@ -185,10 +203,10 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures():
         with pytest.raises(ValueError, match="hessian_token_stride"):
             config_class(hessian_token_stride=0)
     assert SparseGPTConfig().hessian_token_stride == 1
-    # Both updates shrink towards the diagonal by default; SparseGPT keeps the reference (0), and without a
-    # compensation there is nothing to shrink.
-    assert nm.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.1
-    assert unstructured.diagonal_dampening == MWandaConfig.default_diagonal_dampening
+    # Both updates shrink towards the diagonal by default, the sweep more; SparseGPT keeps the reference
+    # (0), and without a compensation there is nothing to shrink.
+    assert nm.diagonal_dampening == MWandaConfig.sweep_diagonal_dampening == 0.3
+    assert unstructured.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.1
     assert SparseGPTConfig().diagonal_dampening == 0.0
     assert MWandaConfig(mean_compensation="none").diagonal_dampening == 0.0
     assert MWandaConfig(mask_structure="2:4", diagonal_dampening=0).diagonal_dampening == 0

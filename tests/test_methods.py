@@ -37,6 +37,7 @@ from optimum_mwanda.methods.statistics import (
     _FUSED_FLOAT64_ROWS,
     _GRAM_ROW_BLOCKS,
     add_lower_gram,
+    language_runs,
     symmetric_from_lower,
 )
 
@@ -125,6 +126,39 @@ def test_statistics_per_language():
     # Non-finite inputs are not rejected per update; they surface in the statistics the pruner checks.
     stats.update(torch.tensor([[float("inf"), 0.0]]), torch.tensor([0]))
     assert not torch.isfinite(stats.pooled_norm).all()
+
+
+def test_feature_sums_go_run_by_run_and_match_the_per_token_sums():
+    """FeatureStatistics sums each same-language run of a sequence on its own: the per-language sums are
+    the per-token float64 sums (to float64 rounding), activity counts are exact, runs never cross a
+    sequence boundary, and re-batching the same sequences gives the same bits."""
+    assert language_runs(torch.tensor([2, 2, 0, 0, 0, 1]), [3, 0, 3]) == [
+        (0, 2, 2),
+        (2, 3, 0),
+        (3, 5, 0),
+        (5, 6, 1),
+    ]
+    assert language_runs(torch.tensor([1, 1, 1])) == [(0, 3, 1)]
+    torch.manual_seed(0)
+    lengths = [7, 12, 5, 9]
+    x = torch.randn(sum(lengths), 6) * 10
+    language = torch.cat([torch.full((n,), lang) for n, lang in zip(lengths, [2, 0, 2, 1])])
+    language[20] = 1  # a sequence that changes language mid-way still counts every token once
+    whole = FeatureStatistics(6, 3, track_activation=True, activation_threshold=1.0, track_mean=True)
+    whole.update(x, language, lengths)
+    expected = torch.zeros(3, 6, dtype=torch.float64).index_add_(0, language, (x * x).double())
+    torch.testing.assert_close(whole.sum_squares, expected, rtol=1e-14, atol=0)
+    expected_sum = torch.zeros(3, 6, dtype=torch.float64).index_add_(0, language, x.double())
+    torch.testing.assert_close(whole.sum, expected_sum, rtol=1e-14, atol=1e-12)
+    rms = (x * x).mean(dim=1, keepdim=True).sqrt()
+    counts = torch.zeros(3, 6, dtype=torch.float64).index_add_(0, language, (x.abs() > rms).double())
+    assert torch.equal(whole.active, counts)
+    assert torch.equal(whole.tokens, torch.bincount(language, minlength=3).double())
+    rebatched = FeatureStatistics(6, 3, track_activation=True, activation_threshold=1.0, track_mean=True)
+    for part, lang, n in zip(x.split([19, 14]), language.split([19, 14]), [lengths[:2], lengths[2:]]):
+        rebatched.update(part, lang, n)
+    for name, value in whole.raw_sums().items():
+        assert torch.equal(rebatched.raw_sums()[name], value), name
 
 
 def test_hessian_long_and_short_sequences_take_either_product_and_agree():

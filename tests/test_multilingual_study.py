@@ -176,6 +176,17 @@ def test_records_written_before_a_field_existed_keep_their_legacy_behaviour():
     )
     sweep = MWandaConfig(sparsity=0.5, mask_structure="2:4").to_dict()
     assert study.canonical_name("x", {"config": sweep}) == "mwanda[mask_structure=2:4]@50"
+    # Written when the sweep's shrinkage was 0.1 (rounds 5-9 stored the resolved value).
+    lighter = MWandaConfig(sparsity=0.5, mask_structure="2:4", diagonal_dampening=0.1).to_dict()
+    assert study.canonical_name("mwanda[mask_structure=2:4]@50", {"config": lighter}) == (
+        "mwanda[diagonal_dampening=0.1,mask_structure=2:4]@50"
+    )
+    # From 70% the default is the sweep: a closed-form record written there before keeps its meaning.
+    closed_at_70 = MWandaConfig(sparsity=0.7, weight_update="closed_form").to_dict()
+    assert study.canonical_name("mwanda@70", {"config": closed_at_70}) == (
+        "mwanda[weight_update=closed_form]@70"
+    )
+    assert study.canonical_name("x", {"config": MWandaConfig(sparsity=0.7).to_dict()}) == "mwanda@70"
 
 
 def test_defaults_that_depend_on_other_options_do_not_enter_the_name():

@@ -438,7 +438,7 @@ def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
     extra = {} if structure == "2:4" else {"weight_update": "sweep", "layerwise": "uniform"}
     config = MWandaConfig(mask_structure=structure, hessian_token_stride=4, **extra)
     assert config.weight_update == "sweep"
-    assert config.diagonal_dampening == MWandaConfig.default_diagonal_dampening > 0
+    assert config.diagonal_dampening == MWandaConfig.sweep_diagonal_dampening > 0
     steps = config.refinement_steps
     assert steps == MWandaConfig.default_refinement_steps > 0
     references = {
