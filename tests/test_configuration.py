@@ -165,10 +165,11 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures_and_high_sparsity
 
     unstructured = MWandaConfig()
     assert (unstructured.weight_update, unstructured.compensation_rank) == ("closed_form", 32)
-    # From sweep_from_sparsity (0.7) up the unstructured default is the sweep too, shrunk by 0.3.
+    # From sweep_from_sparsity (0.65) up the unstructured default is the sweep too, shrunk by 0.3.
     threshold = MWandaConfig.sweep_from_sparsity
-    assert threshold == 0.7
-    assert MWandaConfig(sparsity=0.69).weight_update == "closed_form"
+    assert threshold == 0.65
+    assert MWandaConfig(sparsity=0.6).weight_update == "closed_form"
+    assert MWandaConfig(sparsity=0.649).weight_update == "closed_form"
     for sparsity in (threshold, 0.8):
         high = MWandaConfig(sparsity=sparsity)
         assert (high.weight_update, high.compensation_rank, high.refinement_steps) == ("sweep", 0, 5)
