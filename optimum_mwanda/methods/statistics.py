@@ -1,7 +1,8 @@
 """Running statistics of a linear module's input, accumulated over calibration tokens.
 
 Pure tensor code: callers hand in ``x`` as ``[tokens, in_features]`` (padding already removed) with the
-language index of every token. Everything is accumulated in float32 and normalised per token.
+language index of every token. Sums are accumulated in float64 (so that data-parallel ranks add up to a
+single process's result) and normalised per token when read.
 """
 
 from __future__ import annotations
