@@ -151,6 +151,20 @@ def worker(name: str, args) -> dict:
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median seconds (the lower middle one for an even count), with every run's
+    ``seconds``, ``ratio_to_floor`` and phase ``timings`` added as ``all_seconds`` / ``all_ratio_to_floor``
+    / ``all_timings``."""
+    if not runs:
+        raise ValueError("no runs to summarise")
+    ordered = sorted(runs, key=lambda run: run["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["all_seconds"] = [run["seconds"] for run in runs]
+    chosen["all_ratio_to_floor"] = [run["ratio_to_floor"] for run in runs]
+    chosen["all_timings"] = [run.get("timings", {}) for run in runs]
+    return chosen
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -168,6 +182,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", nargs="+", default=["floor_with_logits", "wanda", "mwanda", "sparsegpt"])
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every method this many times, interleaved (a b a b ...); the report gives each run's "
+        "median and every measurement",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "prune_speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -176,9 +197,12 @@ def main(argv=None) -> None:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return
 
-    results = {}
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    measurements: dict[str, list[dict]] = {name: [] for name in args.runs}
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    for name in args.runs:
+    # Interleaved, so that a slow spell of this shared machine falls on every method alike.
+    for name in [name for _ in range(args.repeats) for name in args.runs]:
         print(f"[prune_speed] running {name} ...", flush=True)
         out = subprocess.run(
             [sys.executable, __file__, *passthrough, "--worker", name],
@@ -190,10 +214,12 @@ def main(argv=None) -> None:
         if out.returncode != 0 or line is None:
             sys.stderr.write(out.stderr[-4000:])
             raise SystemExit(f"{name} failed with exit code {out.returncode}")
-        results[name] = json.loads(line[len("RESULT ") :])
+        measurements[name].append(json.loads(line[len("RESULT ") :]))
         print(
-            f"[prune_speed] {name}: {results[name]['seconds']:.1f} s, peak RSS {results[name]['peak_rss_mb']:.0f} MB"
+            f"[prune_speed] {name}: {measurements[name][-1]['seconds']:.1f} s, "
+            f"peak RSS {measurements[name][-1]['peak_rss_mb']:.0f} MB"
         )
+    results = {name: median_run(runs) for name, runs in measurements.items()}
 
     summary = {
         "command": "python benchmarks/prune_speed.py " + " ".join(passthrough),
@@ -237,6 +263,20 @@ def main(argv=None) -> None:
             f"{res['ratio_to_floor']:.2f} | {res['peak_rss_mb']:.0f} | {res['load_average_1min']:.1f} |"
         )
     lines += ["", *(f"- {k}: {v:.2f}" for k, v in summary["ratios"].items() if "/wanda" in k)]
+    if args.repeats > 1:
+        lines += [
+            "",
+            f"Each row is the median of {args.repeats} interleaved runs (by seconds); every run's seconds "
+            "and ratio to its floor:",
+            "",
+            *(
+                f"- {name}: "
+                + ", ".join(
+                    f"{s:.1f} s ({r:.2f}x)" for s, r in zip(res["all_seconds"], res["all_ratio_to_floor"])
+                )
+                for name, res in results.items()
+            ),
+        ]
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

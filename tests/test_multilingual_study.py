@@ -246,3 +246,17 @@ def test_prune_speed_runs_take_config_options_in_brackets():
         speed._config("gptq", args)
     with pytest.raises(ValueError, match="dense"):
         speed._config("dense", args)
+
+
+def test_prune_speed_repeats_report_the_median_run_and_every_measurement():
+    """--repeats keeps every measurement and reports the run with the median seconds."""
+    speed = load_script("benchmarks/prune_speed.py")
+    runs = [{"seconds": s, "ratio_to_floor": s / 10, "tag": s} for s in (12.0, 10.0, 30.0)]
+    median = speed.median_run(runs)
+    assert median["tag"] == 12.0
+    assert median["all_seconds"] == [12.0, 10.0, 30.0]
+    assert median["all_ratio_to_floor"] == [1.2, 1.0, 3.0]
+    assert median["all_timings"] == [{}, {}, {}]
+    assert speed.median_run(runs[:2])["tag"] == 10.0
+    with pytest.raises(ValueError):
+        speed.median_run([])
