@@ -5,7 +5,7 @@ makes M-Wanda beat Wanda, and that a fixed-mask OBS update with the full input G
 better still (0.77x Wanda at 50%) at SparseGPT's cost. This round screens what lies between, with dense
 statistics collected once (a screen; winners are confirmed with the sequential pruner in the study):
 
-* ``lowrank-r``: the closed-form update of :func:`optimum_mwanda.methods.low_rank_compensation` with the
+* ``lowrank-r``: the closed-form update of :func:`optimum_mwanda.parts.low_rank_compensation` with the
   input second moment modelled as the per-language means plus the top ``r`` principal directions of the
   pooled within-language covariance plus a diagonal (``r = 0`` is today's M-Wanda compensation);
 * ``centred``: the mask scored on ``|W_ij| * sqrt(within-language variance_j)`` instead of Wanda's
@@ -37,8 +37,8 @@ from mwanda_update_screening import collect, fixed_mask_obs  # noqa: E402
 
 from optimum_mwanda.configuration import parse_mask_structure  # noqa: E402
 from optimum_mwanda.evaluation import geometric_mean  # noqa: E402
-from optimum_mwanda.methods import mask_from_scores, sparsegpt_prune, wanda_scores  # noqa: E402
-from optimum_mwanda.methods.compensation import (  # noqa: E402
+from optimum_mwanda.parts import mask_from_scores, sparsegpt_prune, wanda_scores  # noqa: E402
+from optimum_mwanda.parts.compensation import (  # noqa: E402
     covariance_factors,
     low_rank_compensation,
     mean_shift_compensation,

@@ -20,7 +20,8 @@ from pathlib import Path
 import screening
 import torch
 
-from optimum_mwanda.methods import (
+from optimum_mwanda.modeling import LayerStatisticsCollector
+from optimum_mwanda.parts import (
     FeatureStatistics,
     cross_lingual_correlation,
     cwl_schedule,
@@ -29,7 +30,6 @@ from optimum_mwanda.methods import (
     owl_schedule,
     wanda_scores,
 )
-from optimum_mwanda.modeling import LayerStatisticsCollector
 
 THRESHOLDS = (1.0, 2.0, 3.0)
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import screening
 import torch
 
-from optimum_mwanda.methods import mask_from_scores, sparsegpt_prune, wanda_scores
-from optimum_mwanda.methods.sparsegpt import inverse_hessian_cholesky
 from optimum_mwanda.modeling import LayerStatisticsCollector
+from optimum_mwanda.parts import mask_from_scores, sparsegpt_prune, wanda_scores
+from optimum_mwanda.parts.sparsegpt import inverse_hessian_cholesky
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -93,7 +93,7 @@ def collect(model, calibration, with_gram: bool, groups: str = "language", batch
     return modules, {m.name: collector.statistic_for(m) for m in modules}
 
 
-# -- compensation maths (candidates for optimum_mwanda.methods) ------------------------------------------
+# -- compensation maths (candidates for optimum_mwanda.parts) ------------------------------------------
 
 
 def mean_shift_compensation(

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from optimum_mwanda.methods import sparsegpt as sweep_module
+from optimum_mwanda.parts import sparsegpt as sweep_module
 
 GROUPS = {
     "q/k/v": ([1024, 256, 256], 640),

@@ -8,7 +8,7 @@ error ``tr(D H D^T) / tr(W H W^T)`` (``D = W - W'``) under each text's second mo
 - ``sparsegpt``: SparseGPT's reference sweep on every calibration token;
 - ``greedy`` / ``joint``: M-Wanda's sweep (every 4th token, ``H + 0.1 diag(H)``) with SparseGPT's greedy
   N:M choice or ``nm_selection="joint"``;
-- ``+cgK``: then ``K`` steps of :func:`optimum_mwanda.methods.refine_kept_weights` (``refinement_steps``).
+- ``+cgK``: then ``K`` steps of :func:`optimum_mwanda.parts.refine_kept_weights` (``refinement_steps``).
 
 Not a perplexity: a quick, layer-level view of what the study measures end to end (docs/mwanda.md, round 7).
 
@@ -26,8 +26,8 @@ import torch
 
 from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
 from optimum_mwanda.demo import load_demo_model
-from optimum_mwanda.methods import sparsegpt_prune_group
-from optimum_mwanda.methods.sparsegpt import _shrunk_hessian, refine_kept_weights
+from optimum_mwanda.parts import sparsegpt_prune_group
+from optimum_mwanda.parts.sparsegpt import _shrunk_hessian, refine_kept_weights
 
 CALIBRATION = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 HELDOUT = ["en", "de", "sw", "fr", "tr", "vi"]

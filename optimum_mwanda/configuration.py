@@ -261,7 +261,7 @@ class SparseGPTConfig(PruningConfig):
             OBS loss, per row (docs/mwanda.md, round 7). Unstructured masks are not affected.
         refinement_steps: after the sweep, this many conjugate-gradient steps lower each row's
             reconstruction loss on the same dampened Hessian with the mask fixed (the sweep never revisits
-            a kept column; :func:`optimum_mwanda.methods.refine_kept_weights`). Each step costs one
+            a kept column; :func:`optimum_mwanda.parts.refine_kept_weights`). Each step costs one
             ``[rows, in] x [in, in]`` product; ``0`` (default) is the reference algorithm.
     """
 
@@ -308,14 +308,14 @@ class MWandaConfig(WandaConfig):
             output is restored: ``"language"`` in every calibration language at once (per-language input
             means), ``"pooled"`` on the all-language mean only, ``"none"`` leaves the kept weights as they
             were (Wanda). Pruned positions stay exactly zero. See
-            :func:`optimum_mwanda.methods.mean_shift_compensation`.
+            :func:`optimum_mwanda.parts.mean_shift_compensation`.
         compensation_rank: restore more than the means: the compensation also keeps each row's output along
             the top ``compensation_rank`` principal directions of the pooled within-language input
             covariance (found from a randomized sketch collected in the same pass; ``0``: means only).
             Between the means-only update and SparseGPT's full-covariance one, at a per-row cost of one
             ``(L + r) x (L + r)`` solve. ``None`` (default) resolves to ``default_compensation_rank`` (32)
             with a compensation and to 0 with ``mean_compensation="none"``. See
-            :func:`optimum_mwanda.methods.low_rank_compensation`.
+            :func:`optimum_mwanda.parts.low_rank_compensation`.
         weight_update: how the kept weights are updated. ``"closed_form"``: the mask from the M-Wanda score,
             then the compensation above. ``"sweep"``: SparseGPT's column sweep, which chooses the mask while
             it updates the weights, on the input Hessian of every ``hessian_token_stride``-th calibration
@@ -337,7 +337,7 @@ class MWandaConfig(WandaConfig):
             so that the updates fitted to the calibration languages carry over to others: for the sweep,
             the Hessian (see :class:`SparseGPTConfig`); for the closed form, the compensation's modelled
             ``H`` (means, principal directions and within-language variance; see
-            :func:`optimum_mwanda.methods.covariance_factors`), which changes the update but not the mask.
+            :func:`optimum_mwanda.parts.covariance_factors`), which changes the update but not the mask.
             ``None`` (default) resolves to ``default_diagonal_dampening`` (0.1) for the closed form, to
             ``sweep_diagonal_dampening`` (0.3) for the sweep, and to 0 with ``mean_compensation="none"``
             (no update to shrink).

@@ -3,7 +3,7 @@
 When a process group is initialised (by ``torchrun``, ``accelerate launch`` or the caller), every rank
 runs the same ``Pruner.prune_model`` call on the same model and calibration set. Each rank captures and
 propagates only its shard of the calibration sequences; the raw sums every method accumulates (see
-``methods.statistics``) are added over all ranks before any mask or weight update is computed, so all
+``parts.statistics``) are added over all ranks before any mask or weight update is computed, so all
 ranks compute the same new weights, and only rank 0 writes files.
 
 Why the result equals a single-process run: a sequence's hidden states do not depend on which other

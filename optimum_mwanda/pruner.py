@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from . import distributed
-from .algorithms import algorithm_for
 from .calibration import CalibrationSet, resolve_calibration
 from .configuration import PruningConfig
+from .methods import algorithm_for
 from .modeling import PrunableLinear, SequentialWalk, find_decoder_stack, prunable_linears_by_layer
 from .report import PruningReport
 from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint

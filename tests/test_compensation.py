@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optimum_mwanda.methods import (
+from optimum_mwanda.parts import (
     FeatureStatistics,
     mask_from_scores,
     mean_shift_compensation,
@@ -159,7 +159,7 @@ def _correlated_languages(n_lang=3, features=40, tokens=6000, rank=6, seed=0, no
 
 def test_low_rank_compensation_is_the_exact_solve_under_its_model():
     """``delta_K = H_KK^-1 H_KP w_P`` row by row for ``H = U U^T + D`` (a direct solve here)."""
-    from optimum_mwanda.methods import low_rank_compensation
+    from optimum_mwanda.parts import low_rank_compensation
 
     torch.manual_seed(0)
     features = 24
@@ -177,7 +177,7 @@ def test_low_rank_compensation_is_the_exact_solve_under_its_model():
 
 
 def test_low_rank_with_means_only_is_mean_shift_compensation():
-    from optimum_mwanda.methods import covariance_factors, low_rank_compensation
+    from optimum_mwanda.parts import covariance_factors, low_rank_compensation
 
     x, language = _synthetic_languages(n_lang=3, tokens=600)
     stats = _statistics(x, language, 3)
@@ -199,7 +199,7 @@ def test_low_rank_with_means_only_is_mean_shift_compensation():
 def test_closed_form_shrinkage_is_the_exact_solve_on_the_shrunk_hessian():
     """``diagonal_dampening=d`` gives ``delta_K = H'_KK^-1 H'_KP w_P`` for ``H' = H + d diag(H)``, the
     sweep's shrinkage, with ``H = U U^T + D`` the model ``covariance_factors`` builds."""
-    from optimum_mwanda.methods import covariance_factors, low_rank_compensation
+    from optimum_mwanda.parts import covariance_factors, low_rank_compensation
 
     x, language = _correlated_languages(n_lang=3, features=24, tokens=900)
     stats = _statistics(x, language, 3)
@@ -291,8 +291,8 @@ def test_sketch_summed_per_sequence_does_not_depend_on_the_batching():
 def test_more_directions_lower_held_out_error_and_keep_structure():
     """On inputs with shared low-rank structure, restoring the top directions as well as the means lowers
     the held-out output error in every language; zeros (and 2:4) are kept exactly."""
-    from optimum_mwanda.algorithms import MWandaAlgorithm
     from optimum_mwanda.configuration import MWandaConfig
+    from optimum_mwanda.methods import MWandaAlgorithm
 
     x, language = _correlated_languages()
     held_out, held_language = _correlated_languages(noise_seed=1)

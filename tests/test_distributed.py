@@ -21,7 +21,7 @@ from optimum_mwanda.distributed import (
     synchronise_weights,
     weights_digest,
 )
-from optimum_mwanda.methods import FeatureStatistics, HessianStatistics
+from optimum_mwanda.parts import FeatureStatistics, HessianStatistics
 
 WORLD = 2
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from optimum_mwanda.methods import (
+from optimum_mwanda.parts import (
     CholeskyError,
     FeatureStatistics,
     HessianStatistics,
@@ -26,14 +26,14 @@ from optimum_mwanda.methods import (
     sparsegpt_prune_group,
     wanda_scores,
 )
-from optimum_mwanda.methods.masks import lowest_k_per_column
-from optimum_mwanda.methods.sparsegpt import (
+from optimum_mwanda.parts.masks import lowest_k_per_column
+from optimum_mwanda.parts.sparsegpt import (
     inverse_hessian_cholesky,
     nm_group_errors,
     nm_patterns,
     refine_kept_weights,
 )
-from optimum_mwanda.methods.statistics import (
+from optimum_mwanda.parts.statistics import (
     _FUSED_FLOAT64_ROWS,
     _GRAM_ROW_BLOCKS,
     add_lower_gram,
@@ -65,7 +65,7 @@ def test_nm_mask_valid(n, m):
 
 
 def test_lowest_k_mask_ties_go_to_earlier_positions():
-    from optimum_mwanda.methods.masks import lowest_k_mask
+    from optimum_mwanda.parts.masks import lowest_k_mask
 
     values = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
     mask = lowest_k_mask(values, 2)

@@ -409,14 +409,14 @@ def test_report_records_calibration_settings_that_applied():
 
 
 def test_algorithm_registry_one_object_per_method():
-    from optimum_mwanda.algorithms import (
+    from optimum_mwanda.configuration import PruningConfig
+    from optimum_mwanda.methods import (
         MWandaAlgorithm,
         PruningAlgorithm,
         SparseGPTAlgorithm,
         WandaAlgorithm,
         algorithm_for,
     )
-    from optimum_mwanda.configuration import PruningConfig
 
     assert type(algorithm_for(WandaConfig())) is WandaAlgorithm
     assert type(algorithm_for(MWandaConfig())) is MWandaAlgorithm
@@ -475,7 +475,7 @@ def test_mwanda_sweep_sizes_its_token_sample_from_the_calibration(monkeypatch):
     calibration tokens: 576 tokens give inputs of 64 features every 4th token (the cap) and of 128 every 2nd
     (at least 1.75 sampled tokens per input), so no group is left rank-deficient; the card names the
     strides."""
-    import optimum_mwanda.algorithms.mwanda as mwanda_module
+    import optimum_mwanda.methods.mwanda as mwanda_module
     from optimum_mwanda.hub import create_model_card
 
     created: dict[int, int] = {}

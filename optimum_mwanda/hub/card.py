@@ -107,7 +107,7 @@ def _hyperparameter_text(report: PruningReport, key: str) -> Any:
         or getattr(config, "weight_update", None) != "sweep"
     ):
         return value
-    from ..methods import hessian_token_stride_for
+    from ..parts import hessian_token_stride_for
 
     tokens = sum(report.token_counts.values())
     widths = sorted({shape[1] for shape in report.module_shapes.values()})

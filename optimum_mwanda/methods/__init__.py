@@ -1,47 +1,39 @@
-"""Pure pruning math: scores, masks, layer schedules and running statistics (no hooks, no I/O)."""
+"""Pruning methods: one object per method, chosen from the config by :func:`algorithm_for`.
 
-from .compensation import covariance_factors, low_rank_compensation, mean_shift_compensation
-from .layerwise import (
-    cross_lingual_correlation,
-    cwl_schedule,
-    depth_schedule,
-    outlier_ratio,
-    owl_schedule,
-    schedule_from_signal,
-)
-from .masks import mask_from_scores, nm_mask, per_row_mask
-from .mwanda import mwanda_feature_importance
-from .sparsegpt import CholeskyError, refine_kept_weights, sparsegpt_prune, sparsegpt_prune_group
-from .statistics import (
-    CovarianceSketch,
-    FeatureStatistics,
-    HessianStatistics,
-    hessian_token_stride_for,
-)
-from .wanda import negative_feature_factor, wanda_scores
+Adding a method means one new module with a :class:`PruningAlgorithm` subclass (and its config class in
+``configuration.py``) plus one line in :data:`ALGORITHMS`.
+"""
+
+from __future__ import annotations
+
+from ..configuration import PruningConfig
+from .base import PruningAlgorithm
+from .mwanda import MWandaAlgorithm
+from .sparsegpt import SparseGPTAlgorithm
+from .wanda import WandaAlgorithm
+
+#: config class -> algorithm class; looked up by exact type, so subclassed configs (M-Wanda's config
+#: extends Wanda's) get their own algorithm.
+ALGORITHMS: dict[type[PruningConfig], type[PruningAlgorithm]] = {
+    algorithm.config_class: algorithm for algorithm in (WandaAlgorithm, MWandaAlgorithm, SparseGPTAlgorithm)
+}
+
+
+def algorithm_for(config: PruningConfig) -> PruningAlgorithm:
+    """The algorithm object that prunes with ``config``."""
+    try:
+        algorithm = ALGORITHMS[type(config)]
+    except KeyError:
+        known = ", ".join(cls.__name__ for cls in ALGORITHMS)
+        raise TypeError(f"no pruning algorithm for {type(config).__name__}; use one of {known}") from None
+    return algorithm(config)
+
 
 __all__ = [
-    "CholeskyError",
-    "CovarianceSketch",
-    "FeatureStatistics",
-    "HessianStatistics",
-    "hessian_token_stride_for",
-    "covariance_factors",
-    "cross_lingual_correlation",
-    "cwl_schedule",
-    "depth_schedule",
-    "low_rank_compensation",
-    "mask_from_scores",
-    "mean_shift_compensation",
-    "mwanda_feature_importance",
-    "negative_feature_factor",
-    "nm_mask",
-    "outlier_ratio",
-    "owl_schedule",
-    "per_row_mask",
-    "schedule_from_signal",
-    "refine_kept_weights",
-    "sparsegpt_prune",
-    "sparsegpt_prune_group",
-    "wanda_scores",
+    "ALGORITHMS",
+    "MWandaAlgorithm",
+    "PruningAlgorithm",
+    "SparseGPTAlgorithm",
+    "WandaAlgorithm",
+    "algorithm_for",
 ]

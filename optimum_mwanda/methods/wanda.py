@@ -1,26 +1,49 @@
-"""Wanda (Sun et al., 2024): weight magnitude times input-feature norm."""
+"""Wanda (Sun et al., 2024): keep the weights with the largest ``|W_ij| * ||X_j||`` in every output row."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-
-def wanda_scores(weight: torch.Tensor, feature_norm: torch.Tensor) -> torch.Tensor:
-    """``|W_ij| * ||X_j||``: ``weight`` is ``[out, in]``, ``feature_norm`` is ``[in]``."""
-    if weight.dim() != 2 or feature_norm.shape != (weight.shape[1],):
-        raise ValueError(
-            f"weight {tuple(weight.shape)} and feature norm {tuple(feature_norm.shape)} do not match"
-        )
-    return weight.abs().float() * feature_norm.float().unsqueeze(0)
+from ..configuration import WandaConfig
+from ..parts import FeatureStatistics, mask_from_scores, negative_feature_factor, wanda_scores
+from .base import PruningAlgorithm
 
 
-def negative_feature_factor(
-    feature_norm: torch.Tensor, negative_norm: torch.Tensor, power: float = 1.0, eps: float = 1e-8
-) -> torch.Tensor:
-    """Kim et al.'s penalty for features active on unwanted text: ``(||X_j|| / ||X_j^neg||) ** power``.
+class WandaAlgorithm(PruningAlgorithm):
+    """Wanda: pooled input-feature norms, per-row (or N:M) masks, kept weights unchanged."""
 
-    Multiplied into a Wanda-style score it gives ``|W_ij| * ||X_j|| * (||X_j|| / ||X_j^neg||)``: features
-    that fire more on the negative set than on the wanted set lose importance.
-    """
-    ratio = feature_norm.float() / negative_norm.float().clamp_min(eps)
-    return ratio.clamp_min(eps).pow(power)
+    config_class: ClassVar[type[WandaConfig]] = WandaConfig
+    supports_negative_calibration: ClassVar[bool] = True
+    config: WandaConfig
+
+    def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> FeatureStatistics:
+        return FeatureStatistics(in_features, num_languages, device=device)
+
+    def feature_importance(self, statistic: FeatureStatistics) -> torch.Tensor:
+        """``[in]``: what multiplies ``|W_ij|`` in the score (Wanda: the pooled norm ``||X_j||``)."""
+        return statistic.pooled_norm
+
+    def prune_group(self, name, weights, statistic, negative_statistic, sparsity):
+        importance = self.feature_importance(statistic)
+        if negative_statistic is not None:
+            importance = importance * negative_feature_factor(
+                statistic.pooled_norm, negative_statistic.pooled_norm, self.config.negative_weight
+            )
+        if not torch.isfinite(importance).all():
+            raise FloatingPointError(
+                f"non-finite input activations reached {name}: its calibration statistics hold NaN or inf"
+            )
+        pruned = []
+        for weight in weights:
+            weight = weight.to(importance.device).float()
+            mask = mask_from_scores(wanda_scores(weight, importance), sparsity, self.config.nm_structure)
+            pruned.append(self.update_kept_weights(weight, mask, statistic))
+        return pruned
+
+    def update_kept_weights(
+        self, weight: torch.Tensor, mask: torch.Tensor, statistic: FeatureStatistics
+    ) -> torch.Tensor:
+        """The pruned weight given its mask (``True`` = pruned). Wanda leaves the kept weights alone."""
+        return weight.masked_fill(mask, 0.0)

@@ -1,7 +1,7 @@
 """Forward pre-hooks that feed a layer's linear-module inputs into running statistics.
 
 The hooks only move tensors: they drop padding tokens, tag each token with its language and hand the rows
-to a statistics object from ``methods.statistics``. Modules that read the very same input tensor (q/k/v,
+to a statistics object from ``parts.statistics``. Modules that read the very same input tensor (q/k/v,
 gate/up) are detected at run time and share one statistic, so it is computed once.
 """
 

@@ -1,7 +1,7 @@
 """The sequential walk: capture the first layer's inputs, then per decoder layer collect statistics, prune,
 and propagate the calibration activations through the pruned layer to the next one.
 
-Everything method-specific is asked of the :class:`~optimum_mwanda.algorithms.PruningAlgorithm`; the walk
+Everything method-specific is asked of the :class:`~optimum_mwanda.methods.PruningAlgorithm`; the walk
 owns the hooks, devices, the activation store, restore-on-failure and the resume checkpoint.
 """
 
@@ -24,8 +24,8 @@ from .linear import PrunableLinear
 from .offload import input_device
 
 if TYPE_CHECKING:
-    from ..algorithms import PruningAlgorithm
     from ..calibration import CalibrationSet
+    from ..methods import PruningAlgorithm
     from ..resume import PruningCheckpoint, ResumeState
 
 
@@ -324,7 +324,7 @@ class SequentialWalk:
         num_languages: int,
     ) -> list[float]:
         """One dense pass over the signal batches: the schedule's signal (OWL, CWL) of every layer."""
-        from ..methods import FeatureStatistics
+        from ..parts import FeatureStatistics
 
         hidden = [captured.hidden_states[first_batch + i] for i in range(len(signal_batches))]
         signal: list[float] = []

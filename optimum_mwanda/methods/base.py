@@ -1,6 +1,6 @@
 """What every pruning algorithm provides to the sequential walk.
 
-An algorithm is chosen from its config (:func:`optimum_mwanda.algorithms.algorithm_for`) and owns everything
+An algorithm is chosen from its config (:func:`optimum_mwanda.methods.algorithm_for`) and owns everything
 that differs between methods: which running statistic the walk collects for a shared-input group of linear
 modules, how that statistic turns the group's weights into pruned weights, and the per-layer sparsity
 schedule. It sees tensors only: hooks, devices, offloading and files belong to the walk in ``modeling/``.
@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..configuration import PruningConfig
-from ..methods import (
+from ..parts import (
     FeatureStatistics,
     cross_lingual_correlation,
     cwl_schedule,
@@ -23,7 +23,7 @@ from ..methods import (
     owl_schedule,
     wanda_scores,
 )
-from ..methods.layerwise import uniform_schedule
+from ..parts.layerwise import uniform_schedule
 
 
 class PruningAlgorithm:

@@ -155,7 +155,7 @@ def covariance_factors(
     mean within-language variance (a ridge on the update, as SparseGPT's dampening).
 
     ``diagonal_dampening`` ``d`` shrinks the modelled ``H`` towards its diagonal as the sweep's
-    ``H + d * diag(H)`` does (:func:`~optimum_mwanda.methods.inverse_hessian_cholesky`): ``D`` gains
+    ``H + d * diag(H)`` does (:func:`~optimum_mwanda.parts.inverse_hessian_cholesky`): ``D`` gains
     ``d * diag(D + U U^T)``, so the cross-feature part that moves the kept weights counts less against
     each input's own second moment (``0``: no shrinkage).
     """
