@@ -44,6 +44,8 @@ class PruningAlgorithm:
         #: non-padding calibration tokens of the whole run (all ranks), set by the pruner before the walk:
         #: what a statistic sized from the calibration budget (M-Wanda's automatic Hessian sample) reads
         self.calibration_tokens: int | None = None
+        #: dtype of the in x in Hessian accumulators (SparseGPT, M-Wanda's sweep); set by the pruner
+        self.statistics_dtype: torch.dtype = torch.float64
 
     # -- statistics ----------------------------------------------------------------------------------
     def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> Any:

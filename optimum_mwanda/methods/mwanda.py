@@ -37,7 +37,11 @@ class MWandaAlgorithm(WandaAlgorithm):
         config = self.config
         if config.weight_update == "sweep":
             return HessianStatistics(
-                in_features, num_languages, device=device, token_stride=self.hessian_token_stride(in_features)
+                in_features,
+                num_languages,
+                device=device,
+                token_stride=self.hessian_token_stride(in_features),
+                dtype=self.statistics_dtype,
             )
         return FeatureStatistics(
             in_features,

@@ -20,7 +20,11 @@ class SparseGPTAlgorithm(PruningAlgorithm):
 
     def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> HessianStatistics:
         return HessianStatistics(
-            in_features, num_languages, device=device, token_stride=self.config.hessian_token_stride
+            in_features,
+            num_languages,
+            device=device,
+            token_stride=self.config.hessian_token_stride,
+            dtype=self.statistics_dtype,
         )
 
     def prune_group(self, name, weights, statistic, negative_statistic, sparsity):
@@ -52,11 +56,13 @@ def sweep_group(
     refinement_steps: int = 0,
 ) -> list[torch.Tensor]:
     """SparseGPT's column sweep over one shared-input group (SparseGPT, and M-Wanda's ``"sweep"``)."""
-    if not torch.isfinite(statistic.hessian).all():
+    # The group's statistic is done: take H (freeing the accumulator) and let the sweep overwrite it.
+    hessian = statistic.release_hessian()
+    if not torch.isfinite(hessian).all():
         raise FloatingPointError(
             f"non-finite input activations reached {name}: its calibration Hessian holds NaN or inf"
         )
-    in_features = statistic.hessian.shape[0]
+    in_features = hessian.shape[0]
     if statistic.count < in_features:
         # Fewer tokens than inputs leave H rank-deficient: only the dampening keeps the sweep defined, and on
         # Gemma 3 270M a 1/8-token sample of this kind lost a quarter of the quality (docs/mwanda.md, round 4).
@@ -65,10 +71,10 @@ def sweep_group(
             "calibration data or lower hessian_token_stride",
             stacklevel=2,
         )
-    device = statistic.hessian.device
+    device = hessian.device
     new_weights, _ = sparsegpt_prune_group(
         [w.to(device) for w in weights],
-        statistic.hessian,
+        hessian,
         sparsity,
         nm=nm,
         block_size=block_size,
@@ -76,5 +82,6 @@ def sweep_group(
         diagonal_dampening=diagonal_dampening,
         nm_selection=nm_selection,
         refinement_steps=refinement_steps,
+        overwrite_hessian=True,
     )
     return new_weights

@@ -65,6 +65,7 @@ class SequentialWalk:
         activations_device: str | torch.device | None = None,
         activations_max_memory: int | None = None,
         show_progress: bool = True,
+        offload_statistics: bool = False,
     ):
         self.model = model
         self.stack = stack
@@ -74,6 +75,8 @@ class SequentialWalk:
         self.activations_device = activations_device
         self.activations_max_memory = activations_max_memory
         self.show_progress = show_progress
+        #: keep each layer's statistics on the CPU between accumulation and their group's update
+        self.offload_statistics = offload_statistics
         self.timings: dict[str, float] = {}
         # Every weight changed so far, as it was: written back if anything fails part-way.
         self._originals: dict[str, tuple[PrunableLinear, torch.Tensor]] = {}
@@ -278,6 +281,9 @@ class SequentialWalk:
                 collector.run(captured.call, hidden[b], layer, index, b)
                 collector.end_batch()
         distributed.synchronise_collector(collector)  # data-parallel: sums over every rank's shard
+        if self.offload_statistics:
+            for statistic in collector.statistics:
+                statistic.offload_()
         self.timings["statistics"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -288,9 +294,10 @@ class SequentialWalk:
                 if not torch.isfinite(weight).all():
                     raise ValueError(f"the weights of {module.name} hold NaN or infinite values")
             negative = collector.negative_statistic_for(group[0]) if collector.negative_statistics else None
-            new_weights = algorithm.prune_group(
-                group[0].name, weights, collector.statistic_for(group[0]), negative, sparsity
-            )
+            statistic = collector.statistic_for(group[0])
+            if self.offload_statistics:
+                statistic.restore_()
+            new_weights = algorithm.prune_group(group[0].name, weights, statistic, negative, sparsity)
             distributed.synchronise_weights(new_weights)  # identical on every rank (checked)
             for module, weight, new_weight in zip(group, weights, new_weights):
                 self._remember(module, weight)

@@ -79,6 +79,8 @@ class FeatureStatistics:
         self.activation_threshold = activation_threshold
         self.sum = zeros() if track_mean else None
         self.sketch = CovarianceSketch(in_features, sketch_width, device=device) if sketch_width else None
+        #: where the statistic was made and is used
+        self.home = torch.device(device)
 
     def update(
         self, x: torch.Tensor, language: torch.Tensor, sequence_lengths: int | list[int] | None = None
@@ -127,6 +129,25 @@ class FeatureStatistics:
     def load_raw_sums(self, sums: dict[str, torch.Tensor]) -> None:
         """Replace the accumulators with ``sums`` (same names and shapes as :meth:`raw_sums`)."""
         _load_sums(self.raw_sums(), sums)
+
+    def offload_(self) -> None:
+        """Move the accumulators to the CPU (between accumulation and use); :meth:`restore_` brings them
+        back to the device they were made on."""
+        self.to_("cpu")
+
+    def restore_(self) -> None:
+        self.to_(self.home)
+
+    def to_(self, device: torch.device | str) -> FeatureStatistics:
+        """Move the accumulators to ``device``."""
+        for name in ("sum_squares", "tokens", "active", "sum"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        if self.sketch is not None:
+            self.sketch.test_matrix = self.sketch.test_matrix.to(device)
+            self.sketch.sketch = self.sketch.sketch.to(device)
+        return self
 
     @property
     def pooled_norm(self) -> torch.Tensor:
@@ -192,15 +213,16 @@ _GRAM_ROW_BLOCKS = 4
 
 
 def add_lower_gram(total: torch.Tensor, part: torch.Tensor) -> None:
-    """Add the lower triangle of ``part^T part`` (``part``: ``[tokens, n]``) to the float64 ``total``.
+    """Add the lower triangle of ``part^T part`` (``part``: ``[tokens, n]``) to ``total`` (float64, or
+    float32: then every part goes through fused float32 ``addmm`` calls).
 
     Entries above the diagonal of the staircase's off-diagonal blocks are left untouched: read the sum
     through :func:`symmetric_from_lower`. A part below ``_FUSED_FLOAT64_ROWS`` tokens goes through fused
     float64 ``addmm`` calls (adding a float32 product would cost as much as computing it); a longer one is
     multiplied in float32 and added. The result depends only on ``part`` itself.
     """
-    fused = part.shape[0] < _FUSED_FLOAT64_ROWS
-    part = part.double() if fused else part.float()
+    fused = part.shape[0] < _FUSED_FLOAT64_ROWS or total.dtype == torch.float32
+    part = part.to(total.dtype) if fused else part.float()
     n = part.shape[1]
     edges = [n * k // _GRAM_ROW_BLOCKS for k in range(_GRAM_ROW_BLOCKS + 1)]
     for start, end in zip(edges, edges[1:]):
@@ -216,6 +238,33 @@ def add_lower_gram(total: torch.Tensor, part: torch.Tensor) -> None:
 def symmetric_from_lower(total: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose lower triangle (diagonal included) is that of ``total``."""
     return torch.tril(total) + torch.tril(total, -1).t()
+
+
+# Rows per block when hessian_from_lower_sum mirrors the lower triangle: temporaries of this many rows only.
+_MIRROR_BLOCK = 512
+
+
+def hessian_from_lower_sum(
+    total: torch.Tensor, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale * symmetric_from_lower(total)`` in float32, built block by block: the only ``n x n``
+    allocation is the result (``out`` when given, which may be ``total`` itself when that is float32),
+    against three float64 temporaries for the plain expression (26 GB for a 70B ``down_proj``)."""
+    n = total.shape[0]
+    if out is None:
+        out = torch.empty(n, n, dtype=torch.float32, device=total.device)
+    # Scale the lower triangle (in the accumulator's precision) into the result, one row block at a time,
+    # then copy each block's columns below the diagonal block into the rows above it.
+    for start in range(0, n, _MIRROR_BLOCK):
+        end = min(start + _MIRROR_BLOCK, n)
+        rows = total[start:end, :end]
+        out[start:end, :end] = rows * scale if rows.dtype == torch.float32 else (rows * scale).float()
+    for start in range(0, n, _MIRROR_BLOCK):
+        end = min(start + _MIRROR_BLOCK, n)
+        block = out[start:end, start:end]
+        block.copy_(torch.tril(block) + torch.tril(block, -1).t())
+        out[start:end, end:] = out[end:, start:end].t()
+    return out
 
 
 def hessian_token_stride_for(
@@ -243,7 +292,7 @@ class HessianStatistics:
     with Wanda-style feature norms.
 
     ``hessian_sum`` accumulates the lower triangle of ``X^T X`` only (:func:`add_lower_gram`); read ``H``
-    through :attr:`hessian`.
+    through :attr:`hessian` (or :meth:`release_hessian`, which frees the accumulator).
 
     Args:
         token_stride: build ``H`` from every ``token_stride``-th token of each sequence only (its first
@@ -254,6 +303,14 @@ class HessianStatistics:
             otherwise). The sweep reads only ``H``, and the norms cost a pass over every token in float64
             (about a fifth of the statistics' own time at Gemma 3 270M's shapes), so they are off unless a
             caller asks.
+        dtype: the accumulator's dtype. ``torch.float64`` (the default): each sequence's float32 product
+            is added in float64, so the sum does not depend on how sequences are batched or sharded over
+            data-parallel ranks. ``torch.float32``: half the memory (``in^2 * 4`` bytes instead of 8: 0.8
+            instead of 1.6 GB for an 8B ``down_proj``), and :meth:`release_hessian` turns the sum into
+            ``H`` in place with no second ``in x in`` matrix. Sequences are still added one at a time in
+            their order, so the sum does not depend on the batch size; it does depend, at float32 rounding
+            (about 1e-7 relative), on how sequences are split over ranks, whose partial sums are added in
+            another order.
     """
 
     def __init__(
@@ -263,14 +320,21 @@ class HessianStatistics:
         device: torch.device | str = "cpu",
         token_stride: int = 1,
         track_norms: bool = False,
+        dtype: torch.dtype = torch.float64,
     ):
         if token_stride < 1:
             raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the Hessian accumulates in float32 or float64, not {dtype}")
         self.token_stride = token_stride
-        self.hessian_sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.hessian_sum: torch.Tensor | None = torch.zeros(
+            in_features, in_features, dtype=dtype, device=device
+        )
         self.token_count = torch.zeros(1, dtype=torch.float64, device=device)
         self.features = FeatureStatistics(in_features, num_languages, device=device) if track_norms else None
         self._hessian: torch.Tensor | None = None
+        #: where the statistic was made and ``H`` is used
+        self.home = torch.device(device)
 
     @property
     def count(self) -> int:
@@ -281,9 +345,50 @@ class HessianStatistics:
     def hessian(self) -> torch.Tensor:
         """``[in, in]`` float32: ``2 X^T X / T`` over the (sampled) tokens seen so far."""
         if self._hessian is None:
-            full = symmetric_from_lower(self.hessian_sum)
-            self._hessian = (full * (2.0 / max(self.count, 1))).float()
+            self._hessian = hessian_from_lower_sum(self._accumulator(), 2.0 / max(self.count, 1))
         return self._hessian
+
+    def release_hessian(self) -> torch.Tensor:
+        """:attr:`hessian` on the statistic's :attr:`home` device, freeing the accumulator (no further
+        updates): the caller owns ``H`` and may overwrite it. A float32 accumulator becomes ``H`` in place
+        (no second ``in x in``); an offloaded one is turned into ``H`` on the CPU, and only the float32
+        ``H`` goes back to the device."""
+        if self._hessian is None:
+            total = self._accumulator()
+            scale = 2.0 / max(self.count, 1)
+            if total.dtype == torch.float32:
+                self._hessian = hessian_from_lower_sum(total, scale, out=total)
+            else:
+                self._hessian = hessian_from_lower_sum(total, scale)
+        self.hessian_sum = None
+        hessian, self._hessian = self._hessian, None
+        return hessian.to(self.home)
+
+    def offload_(self) -> None:
+        """Move the accumulators to the CPU between accumulation and use. The float64 sum stays there:
+        :meth:`release_hessian` makes ``H`` on the CPU and sends only that back to :attr:`home`."""
+        self.to_("cpu")
+
+    def restore_(self) -> None:
+        """Nothing to move back before :meth:`release_hessian` (which delivers ``H`` to :attr:`home`)."""
+        if self.features is not None:
+            self.features.restore_()
+
+    def to_(self, device: torch.device | str) -> HessianStatistics:
+        """Move the accumulators to ``device`` (:attr:`home`, where ``H`` is delivered, stays)."""
+        if self.hessian_sum is not None:
+            self.hessian_sum = self.hessian_sum.to(device)
+        if self._hessian is not None:
+            self._hessian = self._hessian.to(device)
+        self.token_count = self.token_count.to(device)
+        if self.features is not None:
+            self.features.to_(device)
+        return self
+
+    def _accumulator(self) -> torch.Tensor:
+        if self.hessian_sum is None:
+            raise RuntimeError("the Hessian was released: this statistic takes no more updates")
+        return self.hessian_sum
 
     def update(
         self, x: torch.Tensor, language: torch.Tensor, sequence_lengths: int | list[int] | None = None
@@ -291,25 +396,26 @@ class HessianStatistics:
         """Add tokens ``x`` (``[T, in]``); arguments as in :meth:`FeatureStatistics.update`."""
         if x.shape[0] == 0:
             return
+        total = self._accumulator()
         if self.features is not None:
             self.features.update(x, language, sequence_lengths)
-        x = x.to(device=self.hessian_sum.device, dtype=torch.float32)
+        x = x.to(device=total.device, dtype=torch.float32)
         # One sequence at a time, summed in float64: independent of how sequences are grouped into batches
         # or ranks (see CovarianceSketch.update). For a long part a float32 product added to the float64 sum
         # is fastest (a float64 X^T X made SparseGPT's statistics pass about 1.5x slower on CPU); for a
         # short one (a token-strided sample) adding the in x in product costs as much as computing it, and
         # a fused float64 addmm is about a third cheaper (add_lower_gram). The choice depends only on the
-        # part itself.
+        # part itself. A float32 accumulator takes fused float32 addmm calls.
         for part in x.split(sequence_lengths or CovarianceSketch.default_chunk):
             if self.token_stride > 1:
                 part = part[:: self.token_stride]
-            add_lower_gram(self.hessian_sum, part)
+            add_lower_gram(total, part)
             self.token_count += part.shape[0]
         self._hessian = None
 
     def raw_sums(self) -> dict[str, torch.Tensor]:
         """Raw float64 accumulators (see :meth:`FeatureStatistics.raw_sums`)."""
-        sums = {"hessian_sum": self.hessian_sum, "token_count": self.token_count}
+        sums = {"hessian_sum": self._accumulator(), "token_count": self.token_count}
         if self.features is not None:
             sums.update({f"features.{k}": v for k, v in self.features.raw_sums().items()})
         return sums

@@ -1,0 +1,307 @@
+"""How much memory a pruning run needs: a small formula per method, checked against measurement.
+
+The walk prunes one decoder layer at a time. Its memory on the device that runs the layer is
+
+- the layer's weights (``params * weight_bytes``; the rest of the model may sit on the CPU or disk);
+- the activation store: every calibration token's hidden state (``tokens * hidden * activation_bytes``);
+- the layer step: the statistics of every shared-input group of the layer, accumulated together in one
+  pass (plus one batch's forward), then each group's update in turn, while the statistics of the groups
+  not yet pruned wait (on the device, or on the CPU with ``offload_statistics``).
+
+A shared-input group is the modules that read one input (``q/k/v``; ``gate/up``; ``o``; ``down``; each
+expert's ``gate/up`` and ``down``) with ``in`` input features and ``R`` output rows in all. Per group, in
+bytes (``s`` the statistics dtype's size, ``L`` the calibration languages):
+
+- statistics: Wanda ``8 L in``; M-Wanda closed form ``24 L in`` (sums of squares, sums, activity);
+  SparseGPT and M-Wanda's sweep ``s in^2`` (the ``X^T X`` accumulator);
+- update: Wanda ``15 r in`` per weight of ``r`` rows (scores, the per-row selection's int64 running count,
+  bool masks), N:M ``17 r in`` (the sort's int64 indices); M-Wanda's closed form ``21 r in`` (the kept
+  weights, the keep mask as floats, the correction and its product); the sweep: the float32 ``H``
+  (``4 in^2``, made in place from a float32 accumulator), its inverse's factorisation (``9.3 in^2`` at the
+  peak: the reversed copy, the Cholesky factor, the blocked triangular inverse), ``W^T`` and the mask
+  (``5 R in``), then the refinement (the dense weight and masks ``6 R in``, plus ``36 c in`` for a chunk
+  of ``c = min(R, max(1024, in))`` rows) and the output copies (``5 R in``); each weight computed in
+  float32 (a bfloat16 weight adds its float32 copy, ``4 R in``).
+
+:func:`layer_peak` combines them into the layer step's peak; :func:`run_peak` adds the weights and the
+activation store. ``benchmarks/scale.py`` measures one layer of Llama-3.1-8B and part of a 70B layer
+against these numbers (docs/large-models.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+GIB = 2**30
+
+#: the methods the formulas know: Wanda, M-Wanda's closed form, SparseGPT, M-Wanda's sweep
+METHODS = ("wanda", "mwanda_closed_form", "sparsegpt", "mwanda_sweep")
+
+# Bytes per weight element of one weight's update (float32 weights): see the module docstring.
+_WANDA_UNSTRUCTURED = 15
+_WANDA_NM = 17
+_CLOSED_FORM = 21
+# The sweep's factorisation of an in x in matrix, at its peak, in float32 matrices beyond H (the reversed
+# copy and the Cholesky factor, or the factor, the triangular inverse and its half-size temporaries).
+_FACTOR_MATRICES = 2.33
+_REFINEMENT_CHUNK = 1024
+_REFINEMENT_BUFFERS = 9  # float32 [chunk, in] buffers of one conjugate-gradient chunk
+
+
+class InsufficientMemoryError(RuntimeError):
+    """The predicted peak of a pruning run exceeds the memory available on its device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearGroup:
+    """Linear modules that read the same input: ``in_features`` inputs, one entry of ``rows`` per module;
+    ``count`` identical groups (experts)."""
+
+    name: str
+    in_features: int
+    rows: tuple[int, ...]
+    count: int = 1
+
+    @property
+    def params(self) -> int:
+        return self.in_features * sum(self.rows) * self.count
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """The prunable shapes of one decoder layer (Llama-style attention; a dense MLP or ``experts``
+    routed experts of ``moe_intermediate`` each)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int | None = None
+    experts: int = 0
+    active_experts: int = 0
+    moe_intermediate: int = 0
+
+    @property
+    def groups(self) -> list[LinearGroup]:
+        hd = self.head_dim or self.hidden // self.heads
+        h = self.hidden
+        groups = [
+            LinearGroup("qkv", h, (self.heads * hd, self.kv_heads * hd, self.kv_heads * hd)),
+            LinearGroup("o", self.heads * hd, (h,)),
+        ]
+        if self.experts:
+            i = self.moe_intermediate
+            groups += [
+                LinearGroup("expert gate_up", h, (i, i), self.experts),
+                LinearGroup("expert down", i, (h,), self.experts),
+            ]
+        else:
+            i = self.intermediate
+            groups += [LinearGroup("gate_up", h, (i, i)), LinearGroup("down", i, (h,))]
+        return groups
+
+    @property
+    def params(self) -> int:
+        return sum(group.params for group in self.groups)
+
+    @classmethod
+    def from_config(cls, config) -> LayerShape:
+        """From a transformers config (``LlamaConfig``, ``Qwen3MoeConfig``, ...)."""
+        text = getattr(config, "text_config", None) or config
+        experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0
+        return cls(
+            hidden=text.hidden_size,
+            intermediate=getattr(text, "intermediate_size", 0) or 0,
+            heads=text.num_attention_heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None),
+            experts=experts,
+            active_experts=getattr(text, "num_experts_per_tok", 0) or 0,
+            moe_intermediate=getattr(text, "moe_intermediate_size", 0) or 0,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What the formulas need to know of a run's config."""
+
+    method: str
+    nm: bool = False
+    refinement_steps: int = 0
+    statistics_bytes: int = 8
+    languages: int = 1
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.statistics_bytes not in (4, 8):
+            raise ValueError("statistics_bytes is 4 (float32) or 8 (float64)")
+
+    @property
+    def sweep(self) -> bool:
+        return self.method in ("sparsegpt", "mwanda_sweep")
+
+    @classmethod
+    def from_config(cls, config, languages: int = 1, statistics_bytes: int = 8) -> MethodSpec:
+        """From a resolved (validated) pruning config."""
+        name = config.method
+        if name == "mwanda":
+            name = "mwanda_sweep" if config.weight_update == "sweep" else "mwanda_closed_form"
+        return cls(
+            method=name,
+            nm=config.nm_structure is not None,
+            refinement_steps=getattr(config, "refinement_steps", 0) or 0,
+            statistics_bytes=statistics_bytes if name in ("sparsegpt", "mwanda_sweep") else 8,
+            languages=languages,
+        )
+
+
+def statistic_bytes(spec: MethodSpec, group: LinearGroup) -> int:
+    """Bytes of one group's statistics (all ``count`` copies)."""
+    n = group.in_features
+    if spec.sweep:
+        each = spec.statistics_bytes * n * n
+    elif spec.method == "mwanda_closed_form":
+        each = 24 * spec.languages * n
+    else:
+        each = 8 * spec.languages * n
+    return each * group.count
+
+
+def update_peak(spec: MethodSpec, group: LinearGroup, weight_bytes: int = 4) -> int:
+    """Peak bytes of one group's update, its own statistic included (one expert at a time)."""
+    n, rows = group.in_features, group.rows
+    total_rows = sum(rows)
+    copy = 4 * total_rows * n if weight_bytes != 4 else 0  # float32 copies of bfloat16 weights
+    if not spec.sweep:
+        per_element = _CLOSED_FORM if spec.method == "mwanda_closed_form" else _WANDA_UNSTRUCTURED
+        if spec.nm:
+            per_element = max(per_element, _WANDA_NM)
+        done, peak = 0, 0
+        for r in rows:  # one weight at a time; the finished ones' float32 results stay
+            peak = max(peak, 4 * done * n + per_element * r * n)
+            done += r
+        return statistic_bytes(spec, dataclasses.replace(group, count=1)) + peak + copy
+    h = 4 * n * n
+    release = (8 * n * n + h) if spec.statistics_bytes == 8 else h
+    weights = 5 * total_rows * n  # W^T and the mask
+    phases = [
+        release,
+        h + 8 * total_rows * n,  # W^T: concatenation, then its transposed copy
+        h + 4 * total_rows * n + _FACTOR_MATRICES * h,
+        h + h + weights,  # the sweep, with the inverse's factor
+        h + weights + 5 * total_rows * n,  # the result's copies
+    ]
+    if spec.refinement_steps:
+        chunk = min(total_rows, max(_REFINEMENT_CHUNK, n))
+        phases.append(h + weights + 6 * total_rows * n + _REFINEMENT_BUFFERS * 4 * chunk * n)
+    return int(max(phases)) + copy
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPeak:
+    """Bytes of one layer step: ``statistics`` (all groups), ``update`` (the largest group's, its
+    statistic included) and ``step`` (the largest live total, forward of one batch excluded)."""
+
+    statistics: int
+    update: int
+    step: int
+
+
+def layer_peak(
+    spec: MethodSpec, groups: Sequence[LinearGroup], weight_bytes: int = 4, offload_statistics: bool = False
+) -> LayerPeak:
+    """The layer step's peaks: groups are pruned in order; each group's statistic is freed once pruned,
+    and the later groups' statistics wait on the device unless ``offload_statistics``."""
+    stats = [statistic_bytes(spec, g) for g in groups]
+    updates = [update_peak(spec, g, weight_bytes) for g in groups]
+    step = sum(stats)
+    for index, (group, update) in enumerate(zip(groups, updates)):
+        waiting = 0 if offload_statistics else sum(stats[index + 1 :])
+        # The other experts of the same group wait too (pruned one at a time).
+        waiting += 0 if offload_statistics else stats[index] * (group.count - 1) // group.count
+        step = max(step, waiting + update)
+    return LayerPeak(statistics=sum(stats), update=max(updates), step=int(step))
+
+
+def forward_bytes(shape: LayerShape, batch_tokens: int, activation_bytes: int) -> int:
+    """One batch through the layer during the statistics pass: hidden states and the MLP's
+    intermediates (about ``6 h + 3 i`` values per token), plus a float32 copy of the widest input."""
+    width = shape.moe_intermediate * shape.active_experts if shape.experts else shape.intermediate
+    widest = max(shape.hidden, width)
+    return batch_tokens * ((6 * shape.hidden + 3 * width) * activation_bytes + 8 * widest)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPeak:
+    """Predicted peak bytes on the device of a layer-by-layer run, and its parts."""
+
+    layer_weights: int
+    activations: int
+    statistics: int
+    update: int
+    step: int
+    forward: int
+    total: int
+
+    def as_gib(self) -> dict[str, float]:
+        return {k: v / GIB for k, v in dataclasses.asdict(self).items()}
+
+
+def run_peak(
+    spec: MethodSpec,
+    shape: LayerShape,
+    tokens: int,
+    batch_tokens: int,
+    weight_bytes: int = 2,
+    activation_bytes: int = 2,
+    offload_statistics: bool = False,
+    activations_on_device: bool = True,
+    groups: Sequence[LinearGroup] | None = None,
+) -> RunPeak:
+    """Peak device memory of pruning a model layer by layer: one layer's weights (and a copy of its pruned
+    weights, which the walk keeps until the layer ends), the activation store (unless it waits on the
+    CPU: ``activations_on_device=False``), and the larger of the statistics pass (all statistics plus one
+    batch's forward) and the worst group update with the statistics still waiting."""
+    groups = list(groups if groups is not None else shape.groups)
+    params = sum(g.params for g in groups)
+    peak = layer_peak(spec, groups, weight_bytes, offload_statistics)
+    layer_weights = 2 * params * weight_bytes
+    activations = tokens * shape.hidden * activation_bytes if activations_on_device else 0
+    activations += batch_tokens * shape.hidden * activation_bytes  # one batch's output before it replaces
+    forward = forward_bytes(shape, batch_tokens, activation_bytes)
+    step = max(peak.statistics + forward, peak.step)
+    total = layer_weights + activations + step
+    return RunPeak(layer_weights, activations, peak.statistics, peak.update, peak.step, forward, total)
+
+
+# -- shared-input groups of real modules --------------------------------------------------------------
+# Module names that read one input inside the same parent (q/k/v, gate/up, Mixtral's w1/w3).
+_SHARED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def groups_of_modules(modules: Iterable[tuple[str, int, int]]) -> list[LinearGroup]:
+    """Shared-input groups of ``(name, in_features, out_features)`` modules by their names (before the
+    run, which finds the groups by their inputs): modules of one set in :data:`_SHARED` under the same
+    parent share a group; every other module is its own group."""
+    groups: dict[tuple[str, int], list[tuple[str, int, int]]] = {}
+    for name, in_features, out_features in modules:
+        parent, _, leaf = name.rpartition(".")
+        key = next((f"{parent}.{'/'.join(s)}" for s in _SHARED if leaf in s), name)
+        groups.setdefault((key, in_features), []).append((name, in_features, out_features))
+    return [
+        LinearGroup(key, in_features, tuple(out for _, _, out in members))
+        for (key, in_features), members in groups.items()
+    ]
+
+
+def check_fits(predicted: int, available: int, what: str, options: Sequence[str]) -> None:
+    """Raise :class:`InsufficientMemoryError` when ``predicted`` bytes exceed ``available``."""
+    if predicted <= available:
+        return
+    hint = "; ".join(options) if options else "use a device with more memory"
+    raise InsufficientMemoryError(
+        f"{what} needs about {predicted / GIB:.2f} GiB but {available / GIB:.2f} GiB are available; nothing "
+        f"was changed. Options that lower the peak: {hint}"
+    )
