@@ -10,7 +10,11 @@ For every model and method (Wanda, M-Wanda defaults, SparseGPT):
 - CPU float32 reference masks (``--device cpu`` runs only that);
 - CUDA bfloat16 and float32 runs: seconds, ratio to one plain forward pass over the same calibration
   batches (the floor), peak GPU memory (``torch.cuda.max_memory_allocated``), mask agreement with CPU fp32;
-- CUDA bfloat16 again inside a 1-process NCCL group: weights compared bit for bit with the run without one.
+- CUDA bfloat16 again inside a 1-process NCCL group: weights compared bit for bit with the run without one;
+- on the demo model (Gemma 3 270M's shapes) in bfloat16: every method and memory option of
+  docs/large-models.md (float32 Hessian sums, offloaded statistics), with its peak memory above the model,
+  its seconds per decoder layer and optimum_mwanda.memory's prediction; then the pre-run check refusing a
+  1 MiB budget before any weight changes.
 
 Results are written after every step to OUTPUT/gpu_check.json (and .md at the end), so a run cut short still
 leaves what it measured.
@@ -74,6 +78,48 @@ def configs(samples: int, seq_len: int) -> dict[str, object]:
         "mwanda": MWandaConfig(**common),
         "sparsegpt": SparseGPTConfig(**common),
     }
+
+
+def scale_configs(samples: int, seq_len: int) -> dict[str, tuple[object, dict]]:
+    """Every method and every memory option of docs/large-models.md: ``name -> (config, prune_model kwargs)``."""
+    common = dict(samples_per_language=samples, calibration_seq_len=seq_len, batch_size=4)
+    return {
+        "wanda-50": (WandaConfig(sparsity=0.5, **common), {}),
+        "mwanda-closed-form-50": (MWandaConfig(sparsity=0.5, **common), {}),
+        "sparsegpt-50": (SparseGPTConfig(sparsity=0.5, **common), {}),
+        "sparsegpt-50-f32": (SparseGPTConfig(sparsity=0.5, **common), {"statistics_dtype": "float32"}),
+        "mwanda-sweep-70": (MWandaConfig(sparsity=0.7, **common), {}),
+        "mwanda-sweep-70-f32-offload": (
+            MWandaConfig(sparsity=0.7, **common),
+            {"statistics_dtype": "float32", "offload_statistics": True},
+        ),
+        "mwanda-sweep-2of4": (MWandaConfig(mask_structure="2:4", **common), {}),
+    }
+
+
+def predicted_extra_bytes(model, config, kwargs: dict, tokens: int, batch_tokens: int) -> int:
+    """optimum_mwanda.memory's prediction of the run's peak above the resident model (the model is wholly
+    on the device here: its weights are already allocated, the walk's copy of a layer's pruned weights is
+    not)."""
+    from optimum_mwanda import memory
+
+    config.validate()
+    dtype = kwargs.get("statistics_dtype", "float64")
+    spec = memory.MethodSpec.from_config(
+        config, languages=len(LANGUAGES), statistics_bytes=4 if dtype == "float32" else 8
+    )
+    shape = memory.LayerShape.from_config(model.config)
+    element = next(model.parameters()).element_size()
+    peak = memory.run_peak(
+        spec,
+        shape,
+        tokens,
+        batch_tokens,
+        element,
+        element,
+        offload_statistics=kwargs.get("offload_statistics", False),
+    )
+    return peak.total - shape.params * element
 
 
 def sync(device: torch.device) -> None:
@@ -229,6 +275,8 @@ def main() -> None:
                             save()
                     finally:
                         torch.distributed.destroy_process_group()
+            if dtype_name == "bf16" and name == "gemma3-270m":
+                scale_runs(model, dense_gpu, cal, args, device, entry, save, log)
             del model, dense_gpu
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -236,6 +284,49 @@ def main() -> None:
     save()
     (out / "gpu_check.md").write_text(markdown(record))
     print(markdown(record))
+
+
+def scale_runs(model, dense_state, cal, args, device, entry, save, log) -> None:
+    """Peak memory and seconds per layer of every method and memory option on the demo model's shapes,
+    against optimum_mwanda.memory's prediction; then the pre-run check refusing a too-small budget."""
+    from optimum_mwanda.memory import InsufficientMemoryError
+
+    cuda = device.type == "cuda"
+    layers = model.config.num_hidden_layers
+    tokens = sum(v.numel() for v in cal.values())
+    results = entry.setdefault("scale", {})
+    for run, (config, kwargs) in scale_configs(args.samples_per_language, args.seq_len).items():
+        model.load_state_dict(dense_state)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        sync(device)
+        start = time.perf_counter()
+        report = Pruner(config).prune_model(model, cal, show_progress=False, **kwargs)
+        sync(device)
+        seconds = time.perf_counter() - start
+        predicted = predicted_extra_bytes(model, config, kwargs, tokens, 4 * args.seq_len)
+        results[run] = {
+            "seconds": seconds,
+            "seconds_per_layer": seconds / layers,
+            "timings": report.timings,
+            "predicted_extra_gib": predicted / 2**30,
+            **({"peak_extra_gib": (torch.cuda.max_memory_allocated(device) - base) / 2**30} if cuda else {}),
+        }
+        log(f"scale {run}: {seconds / layers:.3f} s per layer, {results[run]}")
+        save()
+    model.load_state_dict(dense_state)
+    config, _ = scale_configs(args.samples_per_language, args.seq_len)["sparsegpt-50"]
+    try:
+        Pruner(config).prune_model(model, cal, show_progress=False, memory_budget=2**20)
+        refused = "not refused"
+    except InsufficientMemoryError as error:
+        refused = str(error)
+    unchanged = all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items())
+    results["pre_run_check"] = {"message": refused, "weights_unchanged": unchanged}
+    log(f"pre-run check with a 1 MiB budget: {refused} (weights unchanged: {unchanged})")
+    save()
 
 
 def markdown(record: dict) -> str:
@@ -262,6 +353,30 @@ def markdown(record: dict) -> str:
             nccl = entry["runs"].get(f"group1-bf16-{parts[2]}", {}) if parts[1] == "bf16" else {}
             cells.append(str(nccl.get("bit_identical_to_plain_run", "")))
             lines.append("| " + " | ".join(cells) + " |")
+    for name, entry in record["models"].items():
+        scale = entry.get("scale")
+        if not scale:
+            continue
+        lines += [
+            "",
+            f"## {name}, bf16: every method and memory option (docs/large-models.md)",
+            "",
+            "| run | seconds per layer | peak above the model GiB | predicted GiB |",
+            "|---|---:|---:|---:|",
+        ]
+        for run, values in scale.items():
+            if run == "pre_run_check":
+                continue
+            peak = values.get("peak_extra_gib")
+            lines.append(
+                f"| {run} | {values['seconds_per_layer']:.3f} | {'' if peak is None else f'{peak:.3f}'} | "
+                f"{values['predicted_extra_gib']:.3f} |"
+            )
+        check = scale.get("pre_run_check", {})
+        lines.append(
+            f"\nPre-run check, 1 MiB budget: {check.get('message')} (weights unchanged: "
+            f"{check.get('weights_unchanged')})"
+        )
     return "\n".join(lines) + "\n"
 
 

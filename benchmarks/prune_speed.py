@@ -8,7 +8,8 @@ methods) on the same model and the same calibration tokens:
   process measures it right before its own run, so every ratio compares timings taken under the same load;
 - ``floor_with_logits``: the same through the full model (LM head and logits included), for reference;
 - one run of ``Pruner.prune_model`` per method; a run may set config fields in brackets, as in
-  ``multilingual_study.py``: ``--runs wanda mwanda 'mwanda[hessian_token_stride=4]'``.
+  ``multilingual_study.py``: ``--runs wanda mwanda 'mwanda[hessian_token_stride=4]'``, and
+  ``prune_model`` options after ``+``: ``'mwanda+statistics_dtype=float32+offload_statistics=true'``.
 
 Usage (the committed results came from exactly this)::
 
@@ -99,6 +100,26 @@ def peak_rss_mb() -> float | None:
     return None
 
 
+def split_run_options(name: str) -> tuple[str, dict]:
+    """``"mwanda+statistics_dtype=float32+offload_statistics=true"`` -> the config name and the
+    ``Pruner.prune_model`` keyword arguments after each ``+`` (``true``/``false``, numbers, or strings)."""
+    config_name, *parts = name.split("+")
+    options: dict = {}
+    for part in parts:
+        key, sep, text = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"run option {part!r} is not key=value")
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            options[key] = lowered == "true"
+        else:
+            try:
+                options[key] = int(text)
+            except ValueError:
+                options[key] = text
+    return config_name, options
+
+
 def _config(name: str, args):
     """The config of run ``name``: a method (``wanda``, ``sparsegpt``, ``mwanda``), optionally with config
     fields in brackets as in benchmarks/multilingual_study.py, e.g. ``mwanda[hessian_token_stride=4]``."""
@@ -135,9 +156,10 @@ def worker(name: str, args) -> dict:
     else:
         from optimum_mwanda import Pruner
 
-        config = _config(name, args)
+        config_name, options = split_run_options(name)
+        config = _config(config_name, args)
         start = time.perf_counter()
-        report = Pruner(config).prune_model(model, calibration, show_progress=False)
+        report = Pruner(config).prune_model(model, calibration, show_progress=False, **options)
         result["seconds"] = time.perf_counter() - start
         result["timings"] = report.timings
         result["achieved_sparsity"] = report.achieved_sparsity

@@ -3,7 +3,7 @@
 Builds ONE decoder layer with a model's real shapes (transformers' own classes from the model's config with
 ``num_hidden_layers=1`` and a small vocabulary; seeded random weights, float32 on this CPU), feeds it a
 calibration slice (random token ids in 4 "languages", ``--sequences`` x ``--seq-len`` tokens each) and
-runs ``Pruner.prune_model`` on it, one fresh process per measurement (so that peak RSS belongs to that run
+runs ``Pruner.prune_model`` on it (the propagation pass skipped: one layer's outputs are not needed), one fresh process per measurement (so that peak RSS belongs to that run
 alone; ``MALLOC_MMAP_THRESHOLD_`` is fixed so that freed tensors leave the RSS). The worker wraps the
 method's statistics and update and records, from ``/proc/self/status`` (``VmRSS``, and ``VmHWM`` reset
 through ``/proc/self/clear_refs``), in bytes:
@@ -20,8 +20,9 @@ on the GPU at a time, 128 x 2048 calibration tokens).
 
 Usage (the committed results came from exactly these)::
 
-    python benchmarks/scale.py run --model llama-3.1-8b                     # 8 runs, ~25 min on 2 cores
-    python benchmarks/scale.py run --model llama-3.1-70b --only attention  # 70B attention (float32 H)
+    python benchmarks/scale.py run --model llama-3.1-8b --seq-len 512 --refinement-steps 1
+    python benchmarks/scale.py run --model llama-3.1-70b --only attention --seq-len 512 \
+        --statistics-dtype float32 --refinement-steps 1 --methods sparsegpt mwanda_sweep
     python benchmarks/scale.py report
 
 Writes ``benchmarks/results/scale.json`` and ``scale.md``.
@@ -201,6 +202,10 @@ def worker(args) -> dict:
         return algorithm
 
     pruner_module.algorithm_for = instrumented
+    # One layer: its outputs (the next layer's inputs) are never used, so the propagation pass is skipped.
+    from optimum_mwanda.modeling import walk
+
+    walk.SequentialWalk._propagate = lambda *a, **k: None
     dtype = getattr(torch, args.statistics_dtype)
     start = time.perf_counter()
     report = Pruner(config).prune_model(model, calibration, show_progress=False, statistics_dtype=dtype)

@@ -14,11 +14,11 @@ bytes (``s`` the statistics dtype's size, ``L`` the calibration languages):
 
 - statistics: Wanda ``8 L in``; M-Wanda closed form ``24 L in`` (sums of squares, sums, activity);
   SparseGPT and M-Wanda's sweep ``s in^2`` (the ``X^T X`` accumulator);
-- update: Wanda ``15 r in`` per weight of ``r`` rows (scores, the per-row selection's int64 running count,
-  bool masks), N:M ``17 r in`` (the sort's int64 indices); M-Wanda's closed form ``21 r in`` (the kept
-  weights, the keep mask as floats, the correction and its product); the sweep: the float32 ``H``
-  (``4 in^2``, made in place from a float32 accumulator), its inverse's factorisation (``9.3 in^2`` at the
-  peak: the reversed copy, the Cholesky factor, the blocked triangular inverse), ``W^T`` and the mask
+- update: Wanda ``22 r in`` per weight of ``r`` rows (the scores and the per-row selection's buffers), N:M
+  ``17 r in`` (the sort's int64 indices); M-Wanda's closed form ``25 r in`` (the kept weights, the keep
+  mask as floats, the correction and its product); the sweep: the float32 ``H``
+  (``4 in^2``, made in place from a float32 accumulator), its inverse's factorisation (``5 in^2`` at the
+  peak: the reversed copy, factorised and inverted in place, and a quarter-size temporary), ``W^T`` and the mask
   (``5 R in``), then the refinement (the dense weight and masks ``6 R in``, plus ``36 c in`` for a chunk
   of ``c = min(R, max(1024, in))`` rows) and the output copies (``5 R in``); each weight computed in
   float32 (a bfloat16 weight adds its float32 copy, ``4 R in``).
@@ -38,13 +38,18 @@ GIB = 2**30
 #: the methods the formulas know: Wanda, M-Wanda's closed form, SparseGPT, M-Wanda's sweep
 METHODS = ("wanda", "mwanda_closed_form", "sparsegpt", "mwanda_sweep")
 
-# Bytes per weight element of one weight's update (float32 weights): see the module docstring.
-_WANDA_UNSTRUCTURED = 15
+# Bytes per weight element of one weight's update (float32 weights). N:M is read off the code (the scores,
+# the sort's values and int64 indices, the mask: 17). The per-row selection reads 16 off the code (the
+# scores, and kthvalue's copy of them with an int64 index buffer) but measured 22.1 on Llama-3.1-8B's
+# q_proj (RSS, benchmarks/scale.py); the closed form's correction (kept weights, the keep mask as floats,
+# the correction, its product and the result) measured 25.5. Both are set from those measurements and
+# checked on the other shapes (docs/large-models.md).
+_WANDA_UNSTRUCTURED = 22
 _WANDA_NM = 17
-_CLOSED_FORM = 21
-# The sweep's factorisation of an in x in matrix, at its peak, in float32 matrices beyond H (the reversed
-# copy and the Cholesky factor, or the factor, the triangular inverse and its half-size temporaries).
-_FACTOR_MATRICES = 2.33
+_CLOSED_FORM = 25
+# The sweep's factorisation of an in x in matrix, at its peak, in float32 matrices beyond H: the reversed
+# copy (factorised, inverted and reversed back in place) and a quarter-size temporary.
+_FACTOR_MATRICES = 1.25
 _REFINEMENT_CHUNK = 1024
 _REFINEMENT_BUFFERS = 9  # float32 [chunk, in] buffers of one conjugate-gradient chunk
 
