@@ -20,8 +20,8 @@ bytes (``s`` the statistics dtype's size, ``L`` the calibration languages):
   (``4 in^2``, made in place from a float32 accumulator), its inverse's factorisation (``5 in^2`` at the
   peak: the reversed copy, factorised and inverted in place, and a quarter-size temporary), ``W^T`` and the mask
   (``5 R in``), then the refinement (the dense weight and masks ``6 R in``, plus ``36 c in`` for a chunk
-  of ``c = min(R, max(1024, in))`` rows) and the output copies (``5 R in``); each weight computed in
-  float32 (a bfloat16 weight adds its float32 copy, ``4 R in``).
+  of ``c = min(R, 1024)`` rows) and the output copies (``5 R in``); each weight computed in float32 (a
+  bfloat16 weight adds its float32 copy, ``4 r in`` while it is used).
 
 :func:`layer_peak` combines them into the layer step's peak; :func:`run_peak` adds the weights and the
 activation store. ``benchmarks/scale.py`` measures one layer of Llama-3.1-8B and part of a 70B layer
@@ -136,6 +136,8 @@ class MethodSpec:
     refinement_steps: int = 0
     statistics_bytes: int = 8
     languages: int = 1
+    #: columns of M-Wanda's covariance sketch (``compensation_rank + oversampling``; 0: none)
+    sketch_width: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -153,8 +155,10 @@ class MethodSpec:
         name = config.method
         if name == "mwanda":
             name = "mwanda_sweep" if config.weight_update == "sweep" else "mwanda_closed_form"
+        rank = getattr(config, "compensation_rank", 0) or 0
         return cls(
             method=name,
+            sketch_width=rank + config.sketch_oversampling if rank and name == "mwanda_closed_form" else 0,
             nm=config.nm_structure is not None,
             refinement_steps=getattr(config, "refinement_steps", 0) or 0,
             statistics_bytes=statistics_bytes if name in ("sparsegpt", "mwanda_sweep") else 8,
@@ -168,7 +172,8 @@ def statistic_bytes(spec: MethodSpec, group: LinearGroup) -> int:
     if spec.sweep:
         each = spec.statistics_bytes * n * n
     elif spec.method == "mwanda_closed_form":
-        each = 24 * spec.languages * n
+        # Sums of squares, sums and activity per language; the sketch (float64) and its test matrix.
+        each = 24 * spec.languages * n + 12 * spec.sketch_width * n
     else:
         each = 8 * spec.languages * n
     return each * group.count
@@ -178,16 +183,16 @@ def update_peak(spec: MethodSpec, group: LinearGroup, weight_bytes: int = 4) -> 
     """Peak bytes of one group's update, its own statistic included (one expert at a time)."""
     n, rows = group.in_features, group.rows
     total_rows = sum(rows)
-    copy = 4 * total_rows * n if weight_bytes != 4 else 0  # float32 copies of bfloat16 weights
+    copy = 4 if weight_bytes != 4 else 0  # per element: the float32 copy of a bfloat16 weight
     if not spec.sweep:
-        per_element = _CLOSED_FORM if spec.method == "mwanda_closed_form" else _WANDA_UNSTRUCTURED
-        if spec.nm:
-            per_element = max(per_element, _WANDA_NM)
+        per_element = _WANDA_NM if spec.nm else _WANDA_UNSTRUCTURED
+        if spec.method == "mwanda_closed_form":
+            per_element = max(per_element, _CLOSED_FORM)  # the correction follows the mask
         done, peak = 0, 0
         for r in rows:  # one weight at a time; the finished ones' float32 results stay
-            peak = max(peak, 4 * done * n + per_element * r * n)
+            peak = max(peak, 4 * done * n + (per_element + copy) * r * n)
             done += r
-        return statistic_bytes(spec, dataclasses.replace(group, count=1)) + peak + copy
+        return statistic_bytes(spec, dataclasses.replace(group, count=1)) + peak
     h = 4 * n * n
     release = (8 * n * n + h) if spec.statistics_bytes == 8 else h
     weights = 5 * total_rows * n  # W^T and the mask
@@ -199,9 +204,11 @@ def update_peak(spec: MethodSpec, group: LinearGroup, weight_bytes: int = 4) -> 
         h + weights + 5 * total_rows * n,  # the result's copies
     ]
     if spec.refinement_steps:
-        chunk = min(total_rows, max(_REFINEMENT_CHUNK, n))
-        phases.append(h + weights + 6 * total_rows * n + _REFINEMENT_BUFFERS * 4 * chunk * n)
-    return int(max(phases)) + copy
+        chunk = min(total_rows, _REFINEMENT_CHUNK)
+        # The dense weight (its float32 copies while it is concatenated) and the keep masks.
+        dense = (6 + copy) * total_rows * n
+        phases.append(h + weights + dense + _REFINEMENT_BUFFERS * 4 * chunk * n)
+    return int(max(phases))
 
 
 @dataclasses.dataclass(frozen=True)

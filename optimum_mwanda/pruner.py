@@ -395,7 +395,7 @@ def _check_memory(
             return
         free, _ = torch.cuda.mem_get_info(device)
         memory_budget = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    weight = largest[0].read_weight()
+    weight = largest[0].module.weight  # on "meta" when offloaded; its dtype is the real one
     resident = weight.device == device
     spec = memory.MethodSpec.from_config(
         config,

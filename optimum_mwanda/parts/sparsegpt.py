@@ -309,8 +309,9 @@ def _greedy_sweep(
             block[last:].addmm_(hinv_block[first:last, last:].t(), errors[first:last], alpha=-1.0)
 
 
-# Rows per chunk of the refinement (at least ``in_features``): rows are independent, so the conjugate-gradient
-# buffers (about nine ``[rows, in]`` float32 tensors) need only exist for one chunk at a time.
+# Rows per chunk of the refinement: rows are independent, so the conjugate-gradient buffers (about nine
+# ``[rows, in]`` float32 tensors) need only exist for one chunk at a time (``[1024, in] x [in, in]``
+# products still run at the machine's matrix rate).
 _REFINEMENT_CHUNK_ROWS = 1024
 
 
@@ -330,8 +331,8 @@ def refine_kept_weights(
     sizes; preconditioned by ``diag(H)``), from ``pruned``: each step costs one ``[rows, in] x [in, in]``
     product and does not raise the loss. Written here because the rows have different kept sets (a
     batched, masked solve that neither torch nor SciPy offers); ``torch.linalg`` would need one
-    ``|kept| x |kept|`` factorisation per row. Rows are processed in chunks of ``max(1024, in)``, so the
-    working buffers scale with the chunk, not with the weight.
+    ``|kept| x |kept|`` factorisation per row. Rows are processed in chunks of 1024, so the working
+    buffers scale with the chunk, not with the weight.
 
     Args:
         dense: ``[rows, in]`` the weight before pruning.
@@ -356,7 +357,7 @@ def refine_kept_weights(
         out = torch.empty(pruned.shape, dtype=torch.float32, device=pruned.device)
     h = hessian.float()
     inv_diag = 1.0 / torch.diagonal(h).clamp_min(torch.finfo(torch.float32).tiny)
-    chunk = max(_REFINEMENT_CHUNK_ROWS, dense.shape[1])
+    chunk = _REFINEMENT_CHUNK_ROWS
     for start in range(0, dense.shape[0], chunk):
         rows = slice(start, start + chunk)
         out[rows] = _refine_rows(dense[rows], pruned[rows], keep[rows], h, inv_diag, steps)
