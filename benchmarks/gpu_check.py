@@ -13,8 +13,8 @@ For every model and method (Wanda, M-Wanda defaults, SparseGPT):
 - CUDA bfloat16 again inside a 1-process NCCL group: weights compared bit for bit with the run without one;
 - on the demo model (Gemma 3 270M's shapes) in bfloat16: every method and memory option of
   docs/large-models.md (float32 Hessian sums, offloaded statistics), with its peak memory above the model,
-  its seconds per decoder layer and optimum_mwanda.memory's prediction; then the pre-run check refusing a
-  1 MiB budget before any weight changes.
+  its seconds per decoder layer and optimum_mwanda.memory's prediction; then the pre-run check refusing
+  half the predicted peak before any weight changes.
 
 Results are written after every step to OUTPUT/gpu_check.json (and .md at the end), so a run cut short still
 leaves what it measured.
@@ -318,14 +318,15 @@ def scale_runs(model, dense_state, cal, args, device, entry, save, log) -> None:
         save()
     model.load_state_dict(dense_state)
     config, _ = scale_configs(args.samples_per_language, args.seq_len)["sparsegpt-50"]
+    budget = max(1, predicted_extra_bytes(model, config, {}, tokens, 4 * args.seq_len) // 2)
     try:
-        Pruner(config).prune_model(model, cal, show_progress=False, memory_budget=2**20)
+        Pruner(config).prune_model(model, cal, show_progress=False, memory_budget=budget)
         refused = "not refused"
     except InsufficientMemoryError as error:
         refused = str(error)
     unchanged = all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items())
     results["pre_run_check"] = {"message": refused, "weights_unchanged": unchanged}
-    log(f"pre-run check with a 1 MiB budget: {refused} (weights unchanged: {unchanged})")
+    log(f"pre-run check with half the predicted peak as budget: {refused} (weights unchanged: {unchanged})")
     save()
 
 
@@ -374,7 +375,7 @@ def markdown(record: dict) -> str:
             )
         check = scale.get("pre_run_check", {})
         lines.append(
-            f"\nPre-run check, 1 MiB budget: {check.get('message')} (weights unchanged: "
+            f"\nPre-run check, half the predicted peak as budget: {check.get('message')} (weights unchanged: "
             f"{check.get('weights_unchanged')})"
         )
     return "\n".join(lines) + "\n"

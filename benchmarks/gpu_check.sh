@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One short GPU check (< 8 min on one H200): bf16 Wanda / M-Wanda / SparseGPT on CUDA against the CPU fp32
 # masks, prune time vs one plain forward pass, peak GPU memory, a 1-process NCCL run of the data-parallel
-# path. Models come from benchmarks/configs/ with seeded random weights: nothing is downloaded.
+# path, and on the demo model's shapes every method and memory option of docs/large-models.md (float32
+# Hessian sums, offloaded statistics: peak memory and seconds per layer against optimum_mwanda.memory's
+# prediction, and the pre-run memory check). Models come from benchmarks/configs/ with seeded random
+# weights: nothing is downloaded. Without CUDA, --device cuda stops at once with a clear message.
 #
 #   bash benchmarks/gpu_check.sh                      # on a CUDA machine; writes to $OUT or benchmarks/results/gpu_check
 #   bash benchmarks/gpu_check.sh --device cpu --tiny  # CPU smoke test of the same script

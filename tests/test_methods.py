@@ -562,3 +562,29 @@ def test_hessian_token_stride_samples_every_kth_token_of_each_sequence():
     assert torch.equal(batched.hessian_sum, h.hessian_sum)
     with pytest.raises(ValueError, match="token_stride"):
         HessianStatistics(6, 2, token_stride=0)
+
+
+@pytest.mark.parametrize("refinement_steps", [0, 3])
+def test_sweep_that_overwrites_its_hessian_gives_the_same_weights(refinement_steps):
+    """overwrite_hessian=True (the walk hands over a released H) saves an in x in copy, not a bit of the
+    result: the sweep and the refinement see the same dampened matrix."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 40) @ torch.randn(40, 40)
+    hessian = (x.t() @ x / 300).float()
+    weights = [torch.randn(12, 40), torch.randn(7, 40)]
+    kept, masks = sparsegpt_prune_group(
+        weights, hessian, 0.5, block_size=8, diagonal_dampening=0.3, refinement_steps=refinement_steps
+    )
+    owned = hessian.clone()
+    again, masks_again = sparsegpt_prune_group(
+        weights,
+        owned,
+        0.5,
+        block_size=8,
+        diagonal_dampening=0.3,
+        refinement_steps=refinement_steps,
+        overwrite_hessian=True,
+    )
+    for a, b, m, n in zip(kept, again, masks, masks_again):
+        assert torch.equal(a, b) and torch.equal(m, n)
+    assert not torch.equal(owned, hessian)  # it was overwritten (with the dampened matrix)
