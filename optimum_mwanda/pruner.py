@@ -215,9 +215,7 @@ class Pruner:
             )
         algorithm.calibration_tokens = sum(calibration_set.token_counts.values())
         check_adapters(model)  # a peft model: its base weights are pruned, never the adapters
-        stack, layer_modules = prunable_base_linears(model, config.ignore)
-        preflight.check_ignore_patterns(model, config.ignore)
-        _validate_modules(layer_modules, config)
+        stack, layer_modules = validate_structure(model, config)
         _validate_token_ids(model, calibration_set, negative_set)
         if checkpoint_dir is not None and context.is_main:  # only rank 0 writes there
             preflight.check_writable_folder(checkpoint_dir, "checkpoint_dir")
@@ -360,6 +358,19 @@ def _pooled_negative(negative: Any) -> Any:
     ):
         return {NEGATIVE_LANGUAGE: [t for v in values for t in ([v] if isinstance(v, str) else v)]}
     return negative
+
+
+def validate_structure(
+    model: nn.Module, config: PruningConfig
+) -> tuple[DecoderStack, list[list[PrunableLinear]]]:
+    """The decoder stack of ``model`` and the modules ``config`` prunes in each layer, refused when the config
+    cannot apply to them (an ``ignore`` pattern matching nothing, no module left, an ``N:M`` the input widths
+    cannot hold, a ``compensation_rank`` beyond them). Reads no weight values, so the command line runs it
+    on a weightless (``meta``) copy of the model before loading it."""
+    stack, layer_modules = prunable_base_linears(model, config.ignore)
+    preflight.check_ignore_patterns(model, config.ignore)
+    _validate_modules(layer_modules, config)
+    return stack, layer_modules
 
 
 def _validate_modules(layer_modules: list[list[PrunableLinear]], config: PruningConfig) -> None:

@@ -4,12 +4,9 @@ unwritable folders. Each test fails on a pruner that finds the problem late, or 
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-
 import pytest
 import torch
+from permissions import unwritable
 from tiny_models import make_model, make_token_calibration, make_tokenizer, text_corpus
 
 from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig, evaluate_perplexity
@@ -24,31 +21,6 @@ def _assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
     after = model.state_dict()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True)
-
-
-@contextlib.contextmanager
-def unwritable(folder: Path):
-    """``folder`` without write permission. Root ignores permission bits, so there ``os.access`` is also
-    made to answer as it does for anyone else (the fault being simulated is "this folder is read-only")."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mode = folder.stat().st_mode
-    folder.chmod(0o555)
-    real_access = os.access
-    patch = pytest.MonkeyPatch()
-    if os.geteuid() == 0:
-
-        def access(path, flags, *args, **kwargs):
-            resolved = Path(os.path.abspath(path))
-            if flags & os.W_OK and (resolved == folder or folder in resolved.parents):
-                return False
-            return real_access(path, flags, *args, **kwargs)
-
-        patch.setattr(os, "access", access)
-    try:
-        yield folder
-    finally:
-        patch.undo()
-        folder.chmod(mode)
 
 
 # -- peft (LoRA) models -------------------------------------------------------------------------------------
