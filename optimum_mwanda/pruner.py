@@ -249,10 +249,14 @@ class Pruner:
         keeping every file in the folder that optimum-mwanda did not write (see
         :func:`optimum_mwanda.hub.save_pruned_model`, also for ``overwrite=True``). ``compressed=True`` writes
         the bitmask-packed sparse format that :func:`optimum_mwanda.load_pruned_model` restores. Returns the
-        folder path.
+        folder path. The folder and its parent must be writable (``PermissionError`` otherwise); to know
+        before pruning, call ``optimum_mwanda.preflight.check_writable_folder(path, "save_directory",
+        staged_beside=True)`` first.
         """
         from .hub import save_pruned_model
 
+        # The save stages its files beside the folder: an unwritable parent fails here, named, not midway.
+        preflight.check_writable_folder(save_directory, "save_directory", staged_beside=True)
         return save_pruned_model(
             model,
             save_directory,

@@ -236,3 +236,14 @@ def test_sparsegpt_ignore_typo_is_refused_too():
         Pruner(SparseGPTConfig(ignore=["mlp.gate_prj"])).prune_model(
             make_model("llama"), make_token_calibration(), show_progress=False
         )
+
+
+def test_pruner_save_into_an_unwritable_parent_is_refused_before_writing(tmp_path):
+    model = make_model("llama")
+    pruner = Pruner(WandaConfig())
+    pruner.prune_model(model, make_token_calibration(), show_progress=False)
+    (tmp_path / "read-only" / "out").mkdir(parents=True)
+    with unwritable(tmp_path / "read-only") as folder:
+        with pytest.raises(PermissionError, match="staged beside the folder"):
+            pruner.save_pretrained(model, folder / "out")
+        assert [p.name for p in folder.iterdir()] == ["out"] and not any((folder / "out").iterdir())
