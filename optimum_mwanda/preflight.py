@@ -102,18 +102,28 @@ def check_nm_structure(
         )
 
 
-def check_compensation_rank(layer_modules: Sequence[Sequence[PrunableLinear]], rank: int | None) -> None:
+def check_compensation_rank(
+    layer_modules: Sequence[Sequence[PrunableLinear]], rank: int | None, default: int | None = None
+) -> None:
     """``compensation_rank`` directions of a module's input space exist only up to its input width: a larger
-    rank is refused here (it would only allocate a sketch wider than the inputs, ``10**6`` about 8 TB)."""
-    if not rank:
+    rank is refused here, before any work (``10**6`` would otherwise try to allocate a sketch of about
+    8 TB). The ``default`` rank is exempt: it means "up to that many", and narrower modules use fewer."""
+    if not rank or rank == default:
         return
-    widths = [m.in_features for modules in layer_modules for m in modules]
-    if widths and rank > min(widths):
-        narrowest = min((m for modules in layer_modules for m in modules), key=lambda m: m.in_features)
+    modules = [m for group in layer_modules for m in group]
+    if not modules:
+        return
+    narrowest = min(modules, key=lambda m: m.in_features)
+    if rank > narrowest.in_features:
         raise ValueError(
             f"compensation_rank={rank} exceeds the input width of {narrowest.name} ({narrowest.in_features}): "
-            f"the rank counts directions of a module's input space, so it is at most the smallest input "
-            f"width of the pruned modules, {min(widths)} for this model (the default is 32)"
+            "the rank counts directions of a module's input space, so it is at most the smallest input "
+            f"width of the pruned modules, {narrowest.in_features} for this model"
+            + (
+                f" (or leave it unset: the default {default} is capped at each module's width)"
+                if default
+                else ""
+            )
         )
 
 

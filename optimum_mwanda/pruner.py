@@ -382,7 +382,11 @@ def _validate_modules(layer_modules: list[list[PrunableLinear]], config: Pruning
     if not any(layer_modules):
         raise ValueError("no prunable linear modules found in the decoder layers (check config.ignore)")
     preflight.check_nm_structure(layer_modules, config.nm_structure, config.mask_structure)
-    preflight.check_compensation_rank(layer_modules, getattr(config, "compensation_rank", None))
+    preflight.check_compensation_rank(
+        layer_modules,
+        getattr(config, "compensation_rank", None),
+        getattr(config, "default_compensation_rank", None),
+    )
 
 
 def _validate_token_ids(model: nn.Module, *sets: CalibrationSet | None) -> None:
