@@ -53,7 +53,6 @@ def parse_mask_structure(mask_structure: str) -> tuple[int, int] | None:
     return n, m
 
 
-
 # -- parts of a method that are config data: the weight updates -------------------------------------------
 @dataclass(frozen=True)
 class NoUpdate:
@@ -98,13 +97,17 @@ class ClosedForm:
 
     def describe(self, means: str = "language") -> Description:
         scope = "in every calibration language" if means == "language" else "over the calibration text"
-        directions = f" and along its {self.rank} main input directions" if self.rank else ""
+        directions = (
+            f" and its output along the {self.rank} main directions in which the calibration inputs vary"
+            if self.rank
+            else ""
+        )
         return Description(
             "weight update",
             "closed form",
-            f"each row's kept weights are adjusted in closed form to restore its mean output {scope}"
-            f"{directions}",
-            {"means": means, **self.settings()},
+            f"the remaining weights of each row are adjusted, in closed form, to restore the row's mean output "
+            f"{scope}{directions}",
+            {"mean_compensation": means, **self.settings()},
             "mwanda",
         )
 
@@ -183,8 +186,8 @@ class ColumnSweep:
         return Description(
             "weight update",
             "column sweep",
-            "the mask is chosen column by column while the remaining weights of each row are updated to "
-            "compensate (optimal brain surgeon on the layer-input Hessian)",
+            "SparseGPT's column sweep chooses the mask column by column and adjusts the remaining weights of "
+            "each row to compensate, in closed form (optimal brain surgeon on the layer-input Hessian)",
             self.settings(),
             "sparsegpt",
         )
@@ -239,9 +242,7 @@ class MWandaDefaults:
 MWANDA_DEFAULTS = MWandaDefaults()
 
 
-def default_layer_schedule(
-    default: str, sparsity: float, mask_structure: str, layerwise_range: float
-) -> str:
+def default_layer_schedule(default: str, sparsity: float, mask_structure: str, layerwise_range: float) -> str:
     """The schedule of ``layerwise=None``: the method's ``default``, or ``"uniform"`` where a non-uniform one
     is impossible (an ``N:M`` structure, or ``sparsity +/- layerwise_range`` outside ``[0, 1)``)."""
     fits = 0 <= sparsity - layerwise_range and sparsity + layerwise_range < 1
@@ -252,7 +253,9 @@ def default_weight_update(sparsity: float, mask_structure: str, mean_compensatio
     """M-Wanda's update of ``weight_update=None``: the column sweep at ``N:M`` and from
     ``MWANDA_DEFAULTS.sweep_from_sparsity`` (0.65) unstructured, the closed form below, and the closed
     form (which then changes nothing) with ``mean_compensation="none"``."""
-    forced = parse_mask_structure(mask_structure) is not None or sparsity >= MWANDA_DEFAULTS.sweep_from_sparsity
+    forced = (
+        parse_mask_structure(mask_structure) is not None or sparsity >= MWANDA_DEFAULTS.sweep_from_sparsity
+    )
     return "sweep" if forced and mean_compensation != "none" else "closed_form"
 
 
@@ -437,7 +440,9 @@ class PruningConfig:
         return parse_mask_structure(self.mask_structure)
 
     # -- resolution -------------------------------------------------------------------------------------
-    def resolve(self, calibration_tokens: int | None = None, input_widths: Sequence[int] = ()) -> PruningConfig:
+    def resolve(
+        self, calibration_tokens: int | None = None, input_widths: Sequence[int] = ()
+    ) -> PruningConfig:
         """This config with every automatic choice made (a new object; this one is never changed).
 
         ``calibration_tokens`` (the run's non-padding tokens) and ``input_widths`` (the ``in_features`` of
@@ -726,7 +731,9 @@ class MWandaConfig(WandaConfig):
                 f'weight_update="sweep" needs M dividing its block of {block} columns, got {self.mask_structure}'
             )
 
-    def resolve(self, calibration_tokens: int | None = None, input_widths: Sequence[int] = ()) -> MWandaConfig:
+    def resolve(
+        self, calibration_tokens: int | None = None, input_widths: Sequence[int] = ()
+    ) -> MWandaConfig:
         """This config with ``weight_update`` explicit: :class:`NoUpdate` (``mean_compensation="none"``), a
         :class:`ClosedForm` with its rank and shrinkage, or a :class:`ColumnSweep` with every setting, its
         token stride sized from ``calibration_tokens`` (per input width when they differ)."""
@@ -748,7 +755,9 @@ class MWandaConfig(WandaConfig):
             given = update if isinstance(update, ClosedForm) else ClosedForm()
             return ClosedForm(
                 default_compensation_rank(self.mean_compensation) if given.rank is None else given.rank,
-                default_shrinkage(kind, self.mean_compensation) if given.shrinkage is None else given.shrinkage,
+                default_shrinkage(kind, self.mean_compensation)
+                if given.shrinkage is None
+                else given.shrinkage,
             )
         sweep = update if isinstance(update, ColumnSweep) else ColumnSweep()
         stride = sweep.hessian_token_stride

@@ -115,8 +115,7 @@ class Pruner:
                 raise ValueError(
                     "negative_calibration lowers feature importance in a Wanda-style score: it is supported "
                     'by WandaConfig and MWandaConfig with weight_update="closed_form", not '
-                    f"{type(config).__name__}"
-                    + f' (weight_update="{algorithm.weight_update().name}")'
+                    f"{type(config).__name__}" + f' (weight_update="{algorithm.weight_update().name}")'
                 )
             negative_set = resolve_calibration(
                 _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing

@@ -31,10 +31,10 @@ from ..parts.layerwise import uniform_schedule
 from .registry import Description, MethodDescription, method_entry, method_names
 
 _SCHEDULE_TEXT = {
-    "uniform": "every decoder layer at the target sparsity",
-    "depth": "deeper layers sparser, linearly in depth",
-    "owl": "layers with more outlier weights (OWL) less sparse",
-    "cwl": "layer sparsity from the cross-lingual correlation of the layer's inputs (CWL)",
+    "uniform": "uniform: every decoder layer at the target sparsity",
+    "depth": "depth ramp (deeper layers sparser)",
+    "owl": "OWL (outlier-weighted)",
+    "cwl": "CWL (cross-lingual correlation, protecting language-{protect} layers)",
 }
 
 
@@ -71,7 +71,8 @@ class LayerSchedule:
         if self.kind == "cwl":
             settings["cwl_protect"] = self.cwl_protect
         citation = {"owl": "owl", "cwl": "mwanda"}.get(self.kind)
-        return Description("layer schedule", self.kind, _SCHEDULE_TEXT.get(self.kind, self.kind), settings, citation)
+        summary = _SCHEDULE_TEXT.get(self.kind, self.kind).format(protect=self.cwl_protect)
+        return Description("layer schedule", self.kind, summary, settings, citation)
 
 
 class PruningAlgorithm:

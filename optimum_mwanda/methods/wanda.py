@@ -25,7 +25,11 @@ class WandaAlgorithm(PruningAlgorithm):
     def mask_score(self) -> Description:
         settings = {"negative_weight": self.config.negative_weight}
         return Description(
-            "mask score", "Wanda score", "|W_ij| * ||X_j||, compared within each output row", settings, "wanda"
+            "mask score",
+            "Wanda score",
+            "|W_ij| * ||X_j||, compared within each output row",
+            settings,
+            "wanda",
         )
 
     def feature_importance(self, statistic: FeatureStatistics) -> torch.Tensor:
