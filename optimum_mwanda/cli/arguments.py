@@ -53,13 +53,16 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_EVAL_WINDOWS = 8
 DEMO = "demo"
 
-#: Files written by ``sweep --output-dir``.
+#: deprecated command names -> today's (``sweep`` is SparseGPT's column sweep now, not the matrix)
+COMMAND_ALIASES = {"sweep": "language-matrix"}
+
+#: Files written by ``language-matrix --output-dir`` (names kept from when the command was ``sweep``).
 SWEEP_FILES = {"json": "sweep.json", "markdown": "sweep.md", "heatmap": "sweep_heatmap.png"}
 
 COMMAND_HELP = {
     "prune": "prune a causal LM one-shot (Wanda, SparseGPT, M-Wanda) and save and/or push it",
     "eval": "per-language perplexity of a model on held-out text",
-    "sweep": "calibration-language x evaluation-language perplexity matrix, with a heatmap",
+    "language-matrix": "calibration-language x evaluation-language perplexity matrix, with a heatmap",
     "card": "regenerate the model card (README.md) of a saved pruned checkpoint",
 }
 
@@ -490,13 +493,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``sweep``."""
+    """Arguments of ``language-matrix`` (and its deprecated name ``sweep``)."""
     add_model_arguments(parser, positional=True)
     add_config_arguments(parser)
     add_calibration_arguments(
         parser, "calibration languages, one matrix row each (default: every language of the calibration data)"
     )
-    group = parser.add_argument_group("sweep")
+    group = parser.add_argument_group("language matrix")
     group.add_argument(
         "--mix",
         action="append",
@@ -571,13 +574,14 @@ def add_card_arguments(parser: argparse.ArgumentParser) -> None:
 ADD_ARGUMENTS = {
     "prune": (add_prune_arguments, PRUNE_EPILOG),
     "eval": (add_eval_arguments, EVAL_EPILOG),
-    "sweep": (add_sweep_arguments, SWEEP_EPILOG),
+    "language-matrix": (add_sweep_arguments, SWEEP_EPILOG),
     "card": (add_card_arguments, CARD_EPILOG),
 }
 
 
 def configure_parser(parser: argparse.ArgumentParser, command: str) -> None:
     """Give ``parser`` the arguments, description and examples of ``command``."""
+    command = COMMAND_ALIASES.get(command, command)
     add, epilog = ADD_ARGUMENTS[command]
     parser.description = COMMAND_HELP[command]
     parser.epilog = epilog
@@ -597,5 +601,6 @@ def build_parser(prog: str = "optimum-mwanda", version: str | None = None) -> ar
         parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command, help_text in COMMAND_HELP.items():
-        configure_parser(subparsers.add_parser(command, help=help_text), command)
+        aliases = [old for old, new in COMMAND_ALIASES.items() if new == command]
+        configure_parser(subparsers.add_parser(command, help=help_text, aliases=aliases), command)
     return parser

@@ -194,10 +194,6 @@ class ModelReference:
     local_path: Path | None = None
     is_demo: bool = False
 
-    @property
-    def is_hub(self) -> bool:
-        return not self.is_demo and self.local_path is None
-
 
 def resolve_model_reference(model: str | None, flag: str = "--model") -> ModelReference:
     """Check a model argument without loading anything: ``demo``/none, a saved folder, or a Hub id."""
