@@ -588,6 +588,31 @@ def build_card_data(
     )
 
 
+def _model_index(
+    evals: dict[str, Any], languages: dict[str, Language], eval_dataset: str | None
+) -> list[EvalResult]:
+    """One ``model-index`` result per language (perplexity after pruning), per lm-eval task and metric, and
+    per standard error lm-eval gave (``<metric>_stderr``, as lm-eval names it)."""
+    from ..evaluation.harness import model_index_results
+
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Language modelling",
+            dataset_type=eval_dataset or "held-out-text",
+            dataset_name=f"{eval_dataset or 'Held-out text'} ({languages[lang].name})",
+            dataset_config=languages[lang].code,
+            metric_type="perplexity",
+            metric_name=f"Perplexity ({languages[lang].code})",
+            metric_value=round(value, 4),
+        )
+        for lang, value in evals.get("after", {}).items()
+    ]
+    downstream = evals.get("downstream", {})
+    entries = model_index_results(downstream)
+    return results + [EvalResult(**entry) for entry in entries] + _stderr_results(downstream, entries)
+
+
 def create_model_card(
     report: PruningReport,
     base_model: str | None = None,
@@ -646,26 +671,7 @@ def create_model_card(
         else f"{report.method}-pruned-model"
     )
 
-    results = [
-        EvalResult(
-            task_type="text-generation",
-            task_name="Language modelling",
-            dataset_type=eval_dataset or "held-out-text",
-            dataset_name=f"{eval_dataset or 'Held-out text'} ({languages[lang].name})",
-            dataset_config=languages[lang].code,
-            metric_type="perplexity",
-            metric_name=f"Perplexity ({languages[lang].code})",
-            metric_value=round(value, 4),
-        )
-        for lang, value in evals.get("after", {}).items()
-    ]
-    # lm-eval scores next to the perplexities, one model-index result per task and metric, and one per
-    # standard error lm-eval gave (``<metric>_stderr``, as lm-eval names it).
-    from ..evaluation.harness import model_index_results
-
-    downstream = evals.get("downstream", {})
-    entries = model_index_results(downstream)
-    results += [EvalResult(**entry) for entry in entries] + _stderr_results(downstream, entries)
+    results = _model_index(evals, languages, eval_dataset)
     card_data = ModelCardData(
         language=list(dict.fromkeys(lang.code for lang in resolved)),
         base_model=base_model,
