@@ -187,7 +187,7 @@ class ColumnSweep:
             "weight update",
             "column sweep",
             "SparseGPT's column sweep chooses the mask column by column and adjusts the remaining weights of "
-            "each row to compensate, in closed form (optimal brain surgeon on the layer-input Hessian)",
+            "each row to compensate, in closed form on the layer-input Hessian",
             self.settings(),
             "sparsegpt",
         )

@@ -320,6 +320,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
             type=_OPTION_TYPES[option.type],
             choices=option.choices,
             default=None,
+            metavar=None if option.choices else {"int": "N", "float": "X"}.get(option.type, "VALUE"),
             help=f"{option.help} ({', '.join(owners[flag])})",
         )
 
