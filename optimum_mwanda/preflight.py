@@ -102,13 +102,11 @@ def check_nm_structure(
         )
 
 
-def check_compensation_rank(
-    layer_modules: Sequence[Sequence[PrunableLinear]], rank: int | None, default: int | None = None
-) -> None:
-    """``compensation_rank`` directions of a module's input space exist only up to its input width: a larger
-    rank is refused here, before any work (``10**6`` would otherwise try to allocate a sketch of about
-    8 TB). The ``default`` rank is exempt: it means "up to that many", and narrower modules use fewer."""
-    if not rank or rank == default:
+def check_compensation_rank(layer_modules: Sequence[Sequence[PrunableLinear]], rank: int | None) -> None:
+    """An explicit ``compensation_rank``: directions of a module's input space exist only up to its input
+    width, so a larger rank is refused here, before any work (``10**6`` would otherwise try to allocate a
+    sketch of about 8 TB). The default rank (``None`` until resolved) is capped at each module's width."""
+    if not rank:
         return
     modules = [m for group in layer_modules for m in group]
     if not modules:
@@ -119,11 +117,7 @@ def check_compensation_rank(
             f"compensation_rank={rank} exceeds the input width of {narrowest.name} ({narrowest.in_features}): "
             "the rank counts directions of a module's input space, so it is at most the smallest input "
             f"width of the pruned modules, {narrowest.in_features} for this model"
-            + (
-                f" (or leave it unset: the default {default} is capped at each module's width)"
-                if default
-                else ""
-            )
+            + " (or leave it unset: the default is capped at each module's width)"
         )
 
 

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from .modeling import DecoderStack, PrunableLinear, SequentialWalk
 from .modeling.adapters import check_adapters, prunable_base_linears
 from .report import PruningReport
 from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint
+
+if TYPE_CHECKING:
+    from .methods.base import PruningAlgorithm
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class Pruner:
                 f"Pruner needs a WandaConfig, SparseGPTConfig or MWandaConfig, got {type(config).__name__}"
             )
         config.validate()
+        #: the config as given; frozen (derive another with ``dataclasses.replace``), and validated again
+        #: by :meth:`prune_model`, which prunes with :meth:`PruningConfig.resolve`'s explicit copy of it
         self.config = config
         self.report: PruningReport | None = None
 
@@ -103,8 +108,10 @@ class Pruner:
         part-way, the weights already changed are restored before the exception propagates.
         """
         config = self.config
+        if not isinstance(config, PruningConfig) or type(config) is PruningConfig:
+            raise TypeError(f"Pruner.config must be a method's PruningConfig, got {type(config).__name__}")
+        config.validate()  # configs are frozen; this catches one changed by force (object.__setattr__)
         start = time.perf_counter()
-        algorithm = algorithm_for(config)
         context = distributed.current_context()
 
         # 1. Validate everything before touching the model. Data-parallel: every rank reaches the agreement
@@ -113,7 +120,6 @@ class Pruner:
         try:
             run = self._validate(
                 model,
-                algorithm,
                 calibration,
                 tokenizer,
                 negative_calibration,
@@ -133,6 +139,7 @@ class Pruner:
                 checkpointed=checkpoint_dir is not None,
                 context=context,
             )
+        config, algorithm = run.config, run.algorithm  # resolved: what runs is what the report records
         stack, layer_modules, calibration_set, negative_set = (
             run.stack,
             run.layer_modules,
@@ -179,7 +186,6 @@ class Pruner:
     def _validate(
         self,
         model: nn.Module,
-        algorithm: Any,
         calibration: Any,
         tokenizer: Any,
         negative_calibration: Any,
@@ -189,6 +195,7 @@ class Pruner:
     ) -> _ValidatedRun:
         """Every check that can fail, in the order a user would fix them; nothing is changed or written."""
         config = self.config
+        algorithm = algorithm_for(config.resolve())
         preflight.check_weights_loaded(model)
         max_memory = preflight.parse_memory_size(activations_max_memory, "activations_max_memory")
         packing = {
@@ -203,19 +210,18 @@ class Pruner:
                 raise ValueError(
                     "negative_calibration lowers feature importance in a Wanda-style score: it is supported "
                     'by WandaConfig and MWandaConfig with weight_update="closed_form", not '
-                    f"{type(config).__name__}"
-                    + (
-                        f'(weight_update="{config.weight_update}")'
-                        if hasattr(config, "weight_update")
-                        else ""
-                    )
+                    f"{type(config).__name__}" + f' (weight_update="{algorithm.weight_update().name}")'
                 )
             negative_set = resolve_calibration(
                 _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
             )
-        algorithm.calibration_tokens = sum(calibration_set.token_counts.values())
         check_adapters(model)  # a peft model: its base weights are pruned, never the adapters
         stack, layer_modules = validate_structure(model, config)
+        # Every automatic choice made, from the run's size too: what runs is what the report records.
+        calibration_tokens = sum(calibration_set.token_counts.values())
+        config = config.resolve(calibration_tokens, [m.in_features for ms in layer_modules for m in ms])
+        algorithm = algorithm_for(config)
+        algorithm.calibration_tokens = calibration_tokens
         _validate_token_ids(model, calibration_set, negative_set)
         if checkpoint_dir is not None and context.is_main:  # only rank 0 writes there
             preflight.check_writable_folder(checkpoint_dir, "checkpoint_dir")
@@ -225,7 +231,15 @@ class Pruner:
             fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
         checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
         return _ValidatedRun(
-            stack, layer_modules, calibration_set, negative_set, fingerprint, max_memory, checkpoint
+            config,
+            algorithm,
+            stack,
+            layer_modules,
+            calibration_set,
+            negative_set,
+            fingerprint,
+            max_memory,
+            checkpoint,
         )
 
     # -- Hub integration (implemented in optimum_mwanda.hub) ------------------------------------------
@@ -322,6 +336,8 @@ class Pruner:
 class _ValidatedRun:
     """What the validation phase resolved, for the walk."""
 
+    config: PruningConfig
+    algorithm: PruningAlgorithm
     stack: DecoderStack
     layer_modules: list[list[PrunableLinear]]
     calibration: CalibrationSet
@@ -382,10 +398,9 @@ def _validate_modules(layer_modules: list[list[PrunableLinear]], config: Pruning
     if not any(layer_modules):
         raise ValueError("no prunable linear modules found in the decoder layers (check config.ignore)")
     preflight.check_nm_structure(layer_modules, config.nm_structure, config.mask_structure)
+    # An explicit closed-form rank only: the default (None) is capped at each module's width.
     preflight.check_compensation_rank(
-        layer_modules,
-        getattr(config, "compensation_rank", None),
-        getattr(config, "default_compensation_rank", None),
+        layer_modules, getattr(getattr(config, "weight_update", None), "rank", None)
     )
 
 

@@ -136,9 +136,8 @@ def test_compensation_rank_is_bounded_by_the_input_width():
     # The default rank (32) is capped at narrower widths, never refused.
     narrow = type(model)(type(model.config)(hidden_size=16, intermediate_size=32, num_attention_heads=2,
         num_key_value_heads=1, num_hidden_layers=2, vocab_size=320))  # fmt: skip
-    config = MWandaConfig()
-    Pruner(config).prune_model(narrow, make_token_calibration(), show_progress=False)
-    assert config.compensation_rank == config.default_compensation_rank > 16
+    report = Pruner(MWandaConfig()).prune_model(narrow, make_token_calibration(), show_progress=False)
+    assert report.config.weight_update.rank > 16
 
 
 # -- weights ------------------------------------------------------------------------------------------------
