@@ -107,10 +107,6 @@ class Pruner:
         that fails validation raises its error, every other rank an error naming it. If pruning fails
         part-way, the weights already changed are restored before the exception propagates.
         """
-        config = self.config
-        if not isinstance(config, PruningConfig) or type(config) is PruningConfig:
-            raise TypeError(f"Pruner.config must be a method's PruningConfig, got {type(config).__name__}")
-        config.validate()  # configs are frozen; this catches one changed by force (object.__setattr__)
         start = time.perf_counter()
         context = distributed.current_context()
 
@@ -195,6 +191,9 @@ class Pruner:
     ) -> _ValidatedRun:
         """Every check that can fail, in the order a user would fix them; nothing is changed or written."""
         config = self.config
+        if not isinstance(config, PruningConfig) or type(config) is PruningConfig:
+            raise TypeError(f"Pruner.config must be a method's PruningConfig, got {type(config).__name__}")
+        config.validate()  # configs are frozen; this catches one changed by force (object.__setattr__)
         algorithm = algorithm_for(config.resolve())
         preflight.check_weights_loaded(model)
         max_memory = preflight.parse_memory_size(activations_max_memory, "activations_max_memory")
