@@ -103,10 +103,9 @@ def predicted_extra_bytes(model, config, kwargs: dict, tokens: int, batch_tokens
     not)."""
     from optimum_mwanda import memory
 
-    config.validate()
     dtype = kwargs.get("statistics_dtype", "float64")
     spec = memory.MethodSpec.from_config(
-        config, languages=len(LANGUAGES), statistics_bytes=4 if dtype == "float32" else 8
+        config.resolve(), languages=len(LANGUAGES), statistics_bytes=4 if dtype == "float32" else 8
     )
     shape = memory.LayerShape.from_config(model.config)
     element = next(model.parameters()).element_size()

@@ -229,8 +229,7 @@ def worker(args) -> dict:
 def _spec(method: str, structure: str, statistics_dtype: str, refinement_steps: int):
     from optimum_mwanda.memory import MethodSpec
 
-    config = pruning_config(method, structure, 1, 16, refinement_steps or None)
-    config.validate()
+    config = pruning_config(method, structure, 1, 16, refinement_steps or None).resolve()
     return MethodSpec.from_config(
         config, languages=len(LANGUAGES), statistics_bytes=4 if statistics_dtype == "float32" else 8
     )

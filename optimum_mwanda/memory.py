@@ -151,16 +151,20 @@ class MethodSpec:
 
     @classmethod
     def from_config(cls, config, languages: int = 1, statistics_bytes: int = 8) -> MethodSpec:
-        """From a resolved (validated) pruning config."""
+        """From a resolved pruning config (``config.resolve()``: its weight update an object with a
+        ``name``, ``rank`` or ``refinement_steps``)."""
+        from .configuration import MWANDA_DEFAULTS
+
         name = config.method
+        update = getattr(config, "weight_update", None)
         if name == "mwanda":
-            name = "mwanda_sweep" if config.weight_update == "sweep" else "mwanda_closed_form"
-        rank = getattr(config, "compensation_rank", 0) or 0
+            name = "mwanda_sweep" if getattr(update, "name", update) == "sweep" else "mwanda_closed_form"
+        rank = getattr(update, "rank", 0) or 0 if name == "mwanda_closed_form" else 0
         return cls(
             method=name,
-            sketch_width=rank + config.sketch_oversampling if rank and name == "mwanda_closed_form" else 0,
+            sketch_width=rank + MWANDA_DEFAULTS.sketch_oversampling if rank else 0,
             nm=config.nm_structure is not None,
-            refinement_steps=getattr(config, "refinement_steps", 0) or 0,
+            refinement_steps=getattr(update, "refinement_steps", 0) or 0,
             statistics_bytes=statistics_bytes if name in ("sparsegpt", "mwanda_sweep") else 8,
             languages=languages,
         )
