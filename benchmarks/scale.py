@@ -23,6 +23,9 @@ Usage (the committed results came from exactly these)::
     python benchmarks/scale.py run --model llama-3.1-8b --seq-len 512 --refinement-steps 1
     python benchmarks/scale.py run --model llama-3.1-70b --only attention --seq-len 512 \
         --statistics-dtype float32 --refinement-steps 1 --methods sparsegpt mwanda_sweep
+    python benchmarks/scale.py group --in-features 4096 --rows 4096 1024 1024 --method sparsegpt
+    python benchmarks/scale.py group --in-features 4096 --rows 4096 1024 1024 --method mwanda_sweep \
+        --statistics-dtype float32 --refinement-steps 1
     python benchmarks/scale.py report
 
 Writes ``benchmarks/results/scale.json`` and ``scale.md``.
@@ -223,16 +226,65 @@ def worker(args) -> dict:
     return record
 
 
+def group_worker(args) -> dict:
+    """One shared-input group's update alone (random weights and tokens): the update peak above the RSS
+    before it, plus the group's own statistic, as in :func:`worker`."""
+    import torch
+
+    from optimum_mwanda.configuration import SparseGPTConfig
+    from optimum_mwanda.methods import algorithm_for
+
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    config = pruning_config(args.method, args.structure, 1, 16, args.refinement_steps)
+    if isinstance(config, SparseGPTConfig) or args.method == "mwanda_sweep":
+        config = config.resolve(args.tokens, [args.in_features])
+    algorithm = algorithm_for(config)
+    algorithm.calibration_tokens = args.tokens
+    algorithm.statistics_dtype = getattr(torch, args.statistics_dtype)
+    statistic = algorithm.new_statistic(args.in_features, 4, torch.device("cpu"))
+    for _ in range(args.tokens // 512):
+        x = torch.randn(512, args.in_features, generator=generator)
+        statistic.update(x, torch.zeros(512, dtype=torch.long), 512)
+    weights = [torch.randn(r, args.in_features, generator=generator) for r in args.rows]
+    own = _tensor_bytes(statistic)
+    before = _status("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    algorithm.prune_group("group", weights, statistic, None, 0.5)
+    return {
+        "groups": [
+            {
+                "name": "group",
+                "in_features": args.in_features,
+                "rows": list(args.rows),
+                "statistic_bytes": own,
+                "update_peak": _status("VmHWM") - before + own,
+                "seconds": time.perf_counter() - start,
+            }
+        ],
+        "load_average": os.getloadavg(),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------
 # prediction
 # ---------------------------------------------------------------------------------------------------------
-def _spec(method: str, structure: str, statistics_dtype: str, refinement_steps: int):
+def _spec(method: str, structure: str, statistics_dtype: str, refinement_steps: int, factor_kept=False):
+    import dataclasses
+
     from optimum_mwanda.memory import MethodSpec
 
     config = pruning_config(method, structure, 1, 16, refinement_steps or None).resolve()
-    return MethodSpec.from_config(
+    spec = MethodSpec.from_config(
         config, languages=len(LANGUAGES), statistics_bytes=4 if statistics_dtype == "float32" else 8
     )
+    return dataclasses.replace(spec, factor_kept=factor_kept)
+
+
+#: runs measured before the sweep freed its inverse factor at the end of the column loop (its block views
+#: kept it alive until the group ended): predicted with MethodSpec(factor_kept=True)
+FACTOR_KEPT_BEFORE = "2026-12-06T21:52"
 
 
 def predicted_step_on_cpu(spec, groups) -> int:
@@ -308,6 +360,7 @@ def run(args) -> None:
                 print(done.stderr[-3000:], flush=True)
                 raise SystemExit(f"{key} failed")
             entry.update(json.loads(done.stdout.strip().splitlines()[-1]))
+            entry["measured_at"] = time.strftime("%Y-%m-%dT%H:%M")
             data["runs"][key] = entry
             data["platform"] = platform.platform()
             data["cpu_count"] = os.cpu_count()
@@ -317,6 +370,46 @@ def run(args) -> None:
                 flush=True,
             )
     report(args)
+
+
+def run_group(args) -> None:
+    """Measure one group's update in a fresh process and add it to the JSON (as a one-group "layer")."""
+    output = Path(args.output)
+    path = output.with_suffix(".json")
+    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    command = [
+        sys.executable,
+        __file__,
+        "group-measure",
+        *("--in-features", str(args.in_features), "--rows", *map(str, args.rows)),
+        *("--method", args.method, "--structure", args.structure, "--tokens", str(args.tokens)),
+        *("--statistics-dtype", args.statistics_dtype, "--threads", str(args.threads)),
+        *(("--refinement-steps", str(args.refinement_steps)) if args.refinement_steps is not None else ()),
+    ]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        print(done.stderr[-3000:], flush=True)
+        raise SystemExit("group measurement failed")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    group = result["groups"][0]
+    entry = {
+        "model": "one group",
+        "only": f"in {args.in_features}, rows {'+'.join(map(str, args.rows))}",
+        "method": args.method,
+        "structure": args.structure,
+        "statistics_dtype": args.statistics_dtype,
+        "refinement_steps": args.refinement_steps,
+        "tokens": args.tokens,
+        "statistics_bytes": group["statistic_bytes"],
+        "step_peak": group["update_peak"],
+        "statistics_seconds": 0.0,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M"),
+        **result,
+    }
+    data["runs"][f"group|{entry['only']}|{args.method}|{args.structure}|{args.statistics_dtype}"] = entry
+    path.write_text(json.dumps(data, indent=1))
+    print(f"{entry['only']} {args.method}: update peak {group['update_peak'] / 2**30:.3f} GiB", flush=True)
 
 
 def _gib(value: float) -> str:
@@ -348,7 +441,11 @@ def report(args) -> None:
     worst_overall = 0.0
     for _, entry in sorted(data["runs"].items()):
         spec = _spec(
-            entry["method"], entry["structure"], entry["statistics_dtype"], entry["refinement_steps"]
+            entry["method"],
+            entry["structure"],
+            entry["statistics_dtype"],
+            entry["refinement_steps"],
+            factor_kept=entry.get("measured_at", "") < FACTOR_KEPT_BEFORE,
         )
         groups = _measured_groups(entry)
         stats_pred = sum(statistic_bytes(spec, g) for g in groups)
@@ -426,6 +523,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("group", "group-measure"):
+        g = sub.add_parser(name, help="one shared-input group's update alone")
+        g.add_argument("--output", default=str(RESULTS / "scale"))
+        g.add_argument("--in-features", type=int, required=True)
+        g.add_argument("--rows", type=int, nargs="+", required=True)
+        g.add_argument("--method", choices=("sparsegpt", "mwanda_sweep"), required=True)
+        g.add_argument("--structure", choices=STRUCTURES, default="50%")
+        g.add_argument("--tokens", type=int, default=2048)
+        g.add_argument("--statistics-dtype", choices=["float64", "float32"], default="float64")
+        g.add_argument("--refinement-steps", type=int, default=None)
+        g.add_argument("--threads", type=int, default=2)
     for name in ("run", "measure", "report"):
         p = sub.add_parser(name)
         p.add_argument("--output", default=str(RESULTS / "scale"))
@@ -448,6 +556,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "measure":
         print(json.dumps(worker(args)))
+    elif args.command == "group-measure":
+        print(json.dumps(group_worker(args)))
+    elif args.command == "group":
+        run_group(args)
     elif args.command == "run":
         run(args)
     else:

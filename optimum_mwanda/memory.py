@@ -136,6 +136,9 @@ class MethodSpec:
     refinement_steps: int = 0
     statistics_bytes: int = 8
     languages: int = 1
+    #: the sweep's inverse factor alive until the group ends (the code before it freed its block views:
+    #: what the committed one-layer measurements of the sweep ran)
+    factor_kept: bool = False
     #: columns of M-Wanda's covariance sketch (``compensation_rank + oversampling``; 0: none)
     sketch_width: int = 0
 
@@ -205,13 +208,14 @@ def update_peak(spec: MethodSpec, group: LinearGroup, weight_bytes: int = 4) -> 
         h + 8 * total_rows * n,  # W^T: concatenation, then its transposed copy
         h + 4 * total_rows * n + _FACTOR_MATRICES * h,
         h + h + weights,  # the sweep, with the inverse's factor
-        h + weights + 5 * total_rows * n,  # the result's copies
     ]
+    after = h + (h if spec.factor_kept else 0)  # H, and the factor where it was not freed
+    phases.append(after + weights + 5 * total_rows * n)  # the result's copies
     if spec.refinement_steps:
         chunk = min(total_rows, _REFINEMENT_CHUNK)
         # The dense weight (its float32 copies while it is concatenated) and the keep masks.
         dense = (6 + copy) * total_rows * n
-        phases.append(h + weights + dense + _REFINEMENT_BUFFERS * 4 * chunk * n)
+        phases.append(after + weights + dense + _REFINEMENT_BUFFERS * 4 * chunk * n)
     return int(max(phases))
 
 

@@ -482,9 +482,9 @@ def test_mwanda_sweep_sizes_its_token_sample_from_the_calibration(monkeypatch):
     created: dict[int, int] = {}
     original = mwanda_module.HessianStatistics
 
-    def recording(in_features, num_languages, device="cpu", token_stride=1):
+    def recording(in_features, num_languages, device="cpu", token_stride=1, **options):
         created[in_features] = token_stride
-        return original(in_features, num_languages, device=device, token_stride=token_stride)
+        return original(in_features, num_languages, device=device, token_stride=token_stride, **options)
 
     monkeypatch.setattr(mwanda_module, "HessianStatistics", recording)
     calibration = make_token_calibration(n=8)  # 3 languages x 8 x 24 = 576 tokens

@@ -258,7 +258,8 @@ def sparsegpt_prune_group(
         # Lazy update of every later block at once.
         wt[end:].addmm_(hinv[start:end, end:].t(), errors, alpha=-1.0)
 
-    del hinv
+    # The inverse's factor is done: free it (its block views too) before the refinement and the results.
+    del hinv, hinv_block, diag
     new_weight = wt.t()
     mask = mask_t.t()
     if refinement_steps:
