@@ -19,7 +19,10 @@ from . import distributed
 from .calibration import CalibrationSet, resolve_calibration
 from .configuration import PruningConfig
 from .methods import algorithm_for
-from .modeling import PrunableLinear, SequentialWalk, find_decoder_stack, prunable_linears_by_layer
+from .modeling import PrunableLinear, SequentialWalk, find_decoder_stack
+from .modeling.coverage import plan_coverage
+from .modeling.experts import ExpertOptions
+from .modeling.linear import prunable_weights_by_layer
 from .report import PruningReport
 from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint
 
@@ -65,6 +68,8 @@ class Pruner:
         checkpoint_dir: str | os.PathLike | None = None,
         activations_device: str | torch.device | None = None,
         activations_max_memory: int | None = None,
+        allow_unpruned: bool = False,
+        experts: ExpertOptions | None = None,
     ) -> PruningReport:
         """Prune ``model`` in place and return a :class:`PruningReport` (also kept as ``self.report``).
 
@@ -89,6 +94,12 @@ class Pruner:
                 them off the accelerator); ``None`` leaves them where they were produced.
             activations_max_memory: bytes of activations kept in memory; further batches are spilled to a
                 temporary folder on disk (``None``: no limit).
+            allow_unpruned: leave dense, with a warning and a report entry, the decoder-layer weights that the
+                method cannot reach (e.g. expert tensors of an unsupported experts class); without it such a
+                weight is an ``IncompleteCoverageError`` before anything changes. ``report.coverage`` lists
+                every weight pruned and every >= 2-D parameter left dense, with the reason.
+            experts: how mixture-of-experts layers are calibrated (:class:`ExpertOptions`: router-weighted
+                statistics, every expert on every token, the per-expert token threshold).
 
         Every input is validated before any weight is touched; if pruning fails part-way, the weights
         already changed are restored before the exception propagates.
@@ -121,14 +132,23 @@ class Pruner:
                 _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
             )
         algorithm.calibration_tokens = sum(calibration_set.token_counts.values())
+        if not isinstance(allow_unpruned, bool):
+            raise TypeError("allow_unpruned must be a boolean")
+        expert_options = experts if experts is not None else ExpertOptions()
+        if not isinstance(expert_options, ExpertOptions):
+            raise TypeError(f"experts must be an ExpertOptions, got {type(experts).__name__}")
         stack = find_decoder_stack(model)
-        layer_modules = prunable_linears_by_layer(stack, config.ignore)
+        layer_modules = prunable_weights_by_layer(stack, config.ignore)
+        coverage = plan_coverage(stack, layer_modules, config.ignore)
+        coverage.enforce(allow_unpruned)
         _validate_modules(layer_modules, config)
         _validate_token_ids(model, calibration_set, negative_set)
         context = distributed.current_context()
         fingerprint = ""
         if checkpoint_dir is not None or context.enabled:
-            fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
+            fingerprint = _fingerprint(
+                config, model, layer_modules, calibration_set, negative_set, expert_options, allow_unpruned
+            )
         # Data-parallel: every rank must hold the same model, config and calibration (refused otherwise).
         if context.enabled:
             distributed.check_same_run(f"{fingerprint}:{distributed.weights_digest(model)}", context)
@@ -145,6 +165,7 @@ class Pruner:
             activations_device=activations_device,
             activations_max_memory=activations_max_memory,
             show_progress=show_progress,
+            expert_options=expert_options,
         )
         result = walk.run(calibration_set, negative_set)
 
@@ -167,6 +188,9 @@ class Pruner:
             base_model=str(getattr(model, "name_or_path", "") or ""),
             negative_calibration_tokens=sum(negative_set.token_counts.values()) if negative_set else 0,
             resumed_from_layer=result.resumed_from_layer,
+            coverage=coverage,
+            experts=result.experts,
+            expert_options=expert_options.to_dict() if result.experts else {},
         )
         return self.report
 
@@ -256,7 +280,9 @@ class Pruner:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _fingerprint(config, model, layer_modules, calibration_set, negative_set) -> str:
+def _fingerprint(
+    config, model, layer_modules, calibration_set, negative_set, expert_options=None, allow_unpruned=False
+) -> str:
     config_data = {k: v for k, v in config.to_dict().items() if k != "optimum_mwanda_version"}
     tensors = [calibration_set.input_ids, calibration_set.attention_mask, calibration_set.language_index]
     if negative_set is not None:
@@ -267,6 +293,10 @@ def _fingerprint(config, model, layer_modules, calibration_set, negative_set) ->
         "modules": [[m.name, list(m.shape)] for modules in layer_modules for m in modules],
         "weights": model_weights_digest(model),  # as loaded: called before any weight changes
     }
+    if any(not isinstance(m, PrunableLinear) for modules in layer_modules for m in modules):
+        layout["experts"] = expert_options.to_dict() if expert_options is not None else None
+    if allow_unpruned:
+        layout["allow_unpruned"] = True
     return run_fingerprint(config_data, tensors, layout)
 
 

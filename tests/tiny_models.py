@@ -20,6 +20,12 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.models.gpt_oss import GptOssConfig, GptOssForCausalLM
+from transformers.models.llama4 import Llama4ForCausalLM, Llama4TextConfig
+from transformers.models.mixtral import MixtralConfig, MixtralForCausalLM
+from transformers.models.qwen2_moe import Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 VOCAB = 320
 HIDDEN = 64
@@ -66,6 +72,112 @@ def _configs() -> dict:
 
 
 ARCHITECTURES = list(_configs())
+
+# Tiny mixtures of experts, one per fused expert layout of transformers 5: gate/up concatenated [E, 2I, H]
+# (Mixtral, Qwen3-MoE, DeepSeek-V3 with a shared expert and group routing, Qwen2-MoE with a gated shared
+# expert), interleaved and transposed with biases [E, H, 2I] (GPT-OSS); Llama 4's experts are not of that
+# family (no ``use_experts_implementation``) and its router is an nn.Linear.
+MOE_EXPERTS = 8
+
+
+def _moe_configs() -> dict:
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    width = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    return {
+        "mixtral": (
+            MixtralForCausalLM,
+            MixtralConfig(
+                **width, intermediate_size=32, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2, **common
+            ),
+        ),
+        "qwen3_moe": (
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig(
+                **width,
+                intermediate_size=64,
+                moe_intermediate_size=32,
+                num_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+                head_dim=16,
+                **common,
+            ),
+        ),
+        "deepseek_v3": (
+            DeepseekV3ForCausalLM,
+            DeepseekV3Config(
+                **width,
+                intermediate_size=64,
+                moe_intermediate_size=32,
+                n_routed_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=1,
+                q_lora_rank=None,
+                kv_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+                **common,
+            ),
+        ),
+        "gpt_oss": (
+            GptOssForCausalLM,
+            GptOssConfig(
+                **width,
+                intermediate_size=32,
+                num_local_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                head_dim=16,
+                sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"],
+                **common,
+            ),
+        ),
+        "qwen2_moe": (
+            Qwen2MoeForCausalLM,
+            Qwen2MoeConfig(
+                **width,
+                intermediate_size=64,
+                moe_intermediate_size=32,
+                num_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                shared_expert_intermediate_size=32,
+                **common,
+            ),
+        ),
+        "llama4": (
+            Llama4ForCausalLM,
+            Llama4TextConfig(
+                **width,
+                intermediate_size=32,
+                intermediate_size_mlp=64,
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                head_dim=16,
+                **common,
+            ),
+        ),
+    }
+
+
+MOE_ARCHITECTURES = [name for name in _moe_configs() if name != "llama4"]
+
+
+def make_moe_model(architecture: str = "mixtral", seed: int = 0) -> torch.nn.Module:
+    """A tiny random mixture-of-experts causal LM (2 decoder layers, 8 experts, top-2 routing)."""
+    model_class, config = _moe_configs()[architecture]
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.05)
+    return model.eval()
 
 
 def make_model(architecture: str = "llama", seed: int = 0) -> torch.nn.Module:

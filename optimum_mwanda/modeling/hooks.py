@@ -2,7 +2,9 @@
 
 The hooks only move tensors: they drop padding tokens, tag each token with its language and hand the rows
 to a statistics object from ``parts.statistics``. Modules that read the very same input tensor (q/k/v,
-gate/up) are detected at run time and share one statistic, so it is computed once.
+gate/up) are detected at run time and share one statistic, so it is computed once. The experts of fused
+mixture-of-experts modules get one statistic per expert and projection, fed by ``experts.ExpertsRecorder``
+from the tokens routed to that expert.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .. import distributed
+from .experts import ExpertOptions, ExpertsRecorder, ExpertsStatistics, ExpertWeight, RoutingCounts
 from .linear import PrunableLinear
 
 
@@ -24,23 +28,35 @@ class LayerStatisticsCollector:
     """Collects input statistics for the prunable modules of one decoder layer.
 
     Args:
-        modules: the layer's prunable linear modules.
+        modules: the layer's prunable linear modules and expert weights (:class:`ExpertWeight`).
         new_statistic: ``(in_features, device) -> statistic`` with an ``update(x, language)`` method.
         new_negative_statistic: same, for negative-calibration batches (optional).
+        num_languages: calibration languages (for the routing counts of experts).
+        expert_options: how experts are calibrated.
     """
 
     def __init__(
         self,
-        modules: list[PrunableLinear],
+        modules: list[PrunableLinear | ExpertWeight],
         new_statistic: Callable[[int, torch.device], Any],
         new_negative_statistic: Callable[[int, torch.device], Any] | None = None,
+        num_languages: int = 1,
+        expert_options: ExpertOptions | None = None,
     ):
-        self.modules = modules
+        self.modules = [m for m in modules if not isinstance(m, ExpertWeight)]
+        self.expert_weights = [m for m in modules if isinstance(m, ExpertWeight)]
         self.new_statistic = new_statistic
         self.new_negative_statistic = new_negative_statistic
+        self.expert_options = expert_options or ExpertOptions()
         self.group_of: dict[str, int] = {}
         self.statistics: list[Any] = []
         self.negative_statistics: list[Any] = []
+        # Expert statistics come first, one group per expert weight, allocated now (their layout is known).
+        self.experts = self._allocate_expert_statistics(num_languages)
+        self._fixed_groups = len(self.statistics)
+        self._seq_len = 1
+        self._fallback_pass = False
+        self._fallback_last: str | None = None
         self._valid: torch.Tensor | None = None
         self._all_valid = True
         self._language: torch.Tensor | None = None
@@ -53,11 +69,39 @@ class LayerStatisticsCollector:
         self._order_known = False
         self._stop_early = False
 
+    def _allocate_expert_statistics(self, num_languages: int) -> list[ExpertsStatistics]:
+        owners: dict[str, ExpertsStatistics] = {}
+        for weight in self.expert_weights:
+            owner = weight.owner
+            if owner.name not in owners:
+                n = owner.num_experts
+                negative = self.new_negative_statistic is not None
+                owners[owner.name] = ExpertsStatistics(
+                    owner,
+                    [None] * n,
+                    [None] * n,
+                    [None] * n if negative else [],
+                    [None] * n if negative else [],
+                    RoutingCounts(num_languages, n, device=weight.device),
+                    [False] * n,
+                )
+            stats = owners[owner.name]
+            up = weight.parameter == owner.up
+            self.group_of[weight.name] = len(self.statistics)
+            statistic = self.new_statistic(weight.in_features, weight.device)
+            self.statistics.append(statistic)
+            (stats.up if up else stats.down)[weight.expert] = statistic
+            if self.new_negative_statistic is not None:
+                negative_statistic = self.new_negative_statistic(weight.in_features, weight.device)
+                self.negative_statistics.append(negative_statistic)
+                (stats.negative_up if up else stats.negative_down)[weight.expert] = negative_statistic
+        return list(owners.values())
+
     @property
     def groups(self) -> list[list[PrunableLinear]]:
-        """Modules grouped by shared input, in order of first use."""
+        """Modules grouped by shared input, in order of first use (each expert weight alone, first)."""
         grouped: list[list[PrunableLinear]] = [[] for _ in self.statistics]
-        for module in self.modules:
+        for module in [*self.expert_weights, *self.modules]:
             if module.name in self.group_of:
                 grouped[self.group_of[module.name]].append(module)
         return grouped
@@ -73,14 +117,17 @@ class LayerStatisticsCollector:
         yet must take part in summing the statistics. A collector that did see batches must have found the
         very same groups.
         """
-        if self.statistics:
+        fixed = self._fixed_groups
+        if self.layout()[:fixed] != layout[:fixed]:
+            raise RuntimeError("expert weights differ between processes")
+        if len(self.statistics) > fixed:
             if self.layout() != layout:
                 raise RuntimeError(
                     f"shared-input groups differ between processes: {self.layout()} here, {layout} elsewhere"
                 )
             return
         by_name = {m.name: m for m in self.modules}
-        for names, in_features in layout:
+        for names, in_features in layout[fixed:]:
             index = len(self.statistics)
             for name in names:
                 self.group_of[name] = index
@@ -94,6 +141,7 @@ class LayerStatisticsCollector:
     ):
         """Declare the batch about to run: its padding mask ``[b, L]`` and sequence languages ``[b]``."""
         seq_len = attention_mask.shape[1]
+        self._seq_len = seq_len
         self._valid = attention_mask.reshape(-1).bool()
         # Boolean selection copies every row: skip it when the batch has no padding (the common case).
         self._all_valid = bool(self._valid.all())
@@ -110,6 +158,8 @@ class LayerStatisticsCollector:
 
     def _hook(self, module: PrunableLinear):
         def pre_hook(_module, args, kwargs):
+            if self._fallback_pass:  # only the experts under their token threshold are calibrated again
+                return None
             if not self._order_known:
                 self._order.append(module.name)
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
@@ -137,6 +187,20 @@ class LayerStatisticsCollector:
     def _maybe_stop(self, module: PrunableLinear) -> None:
         if self._stop_early and self._order_known and module.name == self._order[-1]:
             raise StopLayerForward
+
+    def _experts_called(self, name: str) -> None:
+        """An experts module has recorded its statistics (its output is still to be computed)."""
+        if self._fallback_pass:
+            if self._stop_early and name == self._fallback_last:
+                raise StopLayerForward
+            return
+        if not self._order_known:
+            self._order.append(name)
+        if self._stop_early and self._order_known and name == self._order[-1]:
+            raise StopLayerForward
+
+    def _token_context(self) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        return self._valid, self._language, self._seq_len, self._negative
 
     def run(self, forward: Callable[..., Any], *args: Any) -> None:
         """Call ``forward(*args)`` for statistics only: its output is not needed, so the call is cut short
@@ -177,12 +241,76 @@ class LayerStatisticsCollector:
     @contextmanager
     def attached(self):
         handles = [m.module.register_forward_pre_hook(self._hook(m), with_kwargs=True) for m in self.modules]
+        recorder = ExpertsRecorder(
+            self.experts, self.expert_options, self._token_context, self._experts_called
+        )
+        if self._fallback_pass:
+            recorder.fallback_only = {
+                s.experts.name: [e for e, f in enumerate(s.fallback) if f] for s in self.experts
+            }
         try:
-            yield self
+            with recorder.attached():
+                yield self
         finally:
             for handle in handles:
                 handle.remove()
             self.end_batch()
+
+    # -- experts under their token threshold -------------------------------------------------------------
+    def start_fallback_pass(self) -> bool:
+        """After the statistics pass (and its data-parallel sum): sum the routing counts over ranks, mark the
+        experts routed fewer than ``expert_options.min_tokens`` tokens, give them fresh statistics and
+        return whether a second pass is needed (run it like the first, over the main batches only, then
+        call :meth:`end_fallback_pass`)."""
+        if not self.experts:
+            return False
+        distributed.all_reduce_statistics([s.routing for s in self.experts])
+        if self.expert_options.calibrate_all_experts:
+            return False
+        fresh = []
+        for stats in self.experts:
+            tokens = stats.routing.per_expert
+            for e in range(stats.experts.num_experts):
+                if tokens[e] >= self.expert_options.min_tokens:
+                    continue
+                stats.fallback[e] = True
+                for kind, parameter in (("up", stats.experts.up), ("down", stats.experts.down)):
+                    old = getattr(stats, kind)[e]
+                    if old is None:
+                        continue
+                    weight = stats.experts.weight(parameter, e)
+                    new = self.new_statistic(weight.in_features, weight.device)
+                    getattr(stats, kind)[e] = new
+                    self.statistics[self.group_of[weight.name]] = new
+                    fresh.append(new)
+        self._fresh = fresh
+        if not fresh:
+            return False
+        self._fallback_pass = True
+        self._fallback_last = [s.experts.name for s in self.experts if any(s.fallback)][-1]
+        return True
+
+    def end_fallback_pass(self) -> None:
+        self._fallback_pass = False
+        distributed.all_reduce_statistics(self._fresh)
+        self._fresh = []
+
+    def expert_records(self, languages: list[str]) -> dict[str, dict[str, Any]]:
+        """Per experts module: routed tokens and fallback flag per expert, and each calibration language's
+        share of routed tokens per expert (read after :meth:`start_fallback_pass`)."""
+        records = {}
+        for stats in self.experts:
+            shares = stats.routing.shares().cpu()
+            records[stats.experts.name] = {
+                "num_experts": stats.experts.num_experts,
+                "tokens": [int(t) for t in stats.routing.per_expert.tolist()],
+                "fallback": list(stats.fallback),
+                "routing_shares": {
+                    language: [round(float(v), 6) for v in shares[i].tolist()]
+                    for i, language in enumerate(languages)
+                },
+            }
+        return records
 
     def statistic_for(self, module: PrunableLinear) -> Any:
         if module.name not in self.group_of:
