@@ -55,6 +55,7 @@ class LayerStatisticsCollector:
         self.experts = self._allocate_expert_statistics(num_languages)
         self._fixed_groups = len(self.statistics)
         self._seq_len = 1
+        self._saw_batch = False
         self._fallback_pass = False
         self._fallback_last: str | None = None
         self._valid: torch.Tensor | None = None
@@ -107,7 +108,10 @@ class LayerStatisticsCollector:
         return grouped
 
     def layout(self) -> list[tuple[list[str], int]]:
-        """The shared-input groups found so far as ``[(module names, in_features)]``, in group order."""
+        """The shared-input groups found so far as ``[(module names, in_features)]``, in group order (empty
+        before the first batch, even with the expert groups allocated up front)."""
+        if not self._saw_batch:
+            return []
         return [([m.name for m in group], group[0].in_features) for group in self.groups]
 
     def adopt_layout(self, layout: list[tuple[list[str], int]]) -> None:
@@ -118,9 +122,10 @@ class LayerStatisticsCollector:
         very same groups.
         """
         fixed = self._fixed_groups
-        if self.layout()[:fixed] != layout[:fixed]:
+        own = [([m.name for m in group], group[0].in_features) for group in self.groups]
+        if own[:fixed] != layout[:fixed]:
             raise RuntimeError("expert weights differ between processes")
-        if len(self.statistics) > fixed:
+        if self._saw_batch:
             if self.layout() != layout:
                 raise RuntimeError(
                     f"shared-input groups differ between processes: {self.layout()} here, {layout} elsewhere"
@@ -142,6 +147,7 @@ class LayerStatisticsCollector:
         """Declare the batch about to run: its padding mask ``[b, L]`` and sequence languages ``[b]``."""
         seq_len = attention_mask.shape[1]
         self._seq_len = seq_len
+        self._saw_batch = True
         self._valid = attention_mask.reshape(-1).bool()
         # Boolean selection copies every row: skip it when the batch has no padding (the common case).
         self._all_valid = bool(self._valid.all())
