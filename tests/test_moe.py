@@ -7,7 +7,13 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import MOE_ARCHITECTURES, make_moe_model, make_token_calibration
+from tiny_models import (
+    HIDDEN,
+    MOE_ARCHITECTURES,
+    make_legacy_moe_model,
+    make_moe_model,
+    make_token_calibration,
+)
 from transformers import AutoModelForCausalLM
 
 from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
@@ -267,3 +273,54 @@ def test_resume_restores_expert_weights(tmp_path):
         assert torch.equal(a, b), name
     assert resumed.experts == report.experts
     assert resumed.achieved_sparsity == pytest.approx(report.achieved_sparsity)
+
+
+# -- experts as modules of nn.Linear (older transformers, remote code) ------------------------------------
+def _legacy_layer0_inputs(model, calibration):
+    seen = {}
+    block = model.model.layers[0].mlp
+
+    def hook(_module, args):
+        seen["x"] = args[0].reshape(-1, HIDDEN)
+
+    handle = block.register_forward_pre_hook(hook)
+    ids = torch.cat(list(calibration.values()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    handle.remove()
+    x = seen["x"]
+    weights = torch.softmax(block.gate(x).float(), dim=-1)
+    return x, torch.topk(weights, block.top_k, dim=-1)[1]
+
+
+@pytest.mark.parametrize("min_tokens", [0, 45])
+def test_per_module_experts_are_pruned_on_their_routed_tokens(min_tokens):
+    """Experts that are nn.Linear modules in a ModuleList: each expert's linear statistics come from the
+    tokens routed to it (matched to the block's input bit for bit); rare experts fall back to every token."""
+    calibration = make_token_calibration(**CALIBRATION)
+    dense = make_legacy_moe_model()
+    model = copy.deepcopy(dense)
+    gate = dense.model.layers[0].mlp.gate.weight.detach().clone()
+    report = Pruner(WandaConfig()).prune_model(
+        model, calibration, show_progress=False, experts=ExpertOptions(min_tokens=min_tokens)
+    )
+    x, index = _legacy_layer0_inputs(dense, calibration)
+    record = report.experts["model.layers.0.mlp.experts"]
+    counts = torch.bincount(index.flatten(), minlength=8)
+    assert record["tokens"] == counts.tolist()
+    assert record["fallback"] == [c < min_tokens for c in counts.tolist()]
+    if min_tokens:
+        assert 0 < sum(record["fallback"]) < 8
+    for e, (expert, pruned) in enumerate(
+        zip(dense.model.layers[0].mlp.experts, model.model.layers[0].mlp.experts)
+    ):
+        tokens = (
+            torch.arange(x.shape[0]) if record["fallback"][e] else (index == e).any(dim=1).nonzero().flatten()
+        )
+        rows = x[tokens]
+        hidden = torch.nn.functional.silu(expert.w1(rows)) * expert.w3(rows)
+        for name, inputs in (("w1", rows), ("w3", rows), ("w2", hidden)):
+            expected = _wanda_mask(getattr(expert, name).weight.detach(), inputs.detach())
+            assert torch.equal(getattr(pruned, name).weight == 0, expected), f"expert {e} {name}"
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, gate)  # the router stays dense
+    assert report.coverage.complete and abs(verify_sparsity(model).overall - 0.5) < 1e-6

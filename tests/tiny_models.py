@@ -235,3 +235,52 @@ def text_corpus() -> dict[str, list[str]]:
 
 def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class LegacyExpert(torch.nn.Module):
+    """One expert of the per-module layout of older transformers versions and remote code (w1, w2, w3)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w1 = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.w3 = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = torch.nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class LegacySparseMoe(torch.nn.Module):
+    """Top-2 routing over an ``nn.ModuleList`` of experts, as Mixtral's block was before transformers 5."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int = MOE_EXPERTS, top_k: int = 2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = torch.nn.Linear(hidden, num_experts, bias=False)
+        self.experts = torch.nn.ModuleList(LegacyExpert(hidden, intermediate) for _ in range(num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = hidden_states.shape
+        x = hidden_states.view(-1, hidden)
+        weights = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, index = torch.topk(weights, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(index, len(self.experts)).permute(2, 1, 0)
+        for e, expert in enumerate(self.experts):
+            position, token = torch.where(mask[e])
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, position, None])
+        return out.view(batch, length, hidden)
+
+
+def make_legacy_moe_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose MLPs are replaced by :class:`LegacySparseMoe` blocks (per-expert nn.Linear)."""
+    model = make_model("llama", seed=seed)
+    torch.manual_seed(seed + 1)
+    for layer in model.model.layers:
+        layer.mlp = LegacySparseMoe(HIDDEN, 32)
+        with torch.no_grad():
+            for param in layer.mlp.parameters():
+                param.normal_(0.0, 0.2)
+    return model.eval()

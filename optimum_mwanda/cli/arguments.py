@@ -308,8 +308,8 @@ def add_coverage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--expert-weighting",
         choices=["router", "none"],
-        default="router",
-        help="scale each expert's calibration inputs by the token's router weight (default) or not",
+        default="none",
+        help="scale each expert's calibration inputs by the token's router weight, or not (default)",
     )
     group.add_argument(
         "--calibrate-all-experts",

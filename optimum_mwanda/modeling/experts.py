@@ -40,7 +40,8 @@ class ExpertOptions:
     Attributes:
         router_weighted: statistics of an expert read its inputs scaled by the router weight of each token
             (``w * x``): the expert's contribution to the block output is ``w * expert(x)``, so the
-            quadratic statistics (norms, Hessians) are those of that contribution. ``False``: plain ``x``.
+            quadratic statistics (norms, Hessians) are those of that contribution. ``False`` (default):
+            plain ``x``, which measured as good or slightly better (``docs/moe.md``). Fused experts only.
         calibrate_all_experts: every expert's statistics see every calibration token (as if routed to all
             experts); the layer's output still uses the real routing.
         min_tokens: an expert routed fewer calibration tokens than this (all languages, all ranks) falls
@@ -48,7 +49,7 @@ class ExpertOptions:
             second pass over that layer; recorded per expert in the report.
     """
 
-    router_weighted: bool = True
+    router_weighted: bool = False
     calibrate_all_experts: bool = False
     min_tokens: int = 16
 
@@ -418,3 +419,80 @@ def _check_same(experts: FusedExperts, ours: torch.Tensor, theirs: torch.Tensor)
             f"the per-expert computation of {experts.name} ({type(experts.module).__name__}) differs from the "
             f"module's own forward by {error:.2e} (relative): this experts layout is not supported"
         )
+
+
+# -- experts as a list of modules of nn.Linear (older transformers versions, remote code) ---------------------
+@dataclass(frozen=True)
+class ExpertList:
+    """An ``nn.ModuleList`` of expert modules built from ``nn.Linear`` layers, inside a MoE block that
+    routes each token to some of them (``block(hidden_states)`` calls ``experts[e](hidden_states[tokens])``).
+
+    Attributes:
+        name: the full name of the list (``model.layers.0.block_sparse_moe.experts``).
+        block: the module that holds the list and routes tokens to it.
+        experts: the list.
+    """
+
+    name: str
+    block: nn.Module
+    experts: nn.ModuleList
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_name(self, index: int) -> str:
+        return f"{self.name}.{index}"
+
+
+def find_expert_lists(layer: nn.Module, layer_name: str) -> list[ExpertList]:
+    """Lists of two or more same-class expert modules holding linear layers, named ``*expert*``."""
+    found = []
+    for sub_name, module in layer.named_modules():
+        if not sub_name or not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if "expert" not in sub_name.rsplit(".", 1)[-1] or len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        parent_name = sub_name.rpartition(".")[0]
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        found.append(ExpertList(f"{layer_name}.{sub_name}", parent, module))
+    return found
+
+
+def row_keys(rows: torch.Tensor) -> torch.Tensor:
+    """An exact integer key per row of ``rows`` (``[n, d]``): its bits times fixed odd multipliers, summed
+    in int64 (wrapping), so identical rows get identical keys whatever the matrix they sit in."""
+    bits = rows.contiguous()
+    bits = bits.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]).long()
+    generator = torch.Generator().manual_seed(0)
+    multipliers = torch.randint(1, 2**62, (rows.shape[-1],), generator=generator, dtype=torch.int64) | 1
+    return (bits * multipliers.to(bits.device)).sum(dim=-1)
+
+
+class TokenMatcher:
+    """Which tokens of a MoE block's input an expert received: its input rows matched, bit for bit, to
+    the rows of the block's input (recorded by the block's pre-hook)."""
+
+    def __init__(self) -> None:
+        self._sorted: torch.Tensor | None = None
+        self._order: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+
+    def set_block_input(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        keys = row_keys(self.hidden)
+        self._sorted, self._order = torch.sort(keys)
+
+    def tokens_of(self, rows: torch.Tensor, where: str) -> torch.Tensor:
+        if self._sorted is None:
+            raise RuntimeError(f"{where} ran before its MoE block: cannot tell which tokens it received")
+        keys = row_keys(rows.reshape(-1, rows.shape[-1]))
+        position = torch.searchsorted(self._sorted, keys).clamp_max(self._sorted.numel() - 1)
+        if not torch.equal(self._sorted[position], keys):
+            raise RuntimeError(
+                f"{where} received rows that are not tokens of its MoE block's input: this expert layout "
+                "transforms tokens before the experts and is not supported"
+            )
+        return self._order[position]

@@ -16,8 +16,16 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .experts import ExpertOptions, ExpertsRecorder, ExpertsStatistics, ExpertWeight, RoutingCounts
-from .linear import PrunableLinear
+from .experts import (
+    ExpertList,
+    ExpertOptions,
+    ExpertsRecorder,
+    ExpertsStatistics,
+    ExpertWeight,
+    RoutingCounts,
+    TokenMatcher,
+)
+from .linear import ListedExpertLinear, PrunableLinear
 
 
 class StopLayerForward(Exception):
@@ -53,6 +61,19 @@ class LayerStatisticsCollector:
         self.negative_statistics: list[Any] = []
         # Expert statistics come first, one group per expert weight, allocated now (their layout is known).
         self.experts = self._allocate_expert_statistics(num_languages)
+        # Experts that are modules of nn.Linear: their linear hooks see the tokens routed to them, matched to
+        # the MoE block's input.
+        self.expert_lists: dict[str, ExpertList] = {}
+        for m in self.modules:
+            if isinstance(m, ListedExpertLinear) and m.expert_list is not None:
+                self.expert_lists.setdefault(m.expert_list.name, m.expert_list)
+        self._list_routing = {
+            name: RoutingCounts(num_languages, lst.num_experts) for name, lst in self.expert_lists.items()
+        }
+        self._list_fallback = {name: [False] * lst.num_experts for name, lst in self.expert_lists.items()}
+        self._matchers = {name: TokenMatcher() for name in self.expert_lists}
+        self._list_tokens: dict[str, torch.Tensor] = {}
+        self._running_fallback = False
         self._fixed_groups = len(self.statistics)
         self._seq_len = 1
         self._saw_batch = False
@@ -163,9 +184,14 @@ class LayerStatisticsCollector:
             self._order_known = True
 
     def _hook(self, module: PrunableLinear):
+        listed = module if isinstance(module, ListedExpertLinear) else None
+
         def pre_hook(_module, args, kwargs):
             if self._fallback_pass:  # only the experts under their token threshold are calibrated again
-                return None
+                if listed is None or not self._running_fallback:
+                    return None
+                if not self._list_fallback[listed.expert_list.name][listed.expert]:
+                    return None
             if not self._order_known:
                 self._order.append(module.name)
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
@@ -184,15 +210,83 @@ class LayerStatisticsCollector:
                     self.negative_statistics.append(self.new_negative_statistic(module.in_features, device))
             group = self.group_of[module.name]
             self._seen[key] = group
-            self._update(group, x)
+            if listed is not None:
+                self._update_listed(group, x, self._list_tokens[listed.expert_list.name], module.name)
+            else:
+                self._update(group, x)
             self._maybe_stop(module)
             return None
 
         return pre_hook
 
     def _maybe_stop(self, module: PrunableLinear) -> None:
+        if self._fallback_pass:
+            return
         if self._stop_early and self._order_known and module.name == self._order[-1]:
             raise StopLayerForward
+
+    # -- experts that are lists of modules --------------------------------------------------------------
+    def _block_hook(self, expert_list: ExpertList):
+        matcher = self._matchers[expert_list.name]
+
+        def pre_hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            matcher.set_block_input(hidden)
+            if not self._fallback_pass:
+                return None
+            flags = self._list_fallback[expert_list.name]
+            tokens = torch.arange(matcher.hidden.shape[0], device=matcher.hidden.device)
+            self._running_fallback = True
+            try:
+                for e, fell_back in enumerate(flags):
+                    if fell_back:
+                        self._list_tokens[expert_list.name] = tokens
+                        self._seen.clear()
+                        expert_list.experts[e](matcher.hidden)
+            finally:
+                self._running_fallback = False
+            if self._stop_early and expert_list.name == self._fallback_last:
+                raise StopLayerForward
+            return None
+
+        return pre_hook
+
+    def _expert_hook(self, expert_list: ExpertList, index: int):
+        matcher = self._matchers[expert_list.name]
+        counts = self._list_routing[expert_list.name].counts
+
+        def pre_hook(_module, args, kwargs):
+            if self._running_fallback:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            tokens = matcher.tokens_of(x, expert_list.expert_name(index))
+            self._list_tokens[expert_list.name] = tokens
+            if not self._negative and not self._fallback_pass:
+                valid = self._valid.to(tokens.device)[tokens]
+                language = self._language.to(tokens.device)[tokens][valid]
+                counts[:, index] += torch.bincount(language, minlength=counts.shape[0]).to(counts)
+            return None
+
+        return pre_hook
+
+    def _update_listed(self, group: int, x: torch.Tensor, tokens: torch.Tensor, name: str) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] != tokens.numel():
+            raise RuntimeError(
+                f"{name} saw {rows.shape[0]} rows for the {tokens.numel()} tokens of its expert"
+            )
+        # In token order, padding dropped: the statistic sums one sequence at a time.
+        order = torch.argsort(tokens, stable=True)
+        tokens = tokens[order]
+        keep = self._valid.to(tokens.device)[tokens]
+        tokens, rows = tokens[keep], rows[order][keep]
+        language = self._language.to(tokens.device)[tokens]
+        if self._negative:
+            self.negative_statistics[group].update(rows, torch.zeros_like(language))
+            return
+        batch = self._valid.numel() // self._seq_len
+        lengths = torch.bincount(tokens // self._seq_len, minlength=batch).tolist()
+        self.statistics[group].update(rows, language, lengths)
 
     def _experts_called(self, name: str) -> None:
         """An experts module has recorded its statistics (its output is still to be computed)."""
@@ -254,6 +348,14 @@ class LayerStatisticsCollector:
             recorder.fallback_only = {
                 s.experts.name: [e for e, f in enumerate(s.fallback) if f] for s in self.experts
             }
+        for expert_list in self.expert_lists.values():
+            handles.append(
+                expert_list.block.register_forward_pre_hook(self._block_hook(expert_list), with_kwargs=True)
+            )
+            for e, expert in enumerate(expert_list.experts):
+                handles.append(
+                    expert.register_forward_pre_hook(self._expert_hook(expert_list, e), with_kwargs=True)
+                )
         try:
             with recorder.attached():
                 yield self
@@ -268,12 +370,25 @@ class LayerStatisticsCollector:
         experts routed fewer than ``expert_options.min_tokens`` tokens, give them fresh statistics and
         return whether a second pass is needed (run it like the first, over the main batches only, then
         call :meth:`end_fallback_pass`)."""
-        if not self.experts:
+        if not self.experts and not self.expert_lists:
             return False
         distributed.all_reduce_statistics([s.routing for s in self.experts])
+        distributed.all_reduce_statistics(list(self._list_routing.values()))
         if self.expert_options.calibrate_all_experts:
             return False
         fresh = []
+        for name, routing in self._list_routing.items():
+            for e, tokens in enumerate(routing.per_expert.tolist()):
+                if tokens >= self.expert_options.min_tokens:
+                    continue
+                self._list_fallback[name][e] = True
+                for module in self.modules:
+                    listed = isinstance(module, ListedExpertLinear) and module.expert_list.name == name
+                    if listed and module.expert == e and module.name in self.group_of:
+                        group = self.group_of[module.name]
+                        if all(self.statistics[group] is not f for f in fresh):
+                            self.statistics[group] = self.new_statistic(module.in_features, module.device)
+                            fresh.append(self.statistics[group])
         for stats in self.experts:
             tokens = stats.routing.per_expert
             for e in range(stats.experts.num_experts):
@@ -290,10 +405,19 @@ class LayerStatisticsCollector:
                     self.statistics[self.group_of[weight.name]] = new
                     fresh.append(new)
         self._fresh = fresh
-        if not fresh:
+        if not any(any(s.fallback) for s in self.experts) and not any(map(any, self._list_fallback.values())):
             return False
         self._fallback_pass = True
-        self._fallback_last = [s.experts.name for s in self.experts if any(s.fallback)][-1]
+        # The last module (in forward order) whose fallback experts run: the pass stops right after it.
+        candidates = [s.experts.name for s in self.experts if any(s.fallback)]
+        candidates += [name for name, flags in self._list_fallback.items() if any(flags)]
+
+        def position(name: str) -> int:  # a fused module's own name, or the last linear of a list's experts
+            return max(
+                (i for i, n in enumerate(self._order) if n == name or n.startswith(f"{name}.")), default=-1
+            )
+
+        self._fallback_last = max(candidates, key=position)
         return True
 
     def end_fallback_pass(self) -> None:
@@ -311,6 +435,17 @@ class LayerStatisticsCollector:
                 "num_experts": stats.experts.num_experts,
                 "tokens": [int(t) for t in stats.routing.per_expert.tolist()],
                 "fallback": list(stats.fallback),
+                "routing_shares": {
+                    language: [round(float(v), 6) for v in shares[i].tolist()]
+                    for i, language in enumerate(languages)
+                },
+            }
+        for name, routing in self._list_routing.items():
+            shares = routing.shares().cpu()
+            records[name] = {
+                "num_experts": self.expert_lists[name].num_experts,
+                "tokens": [int(t) for t in routing.per_expert.tolist()],
+                "fallback": list(self._list_fallback[name]),
                 "routing_shares": {
                     language: [round(float(v), 6) for v in shares[i].tolist()]
                     for i, language in enumerate(languages)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .experts import ExpertWeight, find_fused_experts, is_router
+from .experts import ExpertList, ExpertWeight, find_expert_lists, find_fused_experts, is_router
 from .offload import execution_device, read_parameter, write_parameter
 
 # Never pruned, whatever the user's patterns: output heads and embeddings.
@@ -76,19 +76,35 @@ def is_always_dense(sub_name: str) -> bool:
     return any(part in sub_name.split(".") for part in ALWAYS_DENSE)
 
 
+@dataclass
+class ListedExpertLinear(PrunableLinear):
+    """A linear module of expert ``expert`` of an :class:`ExpertList`: it sees only the tokens routed to it."""
+
+    expert_list: ExpertList | None = None
+    expert: int = 0
+
+
 def find_prunable_linears(layer: nn.Module, layer_name: str, ignore: list[str]) -> list[PrunableLinear]:
     """Linear (and Conv1D) modules inside ``layer`` not excluded by ``ignore``, always dense, nor a
     mixture-of-experts router or gate (routers decide which experts run: never pruned)."""
-    found = []
+    found: list[PrunableLinear] = []
+    experts = {
+        id(e): (lst, i) for lst in find_expert_lists(layer, layer_name) for i, e in enumerate(lst.experts)
+    }
     for sub_name, module in layer.named_modules():
         if not sub_name or not is_prunable_linear(module):
             continue
         full = f"{layer_name}.{sub_name}"
         if matches_pattern(full, ignore) or is_always_dense(sub_name):
             continue
-        if is_router(sub_name, module, ancestors_of(layer, sub_name)):
+        ancestors = ancestors_of(layer, sub_name)
+        if is_router(sub_name, module, ancestors):
             continue
-        found.append(PrunableLinear(full, module))
+        owner = next((experts[id(a)] for a in ancestors if id(a) in experts), None)
+        if owner is None:
+            found.append(PrunableLinear(full, module))
+        else:
+            found.append(ListedExpertLinear(full, module, expert_list=owner[0], expert=owner[1]))
     return found
 
 
