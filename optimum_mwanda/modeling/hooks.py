@@ -289,14 +289,19 @@ class LayerStatisticsCollector:
         self.statistics[group].update(rows, language, lengths)
 
     def _experts_called(self, name: str) -> None:
-        """An experts module has recorded its statistics (its output is still to be computed)."""
+        """An experts module has recorded its statistics. Stopping is left to its forward hook
+        (:meth:`_stop_after_experts`): raised inside the forward, the exception would skip Accelerate's
+        post-forward and leave offloaded expert weights materialised."""
         if self._fallback_pass:
-            if self._stop_early and name == self._fallback_last:
-                raise StopLayerForward
+            self._stop_pending = self._stop_early and name == self._fallback_last
             return
         if not self._order_known:
             self._order.append(name)
-        if self._stop_early and self._order_known and name == self._order[-1]:
+        self._stop_pending = self._stop_early and self._order_known and name == self._order[-1]
+
+    def _stop_after_experts(self, _module, _args, _output) -> None:
+        if self._stop_pending:
+            self._stop_pending = False
             raise StopLayerForward
 
     def _token_context(self) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
@@ -348,6 +353,9 @@ class LayerStatisticsCollector:
             recorder.fallback_only = {
                 s.experts.name: [e for e, f in enumerate(s.fallback) if f] for s in self.experts
             }
+        self._stop_pending = False
+        for stats in self.experts:
+            handles.append(stats.experts.module.register_forward_hook(self._stop_after_experts))
         for expert_list in self.expert_lists.values():
             handles.append(
                 expert_list.block.register_forward_pre_hook(self._block_hook(expert_list), with_kwargs=True)
