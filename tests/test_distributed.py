@@ -80,10 +80,11 @@ def test_two_ranks_match_one_process(equivalence, name):
             assert torch.equal(got == 0, expected == 0), f"rank {rank}: mask of {key} differs"
             # Measured: bit-identical on CPU for Wanda, M-Wanda (with compensation) and SparseGPT. Mixtures
             # of experts: every expert's matmul runs over however many tokens a rank routed to it, which
-            # rounds differently with the row count (in transformers' own forward too), so activations and
-            # weight updates agree to ~1e-6 while the masks stay identical.
+            # rounds differently with the row count (in transformers' own forward too), so activations
+            # agree to ~1e-6 while the masks stay identical; M-Wanda's compensation magnifies that to
+            # 1.4e-4 (measured, weights of size ~0.2).
             if worker.cases()[name].get("moe"):
-                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got, expected, rtol=1e-3, atol=3e-4)
                 continue
             assert torch.equal(got, expected), (
                 f"rank {rank}: {key} differs by {(got - expected).abs().max():.3g}"
