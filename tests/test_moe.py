@@ -257,18 +257,23 @@ def test_offloaded_experts_prune_like_in_memory(tmp_path):
 
 
 def test_resume_restores_expert_weights(tmp_path):
+    """A run interrupted after layer 0's file resumes (expert matrices from the layer file, expert records
+    from the state) to the weights and report of an uninterrupted run."""
+    import fault_injection as fi
+
     calibration = make_token_calibration(**CALIBRATION)
     config = MWandaConfig()
-    full = make_moe_model("deepseek_v3")
-    report = Pruner(config).prune_model(
-        full, calibration, show_progress=False, checkpoint_dir=tmp_path / "ck"
-    )
-    # A finished checkpoint: a new run on a fresh model restores every layer from it.
-    again = make_moe_model("deepseek_v3")
+    full = make_moe_model("qwen3_moe")
+    report = Pruner(config).prune_model(full, calibration, show_progress=False)
+    with fi.io_steps(fi.raise_before("open", ".tmp-layer_1.safetensors")), pytest.raises(fi.InjectedFault):
+        Pruner(config).prune_model(
+            make_moe_model("qwen3_moe"), calibration, show_progress=False, checkpoint_dir=tmp_path / "ck"
+        )
+    again = make_moe_model("qwen3_moe")
     resumed = Pruner(config).prune_model(
         again, calibration, show_progress=False, checkpoint_dir=tmp_path / "ck"
     )
-    assert resumed.resumed_from_layer == 2
+    assert resumed.resumed_from_layer == 1
     for (name, a), b in zip(full.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.experts == report.experts
