@@ -329,3 +329,26 @@ def test_per_module_experts_are_pruned_on_their_routed_tokens(min_tokens):
             assert torch.equal(getattr(pruned, name).weight == 0, expected), f"expert {e} {name}"
     assert torch.equal(model.model.layers[0].mlp.gate.weight, gate)  # the router stays dense
     assert report.coverage.complete and abs(verify_sparsity(model).overall - 0.5) < 1e-6
+
+
+def test_experts_layout_that_the_loop_does_not_reproduce_is_refused():
+    """The per-expert loop is checked against the module's own forward on the first batch of every layer:
+    an experts module that computes something else is an error (weights restored), not wrong statistics."""
+    model = make_moe_model("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    own = type(experts).forward
+    experts.forward = lambda hidden, index, weights: 2 * own(experts, hidden, index, weights)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.mlp\.experts \(MixtralExperts\) differs"):
+        Pruner(WandaConfig()).prune_model(model, make_token_calibration(**CALIBRATION), show_progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_bfloat16_experts():
+    model = make_moe_model("gpt_oss").to(torch.bfloat16)
+    report = Pruner(WandaConfig()).prune_model(
+        model, make_token_calibration(**CALIBRATION), show_progress=False
+    )
+    assert report.achieved_sparsity == pytest.approx(0.5)
+    assert verify_sparsity(model).overall == pytest.approx(0.5)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
