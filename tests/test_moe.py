@@ -256,6 +256,30 @@ def test_offloaded_experts_prune_like_in_memory(tmp_path):
         assert torch.equal(weight.read_weight(), expected)
 
 
+def test_disk_offloaded_experts_prune_like_in_memory(tmp_path):
+    calibration = make_token_calibration(**CALIBRATION)
+    model = make_moe_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "dense")
+    Pruner(WandaConfig()).prune_model(model, calibration, show_progress=False)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map.update({f"model.layers.{i}": "disk" for i in range(2)})
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", device_map=device_map, offload_folder=str(tmp_path / "off")
+    ).eval()
+    assert _experts(offloaded, 0).module.gate_up_proj.device.type == "meta"
+    Pruner(WandaConfig()).prune_model(offloaded, calibration, show_progress=False)
+    for layer in range(2):
+        for weight in _experts(offloaded, layer).weights():
+            expected = _experts(model, layer).weight(weight.parameter, weight.expert).read_weight()
+            assert torch.equal(weight.read_weight(), expected), weight.name
+    assert not any(p.device.type == "cpu" for p in _experts(offloaded, 0).module.parameters())
+
+
 def test_resume_restores_expert_weights(tmp_path):
     """A run interrupted after layer 0's file resumes (expert matrices from the layer file, expert records
     from the state) to the weights and report of an uninterrupted run."""
