@@ -376,3 +376,23 @@ def test_bfloat16_experts():
     assert report.achieved_sparsity == pytest.approx(0.5)
     assert verify_sparsity(model).overall == pytest.approx(0.5)
     assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_expert_hessians_see_every_routed_token():
+    """M-Wanda's sweep samples every k-th token for full-width inputs; an expert, which sees about
+    top_k / num_experts of the tokens, keeps all of its own."""
+    from optimum_mwanda.methods import algorithm_for
+    from optimum_mwanda.modeling import LayerStatisticsCollector
+    from optimum_mwanda.modeling.linear import prunable_weights_by_layer
+
+    algorithm = algorithm_for(MWandaConfig(weight_update="sweep", hessian_token_stride=4).resolve())
+    assert algorithm.new_statistic(64, 1, "cpu").token_stride == 4
+    stack = find_decoder_stack(make_moe_model("mixtral"))
+    modules = prunable_weights_by_layer(stack, [])[0]
+    collector = LayerStatisticsCollector(
+        modules,
+        lambda n, device: algorithm.new_statistic(n, 1, device),
+        new_expert_statistic=lambda n, device: algorithm.new_expert_statistic(n, 1, device),
+    )
+    expert_statistics = collector.statistics[: len(collector.expert_weights)]
+    assert expert_statistics and all(s.token_stride == 1 for s in expert_statistics)

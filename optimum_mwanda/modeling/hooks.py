@@ -41,6 +41,8 @@ class LayerStatisticsCollector:
         new_negative_statistic: same, for negative-calibration batches (optional).
         num_languages: calibration languages (for the routing counts of experts).
         expert_options: how experts are calibrated.
+        new_expert_statistic: ``(in_features, device) -> statistic`` for one expert's projection (fused
+            experts), ``new_statistic`` when not given.
     """
 
     def __init__(
@@ -50,10 +52,12 @@ class LayerStatisticsCollector:
         new_negative_statistic: Callable[[int, torch.device], Any] | None = None,
         num_languages: int = 1,
         expert_options: ExpertOptions | None = None,
+        new_expert_statistic: Callable[[int, torch.device], Any] | None = None,
     ):
         self.modules = [m for m in modules if not isinstance(m, ExpertWeight)]
         self.expert_weights = [m for m in modules if isinstance(m, ExpertWeight)]
         self.new_statistic = new_statistic
+        self.new_expert_statistic = new_expert_statistic or new_statistic
         self.new_negative_statistic = new_negative_statistic
         self.expert_options = expert_options or ExpertOptions()
         self.group_of: dict[str, int] = {}
@@ -110,7 +114,7 @@ class LayerStatisticsCollector:
             stats = owners[owner.name]
             up = weight.parameter == owner.up
             self.group_of[weight.name] = len(self.statistics)
-            statistic = self.new_statistic(weight.in_features, weight.device)
+            statistic = self.new_expert_statistic(weight.in_features, weight.device)
             self.statistics.append(statistic)
             (stats.up if up else stats.down)[weight.expert] = statistic
             if self.new_negative_statistic is not None:
@@ -205,7 +209,8 @@ class LayerStatisticsCollector:
             if module.name not in self.group_of:
                 self.group_of[module.name] = len(self.statistics)
                 device = x.device
-                self.statistics.append(self.new_statistic(module.in_features, device))
+                factory = self.new_statistic if listed is None else self.new_expert_statistic
+                self.statistics.append(factory(module.in_features, device))
                 if self.new_negative_statistic is not None:
                     self.negative_statistics.append(self.new_negative_statistic(module.in_features, device))
             group = self.group_of[module.name]
@@ -395,7 +400,8 @@ class LayerStatisticsCollector:
                     if listed and module.expert == e and module.name in self.group_of:
                         group = self.group_of[module.name]
                         if all(self.statistics[group] is not f for f in fresh):
-                            self.statistics[group] = self.new_statistic(module.in_features, module.device)
+                            statistic = self.new_expert_statistic(module.in_features, module.device)
+                            self.statistics[group] = statistic
                             fresh.append(self.statistics[group])
         for stats in self.experts:
             tokens = stats.routing.per_expert
@@ -408,7 +414,7 @@ class LayerStatisticsCollector:
                     if old is None:
                         continue
                     weight = stats.experts.weight(parameter, e)
-                    new = self.new_statistic(weight.in_features, weight.device)
+                    new = self.new_expert_statistic(weight.in_features, weight.device)
                     getattr(stats, kind)[e] = new
                     self.statistics[self.group_of[weight.name]] = new
                     fresh.append(new)

@@ -281,6 +281,7 @@ class SequentialWalk:
             algorithm.new_negative_statistic if self._has_negative else None,
             num_languages=num_languages,
             expert_options=self.expert_options,
+            new_expert_statistic=lambda n, device: algorithm.new_expert_statistic(n, num_languages, device),
         )
         with collector.attached(), torch.no_grad():
             for b, batch in enumerate(batches):
