@@ -140,6 +140,11 @@ class Pruner:
         layer_modules = prunable_weights_by_layer(stack, config.ignore)
         coverage = plan_coverage(stack, layer_modules, config.ignore)
         coverage.enforce(allow_unpruned)
+        logger.info(
+            "Coverage: %d decoder-layer weights to prune; left dense: %s",
+            len(coverage.pruned),
+            ", ".join(f"{n} {reason}" for reason, n in coverage.reasons().items()) or "none",
+        )
         _validate_modules(layer_modules, config)
         # Every automatic choice made, from the run's size too: what runs is what the report records.
         calibration_tokens = sum(calibration_set.token_counts.values())
