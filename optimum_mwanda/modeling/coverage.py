@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from .adapters import canonical_name
 from .experts import ExpertWeight, fused_experts_of, is_router
 from .linear import ALWAYS_DENSE, ancestors_of, is_prunable_linear, matches_pattern
 
@@ -184,8 +185,9 @@ def _dense_reason(
     ignore: list[str],
     in_experts: bool,
 ) -> str | None:
-    module_name = full.rpartition(".")[0]
-    if matches_pattern(full, ignore) or matches_pattern(module_name, ignore):
+    # Patterns name modules as in the plain model (without peft's ``base_layer``).
+    module_name = canonical_name(full.rpartition(".")[0])
+    if matches_pattern(canonical_name(full), ignore) or matches_pattern(module_name, ignore):
         return "ignored"
     if "lora_" in full or type(owner).__module__.startswith("peft"):
         return "adapter"
