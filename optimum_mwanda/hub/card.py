@@ -23,7 +23,7 @@ from ..distributed import main_process_only
 from ..evaluation.summary import MEAN_LABEL, geometric_mean
 from ..methods import describe_method
 from ..methods.registry import MethodDescription, method_entry, method_names
-from ..modeling.coverage import PRUNED, CoveragePlan
+from ..modeling.coverage import CoveragePlan
 from ..modeling.experts import FALLBACK_RULE
 from ..report import PruningReport
 from .identity import base_model_id, hub_ids, validate_repo_id
@@ -474,7 +474,19 @@ def _block_labels(names: list[str]) -> dict[str, str]:
 def _left_out(shown: int, total: int, what: str) -> str:
     if shown >= total:
         return ""
-    return f" The first {shown:,} of {total:,} {what} are shown; {total - shown:,} are left out here (all are in `pruning_report.json`)."
+    return (
+        f" The first {shown:,} of {total:,} {what} are shown; {total - shown:,} are left out here (all are in "
+        "`pruning_report.json`)."
+    )
+
+
+def spread(total: int, count: int) -> list[int]:
+    """``count`` indices of ``range(total)`` evenly spaced from the first to the last (all when fewer)."""
+    if count >= total:
+        return list(range(total))
+    if count <= 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
 
 
 def _expert_settings_table(report: PruningReport) -> CardTable:
@@ -534,10 +546,18 @@ def _fallback_table(report: PruningReport, labels: dict[str, str]) -> CardTable:
         )
         for name, expert, tokens in fallen[:MAX_EXPERT_ROWS]
     ]
+    left = _left_out(len(rows), len(fallen), "fallback experts")
+    if left:  # one count per MoE layer keeps the whole picture when rows are left out
+        left += (
+            " Fallback experts per layer: "
+            + ", ".join(
+                f"{labels[name]}: {len(experts)}" for name, experts in report.expert_fallbacks.items()
+            )
+            + "."
+        )
     return CardTable(
         f"{len(fallen):,} of {total:,} experts were routed fewer than `min_tokens` = {minimum} calibration "
-        f"tokens and fell back to the stated rule: each was {FALLBACK_RULE}."
-        + _left_out(len(rows), len(fallen), "fallback experts"),
+        f"tokens and fell back to the stated rule: each was {FALLBACK_RULE}." + left,
         "| Layer | Expert | Tokens routed | Calibrated on |",
         "|---:|---:|---:|---|",
         rows,
@@ -594,11 +614,15 @@ def _routing_tables(
                 )
             )
         layer_rows.append(rows)
-    # Whole layers only, so that every shown layer has all its languages.
-    per_layer = max(1, len(ordered))
-    shown_layers = max(1, MAX_EXPERT_ROWS // per_layer)
-    detail = [row for rows in layer_rows[:shown_layers] for row in rows]
-    left = _left_out(min(shown_layers, len(layer_rows)), len(layer_rows), "MoE layers")
+    # Whole layers only (every shown layer has all its languages), spread over the depth of the model.
+    shown = spread(len(layer_rows), max(1, MAX_EXPERT_ROWS // max(1, len(ordered))))
+    detail = [row for index in shown for row in layer_rows[index]]
+    left = ""
+    if len(shown) < len(layer_rows):
+        left = (
+            f" {len(shown)} of {len(layer_rows)} MoE layers are shown, evenly spaced over the depth; the other "
+            f"{len(layer_rows) - len(shown)} are left out here (all are in `pruning_report.json`)."
+        )
     return [
         CardTable(
             "Which experts serve which language: the share of each calibration language's routed (token, "
