@@ -253,6 +253,17 @@ def test_128_expert_card_is_bounded_and_says_what_it_left_out():
     assert len(text) < 20_000
 
 
+def test_calibrate_all_experts_card_says_the_threshold_did_not_apply():
+    report = _synthetic_moe_report(layers=2, experts=4, languages=["en"])
+    report.expert_options["calibrate_all_experts"] = True
+    for record in report.experts.values():
+        record["fallback"] = [False] * 4
+    section = _section(create_model_card(report).text, "Mixture of experts")
+    assert "every expert calibrated on every token (the layer output kept the real routing)" in section
+    assert "with `calibrate_all_experts` every expert was calibrated on every token" in section
+    assert "was routed at least" not in section
+
+
 def test_user_strings_in_the_new_sections_are_escaped():
     report = _synthetic_moe_report(layers=1, experts=4, languages=["en"])
     # Two experts modules in one layer: labelled by name, which must stay one table cell.

@@ -530,6 +530,13 @@ def _fallback_table(report: PruningReport, labels: dict[str, str]) -> CardTable:
         for expert in experts
     ]
     minimum = markdown_text(report.expert_options.get("min_tokens", "–"))
+    if not fallen and report.expert_options.get("calibrate_all_experts", False):
+        return CardTable(
+            "No expert fell back: with `calibrate_all_experts` every expert was calibrated on every token, so "
+            "`min_tokens` did not apply.",
+            "",
+            "",
+        )
     if not fallen:
         return CardTable(
             f"No expert fell back: each of the {total:,} experts was routed at least `min_tokens` = {minimum} "
