@@ -117,6 +117,7 @@ def test_moe_card_counts_expert_matrices_and_coverage(fallback_run):
     coverage = next(row for row in _rows(facts, "|") if row[0] == "Coverage")[1]
     assert coverage == "12 of the decoder layers' 14 weight tensors pruned; left dense by design: 2 (router)"
     assert "Not fully pruned" not in text and "## Weights left dense" not in text
+    assert "| Left dense | embeddings, LM head, MoE routers and gates |" in text
 
 
 def test_moe_card_without_fallbacks_says_so():
@@ -273,12 +274,19 @@ def test_user_strings_in_the_new_sections_are_escaped():
         [
             CoverageEntry("model.layers.0.self_attn.q_proj.weight", (8, 8), PRUNED),
             CoverageEntry("model.layers.0.norm.weight", (8, 8), DENSE, "norm"),
+            CoverageEntry(
+                "model.layers.0.mlp.experts.down_proj", (4, 8, 8), PRUNED, "ignored: 1 of 4 experts"
+            ),
             CoverageEntry("model.layers.0.mixer.table|x", (2, 8, 8), UNREACHABLE, "Odd*Mixer.table | x [y]"),
         ],
         allow_unpruned=True,
     )
     text = create_model_card(report).text
     _headings_have_content(text)
+    assert (
+        "| Coverage | 2 of the decoder layers' 4 weight tensors pruned (1 of them only partly: some experts "
+        "ignored); left dense by design: 1 (norm); **1 unreachable, left dense** (`allow_unpruned=True`) |"
+    ) in text
     left = _rows(_section(text, "Weights left dense"), "Weight")
     assert left == [
         ["<code>model.layers.0.mixer.table&#124;x</code>", "2 × 8 × 8", r"Odd\*Mixer.table \| x \[y\]"]
