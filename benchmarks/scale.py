@@ -424,9 +424,14 @@ def report(args) -> None:
     lines = [
         "# Scale: memory and time of one decoder layer, and the predicted full-model peaks",
         "",
-        "Commands: `python benchmarks/scale.py run --model llama-3.1-8b`, "
-        "`python benchmarks/scale.py run --model llama-3.1-70b --only attention --statistics-dtype float32`, "
-        "`python benchmarks/scale.py report` (see the script's docstring for what is measured and how).",
+        "Commands (each measurement in a fresh process): "
+        "`python benchmarks/scale.py run --model llama-3.1-8b --seq-len 512 --refinement-steps 1` (stopped "
+        "after SparseGPT 50%: the 2:4 sweep runs change no buffer and would have taken an hour more), "
+        "`python benchmarks/scale.py run --model llama-3.1-8b --only attention --seq-len 512 "
+        "--refinement-steps 1 --methods mwanda_sweep --structures 50%`, "
+        "`python benchmarks/scale.py run --model llama-3.1-70b --only attention --seq-len 256 "
+        "--statistics-dtype float32 --methods sparsegpt --structures 50%`, the two `group` commands of the "
+        "script's docstring, then `python benchmarks/scale.py report`.",
         f"Machine: {data.get('platform')}, {data.get('cpu_count')} CPUs shared with other jobs; float32 weights "
         "and activations on the CPU; peak memory is peak RSS (VmHWM) of a fresh process per run, above the "
         "RSS when the layer's statistics began. Predictions: `optimum_mwanda.memory` (docs/large-models.md).",
