@@ -322,6 +322,10 @@ def check_fits(predicted: int, available: int, what: str, options: Sequence[str]
         return
     hint = "; ".join(options) if options else "use a device with more memory"
     raise InsufficientMemoryError(
-        f"{what} needs about {predicted / GIB:.2f} GiB but {available / GIB:.2f} GiB are available; nothing "
-        f"was changed. Options that lower the peak: {hint}"
+        f"{what} needs about {_size(predicted)} but {_size(available)} are available; nothing was changed. "
+        f"Options that lower the peak: {hint}"
     )
+
+
+def _size(count: int) -> str:
+    return f"{count / GIB:.2f} GiB" if count >= GIB / 10 else f"{count / 2**20:.1f} MiB"
