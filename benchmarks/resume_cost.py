@@ -49,8 +49,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from optimum_mwanda.demo import demo_model_path
-    from optimum_mwanda.modeling import find_decoder_stack, find_prunable_linears
-    from optimum_mwanda.resume import PruningCheckpoint, ResumeState, model_weights_digest
+    from optimum_mwanda.modeling import WalkProgress, find_decoder_stack, find_prunable_linears
+    from optimum_mwanda.resume import PruningCheckpoint, model_weights_digest
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(demo_model_path()).eval()
@@ -77,7 +77,7 @@ def main() -> None:
     hidden_bytes = sum(h.numel() * h.element_size() for h in hidden)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
         checkpoint = PruningCheckpoint(Path(folder) / "ckpt", "benchmark")
-        state = ResumeState(fingerprint="benchmark")
+        state = WalkProgress()
         checkpoint.save_progress(state, None)
         steps = iter(range(1, 10_000))
 

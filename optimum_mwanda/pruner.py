@@ -6,6 +6,7 @@ where a model keeps its layers and weights lives in ``modeling/``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -130,8 +131,8 @@ class Pruner:
         if checkpoint_dir is not None or context.enabled:
             fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
         # Data-parallel: every rank must hold the same model, config and calibration (refused otherwise).
-        if context.enabled:
-            distributed.check_same_run(f"{fingerprint}:{distributed.weights_digest(model)}", context)
+        if context.enabled:  # the fingerprint holds the full weight digest
+            distributed.check_same_run(fingerprint, context)
         show_progress = show_progress and context.is_main
         checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
 
@@ -146,7 +147,8 @@ class Pruner:
             activations_max_memory=activations_max_memory,
             show_progress=show_progress,
         )
-        result = walk.run(calibration_set, negative_set)
+        with checkpoint if checkpoint is not None else contextlib.nullcontext():  # holds the folder's lock
+            result = walk.run(calibration_set, negative_set)
 
         # 5. Report.
         timings = dict(result.timings, total=time.perf_counter() - start)

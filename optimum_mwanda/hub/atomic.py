@@ -147,7 +147,8 @@ def write_file(
                 os.fsync(handle.fileno())
         observe("rename", path)
         os.replace(staging, path)
-    except BaseException:
+    except Exception:
+        # (An interrupt leaves the temporary file as a kill would: the folder's owner cleans it up.)
         try:
             staging.unlink(missing_ok=True)
         except OSError:

@@ -7,7 +7,7 @@ from .decoder import DecoderStack, NoDecoderLayersError, find_decoder_stack
 from .hooks import LayerStatisticsCollector
 from .linear import PrunableLinear, find_prunable_linears, prunable_linears_by_layer
 from .offload import execution_device, input_device, read_parameter, write_parameter
-from .walk import SequentialWalk, WalkResult
+from .walk import ProgressListener, SequentialWalk, WalkProgress, WalkResult
 
 __all__ = [
     "ActivationStore",
@@ -16,7 +16,9 @@ __all__ = [
     "LayerStatisticsCollector",
     "NoDecoderLayersError",
     "PrunableLinear",
+    "ProgressListener",
     "SequentialWalk",
+    "WalkProgress",
     "WalkResult",
     "capture_layer_inputs",
     "execution_device",
