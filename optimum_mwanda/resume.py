@@ -470,10 +470,12 @@ def _state_problem(
         return f"a layer schedule for another number of layers than {num_layers}"
     if any(bool(layout[index]) != (index in layers) for index in range(completed)):
         return "a completed layer without its file, or a file for a layer without prunable modules"
-    done = {name: list(shape) for index in range(completed) for name, shape in layout[index].items()}
+    modules = {name: list(shape) for layer in layout for name, shape in layer.items()}
     shapes = progress.module_shapes
-    if not set(progress.module_sparsity) <= set(done) or any(done.get(k) != v for k, v in shapes.items()):
-        return "module results that do not match the completed layers' modules"
+    if not set(progress.module_sparsity) <= set(modules) or any(
+        modules.get(k) != v for k, v in shapes.items()
+    ):
+        return "module results for modules this model does not have"
     if completed < num_layers and hidden_for_layer != -1 and hidden is None:
         return "no hidden states for an unfinished run"
     return ""

@@ -302,7 +302,7 @@ class SequentialWalk:
                 collector.set_batch(batch["attention_mask"], batch["language"], negative=b >= n_main)
                 collector.run(captured.call, hidden[b], layer, index, b)
                 collector.end_batch()
-        distributed.synchronise_collector(collector)  # data-parallel: sums over every rank's shard
+        collector.synchronise()  # data-parallel: sums over every rank's shard
         self.timings["statistics"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -368,7 +368,7 @@ class SequentialWalk:
                     collector.set_batch(batch["attention_mask"], batch["language"])
                     hidden[i] = captured.call(hidden[i], layer, index, first_batch + i)
                     collector.end_batch()
-            distributed.synchronise_collector(collector)
+            collector.synchronise()
             signal.append(
                 self.algorithm.layer_signal(
                     [m.read_weight() for m in modules],
