@@ -14,7 +14,7 @@ checkpoint folder holds only files with these names (nothing else is ever writte
 - ``.tmp-<one of the names above>``: a file being written.
 
 Crash consistency: every file is written with the package's one atomic writer
-(:func:`optimum_mwanda.hub.atomic.write_file`, durable): under its ``.tmp-`` name, fsynced, renamed into
+(:func:`optimum_mwanda.files.write_file`, durable): under its ``.tmp-`` name, fsynced, renamed into
 place and its folder fsynced, so what ``state.json`` says also survives a power loss. A data file is never replaced while the durable ``state.json`` points at it (the hidden states of
 each generation get a new name), ``state.json`` is written last and is the only file that says what is
 valid, and the files of the previous generation are deleted only once the new ``state.json`` is durable.
@@ -25,8 +25,8 @@ so a damaged file is a :class:`CheckpointCorruptError`, never a silently differe
 state is checked against the model (layer count, module names and shapes) before any file is deleted.
 
 One run at a time: while a run uses the folder it holds the folder's lock (a hidden sibling
-``.<name>.lock``, see :func:`optimum_mwanda.hub.atomic.folder_lock`); a second run gets a
-:class:`~optimum_mwanda.hub.atomic.FolderInUseError`, and the lock of a killed run is taken over.
+``.<name>.lock``, see :func:`optimum_mwanda.files.folder_lock`); a second run gets a
+:class:`~optimum_mwanda.files.FolderInUseError`, and the lock of a killed run is taken over.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .distributed import run_on_main_process
-from .hub.atomic import file_sha256, folder_lock, fsync_directory, write_file
+from .files import file_sha256, folder_lock, fsync_directory, write_file
 from .modeling import WalkProgress, read_parameter
 
 STATE_FILE = "state.json"
