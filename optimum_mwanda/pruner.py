@@ -22,7 +22,7 @@ from .configuration import PruningConfig
 from .methods import algorithm_for
 from .modeling import PrunableLinear, SequentialWalk, find_decoder_stack, prunable_linears_by_layer
 from .report import PruningReport
-from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint
+from .resume import ResumeCheckpoint, model_weights_digest, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,13 @@ class Pruner:
             negative_calibration: text (or token ids) whose activations should *lower* importance (Kim et
                 al.), e.g. code. Wanda and M-Wanda only.
             show_progress: show tqdm progress bars.
-            checkpoint_dir: persist progress there after every decoder layer (pruned weights, the next
-                layer's inputs, the layer schedule), crash-consistently and with checksums. A run killed at
-                any point and started again with the same arguments on a freshly loaded model resumes at the
-                first unfinished layer and produces the same weights as an uninterrupted run; a folder of
-                another run or model, or a damaged file, raises a ``CheckpointError`` first. Only files
-                with the checkpoint's own names are written or deleted there (see ``optimum_mwanda.resume``).
+            checkpoint_dir: the resume checkpoint: persist progress there after every decoder layer (pruned
+                weights, the next layer's inputs, the layer schedule), durably and with checksums. A run
+                killed at any point and started again with the same arguments on a freshly loaded model
+                resumes at the first unfinished layer and produces the same weights as an uninterrupted run;
+                a folder of another run or model, or a damaged file, raises a ``CheckpointError`` first, and
+                a folder another run is using a ``FolderInUseError``. Only files with the resume
+                checkpoint's own names are written or deleted there (see ``optimum_mwanda.resume``).
             activations_device: where calibration activations wait between layers (e.g. ``"cpu"`` to keep
                 them off the accelerator); ``None`` leaves them where they were produced.
             activations_max_memory: bytes of activations kept in memory; further batches are spilled to a
@@ -134,7 +135,7 @@ class Pruner:
         if context.enabled:  # the fingerprint holds the full weight digest
             distributed.check_same_run(fingerprint, context)
         show_progress = show_progress and context.is_main
-        checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
+        checkpoint = ResumeCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
 
         # 2-4. Capture, schedule, then statistics -> prune -> propagate, layer by layer.
         walk = SequentialWalk(

@@ -61,15 +61,15 @@ _HASH_CHUNK = 16 * 2**20
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be resumed; the model is left untouched."""
+    """A resume checkpoint (``checkpoint_dir``) that cannot be resumed; the model is left untouched."""
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint folder belongs to a run with other arguments (or another model)."""
+    """The resume checkpoint belongs to a run with other arguments (or another model)."""
 
 
 class CheckpointCorruptError(CheckpointError):
-    """A checkpoint file is damaged, missing or not what ``state.json`` recorded."""
+    """A resume checkpoint file is damaged, missing or not what ``state.json`` recorded."""
 
 
 def _io_event(operation: str, path: Path) -> None:
@@ -168,7 +168,7 @@ def _state_intact(data: bytes) -> bool | None:
     return hashlib.sha256(blank).hexdigest().encode() == match.group(1)
 
 
-class PruningCheckpoint:
+class ResumeCheckpoint:
     """Reads and writes the progress of one pruning run in ``directory``: the resume checkpoint, a
     :class:`~optimum_mwanda.modeling.walk.ProgressListener` of the sequential walk.
 
@@ -196,7 +196,7 @@ class PruningCheckpoint:
         self._lock: ExitStack | None = None
 
     # -- the folder's lock ----------------------------------------------------------------------------
-    def __enter__(self) -> PruningCheckpoint:
+    def __enter__(self) -> ResumeCheckpoint:
         def acquire() -> None:
             stack = ExitStack()
             stack.enter_context(folder_lock(self.directory, "a pruning run with this checkpoint_dir"))
@@ -361,7 +361,7 @@ class PruningCheckpoint:
 
     def _save_layer(self, index: int, weights: dict[str, torch.Tensor]) -> None:
         if self._generation == 0:
-            raise RuntimeError("PruningCheckpoint.save_progress must be called before the first save_layer")
+            raise RuntimeError("ResumeCheckpoint.save_progress must be called before the first save_layer")
         if index in self._layers:
             raise RuntimeError(f"layer {index} is already part of the checkpoint and cannot be replaced")
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in weights.items()})
@@ -485,3 +485,7 @@ def _numbers(values: Any, low: float = -math.inf, high: float = math.inf) -> boo
     return isinstance(values, list) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in values
     )
+
+
+#: the former name of :class:`ResumeCheckpoint`
+PruningCheckpoint = ResumeCheckpoint

@@ -21,7 +21,7 @@ A save is one transaction on the target folder, under the folder's lock (:func:`
    or replaced during the save (a new ``eval/new.txt``, a ``trainer_state.json`` rewritten by
    write-then-rename) is moved across, then the old folder is removed.
 
-What the package wrote is listed in :data:`MANIFEST_NAME`; older checkpoints without a manifest are
+What the package wrote is listed in :data:`MANIFEST_NAME`; older saved folders without a manifest are
 recognised by their ``pruning_report.json``. Only files with the exact names a save writes are replaced,
 and only the package's own files (stale shards included) are dropped; in a plain transformers folder the
 stale weights its index names. A same-named file the package did not write is a conflict unless
@@ -60,6 +60,7 @@ __all__ = [
     "FolderInUseError",
     "check_replaceable",
     "checkpoint_transaction",
+    "save_transaction",
     "exchange_paths",
     "file_sha256",
     "folder_lock",
@@ -71,7 +72,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: the package's record of the files it wrote into a checkpoint folder (written last in every save)
+#: the package's record of the files it wrote into a saved folder (written last in every save)
 MANIFEST_NAME = ".optimum-mwanda-files.json"
 #: the names a save writes under fixed names: transformers' model and tokenizer files, the report, card,
 #: plot and evaluation results (weight shards are named by their index, see :func:`weight_files`)
@@ -109,7 +110,7 @@ _TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9a-f]{12}$")
 
 
 class CheckpointConflictError(ValueError):
-    """The target folder holds files this package did not write where it would write (or is no checkpoint)."""
+    """The target folder holds files this package did not write where it would write (or holds no saved model)."""
 
 
 # -- primitives (the only writes and renames; fault-injection tests patch them) -------------------------
@@ -183,7 +184,7 @@ def weight_files(folder: Path) -> set[str]:
 
 
 def own_files(folder: Path) -> set[str]:
-    """Top-level names in ``folder`` that this package wrote (its manifest, or for a checkpoint written
+    """Top-level names in ``folder`` that this package wrote (its manifest, or for a folder saved
     before manifests existed, the package's exact file names and weights beside its ``pruning_report.json``)."""
     names = {entry.name for entry in folder.iterdir()} if folder.is_dir() else set()
     listed = read_manifest(folder)
@@ -240,8 +241,8 @@ def check_replaceable(target: str | os.PathLike, overwrite: bool = False, writes
     if names and not overwrite and not own_files(path) and not _is_model_config(path / "config.json"):
         raise CheckpointConflictError(
             f"save_directory {str(path)!r} holds files but no saved model (no config.json with a model_type): "
-            "choose a new or empty folder, or pass overwrite=True to write the checkpoint beside those files "
-            "(only files with the checkpoint's own names are replaced)"
+            "choose a new or empty folder, or pass overwrite=True to save the model beside those files "
+            "(only files with the saved model's own names are replaced)"
         )
     clashes = sorted((set(writes) & names) - replaceable_files(path))
     if clashes and not overwrite:
@@ -443,7 +444,7 @@ def _manifest_bytes(staging: Path, files: list[str], previous: str, model_files:
 
 
 @contextmanager
-def checkpoint_transaction(
+def save_transaction(
     target: str | os.PathLike, *, overwrite: bool = False, keep_own: bool = False, durable: bool = True
 ) -> Iterator[Path]:
     """Yield an empty staging folder; the files written there replace the package's files in ``target``.
@@ -487,9 +488,8 @@ def checkpoint_transaction(
                     _link_tree(entry, staging / name)
                     if name in own:
                         kept_own.append(name)
-                    elif (
-                        name in replaceable
-                    ):  # a plain checkpoint's tokenizer file: a later save may replace it
+                    elif name in replaceable:
+                        # a plain transformers folder's tokenizer file: a later save may replace it
                         model_files.append(name)
                 _copy_mode_and_owner(path, staging)
             files = sorted({*written, *kept_own})
@@ -532,3 +532,7 @@ def _umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+#: the former name of :func:`save_transaction`
+checkpoint_transaction = save_transaction

@@ -24,7 +24,7 @@ from ..distributed import main_process_only
 from ..modeling.offload import offload_source_folders
 from ..report import PruningReport
 from ..version import __version__
-from .atomic import MANIFEST_NAME, check_replaceable, checkpoint_transaction, file_sha256, write_file
+from .atomic import MANIFEST_NAME, check_replaceable, file_sha256, save_transaction, write_file
 from .card import PLOT_FILENAME, _check_eval_results, achieved_layer_sparsity, create_model_card
 from .compression import (
     DENSE_INDEX_NAME,
@@ -207,7 +207,7 @@ def save_pruned_model(
     _check_not_reading_from(model, target)
 
     model.config.sparsity_config = build_sparsity_config(report)
-    with checkpoint_transaction(target, overwrite=overwrite, durable=durable) as staging:
+    with save_transaction(target, overwrite=overwrite, durable=durable) as staging:
         model.save_pretrained(staging, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -324,7 +324,7 @@ def rewrite_model_card(
         model_id = previous["model_name"]  # the card of a pushed model is named after its repo
     writes = [CARD_FILENAME, PLOT_FILENAME, *([EVAL_RESULTS_FILENAME] if given else [])]
     check_replaceable(folder, writes=writes)
-    with checkpoint_transaction(folder, keep_own=True) as staging:
+    with save_transaction(folder, keep_own=True) as staging:
         card_kwargs = {"base_model": base_model, "model_id": model_id, "license": license}
         _write_card(staging, report, evals, compressed, eval_dataset, **card_kwargs)
         if given:

@@ -4,7 +4,7 @@ and propagate the calibration activations through the pruned layer to the next o
 Everything method-specific is asked of the :class:`~optimum_mwanda.methods.PruningAlgorithm`; the walk
 owns the hooks, devices, the activation store and restore-on-failure. Its progress is one record,
 :class:`WalkProgress`; persistence plugs in as a :class:`ProgressListener` (the resume checkpoint,
-:class:`optimum_mwanda.resume.PruningCheckpoint`), which the walk never imports.
+:class:`optimum_mwanda.resume.ResumeCheckpoint`), which the walk never imports.
 """
 
 from __future__ import annotations
