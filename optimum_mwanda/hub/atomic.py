@@ -339,9 +339,11 @@ def recover(target: Path) -> None:
         if previous is not None:  # killed after the second rename: the old copy is ours to tidy up
             _rescue_foreign(previous, target)
             shutil.rmtree(previous)
-        swapped_out = target.with_name(str(recorded.get("staging")))
+        name = str(recorded.get("staging", ""))
+        swapped_out = target.parent / name
         if (
-            str(recorded.get("staging", "")).startswith(f".{target.name}{_TMP}")
+            name.startswith(f".{target.name}{_TMP}")
+            and Path(name).name == name
             and swapped_out.is_dir()
             and not swapped_out.is_symlink()
             and not _manifest_names(swapped_out, swapped_out.name)
