@@ -91,30 +91,27 @@ def write_file(
     return size
 
 
-def fsync_directory(directory: Path, observe: Observer | None = None) -> None:
-    """Make a rename (or a new entry) in ``directory`` durable; not possible (nor needed) on Windows."""
-    (observe or _no_observer)("fsync-dir", directory)
-    if os.name == "nt":  # pragma: no cover
-        return
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def fsync_directory(directory: Path, observe: Observer | None = None) -> None:
+    """Make a rename (or a new entry) in ``directory`` durable; not possible (nor needed) on Windows."""
+    (observe or _no_observer)("fsync-dir", directory)
+    if os.name != "nt":
+        _fsync_path(directory)
+
+
 def fsync_tree(folder: Path) -> None:
     """fsync every file and folder below ``folder`` (hard-linked files too: their new names are entries)."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            entry = Path(root) / name
-            if entry.is_symlink():
-                continue
-            fd = os.open(entry, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not (Path(root) / name).is_symlink():
+                _fsync_path(Path(root) / name)
         fsync_directory(Path(root))
 
 
