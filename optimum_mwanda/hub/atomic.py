@@ -264,12 +264,24 @@ def _siblings(target: Path, marker: str) -> list[Path]:
 
 
 def _our_staging_folders(target: Path) -> list[tuple[Path, dict]]:
-    """Staging folders of this package's saves to ``target``: their manifest names the folder itself."""
+    """Staging folders of this package's saves to ``target``: their manifest names the folder itself; or,
+    killed between creating one and writing its manifest, one with the package's random name that holds
+    nothing but a temporary copy of that manifest (often nothing at all)."""
     found = []
+    fresh = re.compile(rf"\.{re.escape(target.name)}{re.escape(_TMP)}[0-9a-f]{{12}}")
     for folder in _siblings(target, _TMP):
         data = _manifest(folder)
         if data is not None and data.get("staging") == folder.name:
             found.append((folder, data))
+        elif (
+            data is None
+            and fresh.fullmatch(folder.name)
+            and all(
+                (match := _TEMP_FILE.match(entry.name)) and match.group(1) == MANIFEST_NAME
+                for entry in folder.iterdir()
+            )
+        ):
+            found.append((folder, {}))
     return found
 
 
