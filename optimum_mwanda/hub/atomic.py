@@ -25,9 +25,9 @@ What the package wrote is listed in :data:`MANIFEST_NAME`; older saved folders w
 recognised by their ``pruning_report.json``. Only files with the exact names a save writes are replaced,
 and only the package's own files (stale shards included) are dropped; in a plain transformers folder the
 stale weights its index names. A same-named file the package did not write is a conflict unless
-``overwrite=True``. The primitives below (:func:`write_file`, :func:`exchange_paths`, ``os.replace``,
-``os.link``) are the only write and rename operations, which the fault-injection tests patch to fail at
-every one of them.
+``overwrite=True``. The package's one atomic writer (:func:`optimum_mwanda.files.write_file`),
+:func:`exchange_paths`, ``os.replace`` and ``os.link`` are the only write and rename operations, which the
+fault-injection tests patch to fail at every one of them.
 """
 
 from __future__ import annotations
