@@ -320,6 +320,26 @@ def all_reduce_sums(
     return reduced, sent
 
 
+class RawSums(Protocol):
+    """A statistic made of raw sums (``parts.statistics``): adding two ranks' sums gives the statistic of
+    both shards together."""
+
+    def raw_sums(self) -> dict[str, torch.Tensor]: ...
+
+    def load_raw_sums(self, sums: dict[str, torch.Tensor]) -> None: ...
+
+
+def all_reduce_statistics(statistics: Sequence[RawSums], context: DistributedContext | None = None) -> int:
+    """Replace every statistic's raw sums by their sum over all ranks (:func:`all_reduce_sums`, one
+    collective per statistic); returns the bytes all-reduced (0 in a single process)."""
+    sent = 0
+    for statistic in statistics:
+        reduced, size = all_reduce_sums(statistic.raw_sums(), context)
+        statistic.load_raw_sums(reduced)
+        sent += size
+    return sent
+
+
 L = TypeVar("L")
 
 

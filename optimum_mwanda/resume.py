@@ -125,6 +125,7 @@ _PROGRESS_FIELDS = (
     "layerwise_signal",
     "module_sparsity",
     "module_shapes",
+    "experts",
 )
 #: expected tensors of each decoder layer: ``{module name: [out_features, in_features]}``
 Layout = Sequence[Mapping[str, Sequence[int]]]
@@ -241,7 +242,10 @@ class ResumeCheckpoint:
             )
         try:
             saved = document["state"]
-            progress = WalkProgress(**{name: saved[name] for name in _PROGRESS_FIELDS})
+            # (``experts`` is absent from states written before mixture-of-experts support)
+            progress = WalkProgress(
+                **{name: saved[name] for name in _PROGRESS_FIELDS if name in saved or name != "experts"}
+            )
             hidden_for_layer = saved.get("hidden_for_layer")
             files = {
                 name: _FileRecord(name, int(r["size"]), str(r["sha256"]))
@@ -456,8 +460,8 @@ def _state_problem(
         list(progress.module_sparsity.values()), 0.0, 1.0
     ):
         return "module_sparsity"
-    if not isinstance(progress.module_shapes, dict):
-        return "module_shapes"
+    if not isinstance(progress.module_shapes, dict) or not isinstance(progress.experts, dict):
+        return "module_shapes or experts"
     if layout is None:
         return ""
     num_layers = len(layout)
