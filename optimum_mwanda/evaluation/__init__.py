@@ -1,10 +1,12 @@
 """Evaluation: per-language perplexity, an ``evaluate`` metric, the calibration-language sweep and
-downstream tasks through lm-evaluation-harness (``run_downstream``; the ``eval`` extra)."""
+downstream tasks through lm-evaluation-harness (``run_downstream``, lm-eval's own tasks on local data with
+``task_data``; the ``eval`` extra)."""
 
 from __future__ import annotations
 
 from .._lazy import lazy_attributes as _lazy_attributes
-from .harness import DownstreamResult, run_downstream
+from .harness import DownstreamResult, prepare_task_data, run_downstream
+from .local_data import MissingTaskData, TaskDataPlan
 from .perplexity import LanguagePerplexity, PerplexityResult, evaluate_perplexity
 from .summary import format_perplexity_table, geometric_mean
 from .sweep import SweepResult, calibration_language_sweep
@@ -12,13 +14,16 @@ from .sweep import SweepResult, calibration_language_sweep
 __all__ = [
     "DownstreamResult",
     "LanguagePerplexity",
+    "MissingTaskData",
     "MultilingualPerplexity",
     "PerplexityResult",
     "SweepResult",
+    "TaskDataPlan",
     "calibration_language_sweep",
     "evaluate_perplexity",
     "format_perplexity_table",
     "geometric_mean",
+    "prepare_task_data",
     "run_downstream",
 ]
 
