@@ -181,6 +181,40 @@ def test_the_test_split_is_preferred_when_present_and_layouts_and_formats_are_fo
         harness.prepare_task_data(["xcopa_et"], twice)
 
 
+# The table of docs/evaluation.md: task -> (example local file, split scored, demonstration split).
+DOCUMENTED = {
+    "xcopa_et": ("xcopa/et/test.jsonl", "test", "validation"),
+    "xstorycloze_sw": ("xstory_cloze/sw/eval.jsonl", "eval", "train"),
+    "xwinograd_zh": ("xwinograd/zh/test.jsonl", "test", "test"),
+    "belebele_swh_Latn": ("belebele/swh_Latn/test.parquet", "test", "test"),
+    "xnli_sw": ("xnli/sw/validation.jsonl", "validation", "train"),
+    "paws_de": ("paws-x/de/test.jsonl", "test", "train"),
+    "arc_de": ("m_arc/de/test.jsonl", "test", "train"),
+    "hellaswag_de": ("m_hellaswag/de/val.jsonl", "val", "val"),
+    "m_mmlu_de": ("m_mmlu/de/test.jsonl", "test", "train"),
+}
+
+
+def test_the_documented_mapping_of_the_common_multilingual_tasks(tmp_path):
+    for path, _, _ in DOCUMENTED.values():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")  # planning reads no content
+    plan = harness.prepare_task_data(list(DOCUMENTED), tmp_path)
+    for name, (path, split, _) in DOCUMENTED.items():
+        task = plan.tasks[name]
+        assert task.files == {split: [str((tmp_path / path).resolve())]}, name
+        assert task.evaluated_split == split and task.note is None, name
+    # With demonstrations, each task needs its documented demonstration split (here: missing where it differs).
+    for name, (path, split, demos) in DOCUMENTED.items():
+        if demos == split:
+            assert harness.prepare_task_data([name], tmp_path, num_fewshot=1).tasks[name].files == {
+                split: [str((tmp_path / path).resolve())]
+            }
+        else:
+            with pytest.raises(MissingTaskData, match=f"demonstrations from split '{demos}'"):
+                harness.prepare_task_data([name], tmp_path, num_fewshot=1)
+
+
 def test_candidate_locations_cover_the_documented_layouts(tmp_path):
     found = candidate_locations(tmp_path, "xcopa_et", "cambridgeltl/xcopa", "et", "validation")
     rel = {str(p.relative_to(tmp_path)) for p in found}

@@ -35,6 +35,7 @@ SPLIT_ALIASES = {
     "val": ("val", "validation", "dev"),
     "dev": ("dev", "validation", "val"),
     "train": ("train", "training"),
+    "eval": ("eval", "validation", "val", "dev"),  # XStoryCloze names its validation split "eval"
 }
 _SPLIT_FIELDS = ("test_split", "validation_split", "training_split", "fewshot_split")
 
