@@ -1,4 +1,4 @@
-"""Evaluation: per-language perplexity, an ``evaluate`` metric, the calibration-language sweep and
+"""Evaluation: per-language perplexity, an ``evaluate`` metric, the calibration-language matrix and
 downstream tasks through lm-evaluation-harness (``run_downstream``, lm-eval's own tasks on local data with
 ``task_data``; the ``eval`` extra)."""
 
@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from .._lazy import lazy_attributes as _lazy_attributes
 from .harness import DownstreamResult, prepare_task_data, run_downstream
+from .language_matrix import (
+    LanguageMatrixResult,
+    SweepResult,
+    calibration_language_matrix,
+    calibration_language_sweep,
+)
 from .local_data import MissingTaskData, TaskDataPlan
 from .perplexity import LanguagePerplexity, PerplexityResult, evaluate_perplexity
 from .summary import format_perplexity_table, geometric_mean
-from .sweep import SweepResult, calibration_language_sweep
 
 __all__ = [
     "DownstreamResult",
@@ -17,8 +22,10 @@ __all__ = [
     "MissingTaskData",
     "MultilingualPerplexity",
     "PerplexityResult",
+    "LanguageMatrixResult",
     "SweepResult",
     "TaskDataPlan",
+    "calibration_language_matrix",
     "calibration_language_sweep",
     "evaluate_perplexity",
     "format_perplexity_table",
