@@ -98,6 +98,9 @@ def run(
 
     torch.set_num_threads(args.threads)
     cache = study.load_cache(json_path)
+    commands = cache.setdefault("commands", [])
+    if command not in commands:  # recorded before the first configuration: a stopped run keeps it
+        commands.append(command)
     key = settings_key(args)
     results = cache.setdefault("results", {})
     todo = [
@@ -290,6 +293,15 @@ def write_report(cache: Mapping[str, Any], args: argparse.Namespace, command: st
     ]
     if missing:
         lines.append(f"- **Not finished** (not run before the deadline): {', '.join(missing)}.")
+        evals = [r["eval_seconds"] for r in results.values() if "eval_seconds" in r]
+        if evals:
+            per = sum(evals) / len(evals) / 60
+            lines.append(
+                f"- Extrapolation: one evaluation took {per:.0f} min at this load (2,200 log-likelihood "
+                f"requests); the {len(missing)} missing configurations need about {len(missing) * per / 60:.1f} h "
+                "of evaluation plus their pruning (2-5 min each in `multilingual_study.md`). Resume with the "
+                "same command: finished configurations are skipped."
+            )
     lines += [
         "",
         "## Accuracy per language (± standard error)",
