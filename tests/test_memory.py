@@ -244,3 +244,24 @@ def test_sweep_peaks_follow_the_options():
     assert offloaded.step <= waiting.step and offloaded.update == waiting.update
     with pytest.raises(ValueError):
         MethodSpec("magnitude")
+
+
+def test_offloaded_and_float32_statistics_on_a_mixture_of_experts_model():
+    """The options run on an MoE model (dense groups offloaded; the experts' statistics stay) and give the
+    float64 run's weights (offload) or the same masks up to near-ties (float32)."""
+    import warnings
+
+    from tiny_models import MOE_ARCHITECTURES, make_moe_model
+
+    config = SparseGPTConfig(sparsity=0.5, calibration_seq_len=24)
+    results = []
+    for options in ({}, {"offload_statistics": True}, {"statistics_dtype": "float32"}):
+        model = make_moe_model(MOE_ARCHITECTURES[0])
+        with warnings.catch_warnings():  # few tokens per expert: small Hessians warn
+            warnings.simplefilter("ignore")
+            Pruner(config).prune_model(model, make_token_calibration(), show_progress=False, **options)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.dim() >= 2})
+    reference, offloaded, single = results
+    for name, value in reference.items():
+        assert torch.equal(offloaded[name], value), name
+        assert ((single[name] == 0) == (value == 0)).float().mean() > 0.98, name

@@ -324,9 +324,10 @@ class SequentialWalk:
                     collector.end_batch()
             collector.end_fallback_pass()
         state.experts.update(collector.expert_records(self._languages))
-        if self.offload_statistics:
+        if self.offload_statistics:  # the dense groups' statistics (experts' stay where they are)
             for statistic in collector.statistics:
-                statistic.offload_()
+                if hasattr(statistic, "offload_"):
+                    statistic.offload_()
         self.timings["statistics"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -338,7 +339,7 @@ class SequentialWalk:
                     raise ValueError(f"the weights of {module.name} hold NaN or infinite values")
             negative = collector.negative_statistic_for(group[0]) if collector.negative_statistics else None
             statistic = collector.statistic_for(group[0])
-            if self.offload_statistics:
+            if self.offload_statistics and hasattr(statistic, "restore_"):
                 statistic.restore_()
             new_weights = algorithm.prune_group(group[0].name, weights, statistic, negative, sparsity)
             distributed.synchronise_weights(new_weights)  # identical on every rank (checked)
