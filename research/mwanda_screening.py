@@ -6,7 +6,7 @@ statistics of every linear module once, on the dense model, then builds each var
 statistics and measures held-out perplexity. Variants that win here are then confirmed with the real
 sequential pruner in ``benchmarks/multilingual_study.py``; only those numbers decide the defaults.
 
-Usage: ``python benchmarks/mwanda_screening.py`` (writes ``benchmarks/results/mwanda_screening.{json,md}``).
+Usage: ``python research/mwanda_screening.py`` (writes ``research/results/mwanda_screening.{json,md}``).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
 
 
 def _write(args, results) -> None:
-    command = "python benchmarks/mwanda_screening.py" + (" --cwl" if args.cwl else "")
+    command = "python research/mwanda_screening.py" + (" --cwl" if args.cwl else "")
     record = {"command": command, "settings": vars(args) | {"output": str(args.output)}, "results": results}
     wanda = results.get("wanda", {}).get("geomean")
     lines = [

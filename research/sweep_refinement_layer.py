@@ -14,7 +14,7 @@ Not a perplexity: a quick, layer-level view of what the study measures end to en
 
 Usage (the committed output came from exactly this)::
 
-    python benchmarks/sweep_refinement_layer.py --layer 6 > benchmarks/results/sweep_refinement_layer.md
+    python research/sweep_refinement_layer.py --layer 6 > research/results/sweep_refinement_layer.md
 """
 
 from __future__ import annotations
@@ -27,11 +27,21 @@ import torch
 from optimum_mwanda.calibration import default_calibration, load_bundled_corpus
 from optimum_mwanda.demo import load_demo_model
 from optimum_mwanda.parts import sparsegpt_prune_group
-from optimum_mwanda.parts.sparsegpt import _shrunk_hessian, refine_kept_weights
+from optimum_mwanda.parts.sparsegpt import refine_kept_weights
 
 CALIBRATION = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 HELDOUT = ["en", "de", "sw", "fr", "tr", "vi"]
 STRIDE, SHRINKAGE, DAMPENING = 4, 0.1, 0.01
+
+
+def shrunk_hessian(hessian: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H + shrinkage * diag(H)`` with a unit diagonal at dead inputs, and its mean diagonal: what the
+    sweep dampens and inverts (written out here rather than borrowed from the package's private helper)."""
+    h = hessian.float().clone()
+    h.diagonal().mul_(1.0 + shrinkage)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    return h, torch.diagonal(h).mean()
 
 
 def _capture(model, modules, batches):
@@ -95,7 +105,7 @@ def main() -> None:
                 [weight], sampled_h, 0.5, nm=(2, 4), diagonal_dampening=SHRINKAGE, nm_selection=selection
             )[0][0]
         # The matrix the refinement runs on inside the sweep: shrunk, then dampened.
-        damped, _, diag_mean = _shrunk_hessian(sampled_h, SHRINKAGE)
+        damped, diag_mean = shrunk_hessian(sampled_h, SHRINKAGE)
         damped.diagonal().add_(DAMPENING * diag_mean)
         for base, steps in (("greedy", 2), ("greedy", 5), ("greedy", 20), ("joint", 5)):
             start = variants[base]

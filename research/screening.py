@@ -1,8 +1,8 @@
-"""What the one-shot screening scripts (``benchmarks/mwanda*_screening.py``) share.
+"""What the one-shot screening scripts (``research/mwanda*_screening.py``) share.
 
 Every screen loads the demo model, collects statistics of every prunable module on the *dense* model,
 writes each variant's weights, measures held-out perplexity, restores the dense weights and keeps the
-results in ``benchmarks/results/<name>.{json,md}`` (a rerun skips what is already there). Each step has one
+results in ``research/results/<name>.{json,md}`` (a rerun skips what is already there). Each step has one
 home here so that the screens measure their variants the same way; what they screen stays in the scripts.
 """
 

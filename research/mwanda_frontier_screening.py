@@ -17,8 +17,8 @@ statistics collected once (a screen; winners are confirmed with the sequential p
 * round 5 (languages absent from calibration, ``--absent``): stronger ridges on both updates, so that
   what they fit to the calibration languages transfers to others; equal language weights.
 
-Usage: ``nice -n 5 python benchmarks/mwanda_frontier_screening.py [--sparsity 0.5 0.6 2:4] [--only ...]``
-(writes ``benchmarks/results/mwanda_frontier_screening.{json,md}``).
+Usage: ``nice -n 5 python research/mwanda_frontier_screening.py [--sparsity 0.5 0.6 2:4] [--only ...]``
+(writes ``research/results/mwanda_frontier_screening.{json,md}``).
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def main(argv=None) -> None:
 
 def _write(args, results) -> None:
     record = {
-        "command": "python benchmarks/mwanda_frontier_screening.py " + " ".join(sys.argv[1:]),
+        "command": "python research/mwanda_frontier_screening.py " + " ".join(sys.argv[1:]),
         "load_average": os.getloadavg(),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "results": results,

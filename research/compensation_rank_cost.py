@@ -1,8 +1,8 @@
 """Prune time of M-Wanda's low-rank compensation against Wanda and means-only M-Wanda, in one process.
 
 Same dense weights (restored between runs), same calibration token ids, 2 threads; ratios are what counts.
-Usage: ``python benchmarks/compensation_rank_cost.py [--samples-per-language 2]``
-(writes ``benchmarks/results/compensation_rank_cost.md``).
+Usage: ``python research/compensation_rank_cost.py [--samples-per-language 2]``
+(writes ``research/results/compensation_rank_cost.md``).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ statistics collected once (a screen; winners are confirmed with the sequential p
   - per-row rescaling of the kept weights (least squares with the input Gram matrix);
 * references: a fixed-mask OBS update (SparseGPT's sweep with the Wanda mask) and SparseGPT itself.
 
-Usage: ``python benchmarks/mwanda_update_screening.py [--sparsity 0.5 0.6] [--only NAME ...]``
-(writes ``benchmarks/results/mwanda_update_screening.{json,md}``).
+Usage: ``python research/mwanda_update_screening.py [--sparsity 0.5 0.6] [--only NAME ...]``
+(writes ``research/results/mwanda_update_screening.{json,md}``).
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def main(argv=None) -> None:
 
 def _write(args, results) -> None:
     record = {
-        "command": "python benchmarks/mwanda_update_screening.py",
+        "command": "python research/mwanda_update_screening.py",
         "settings": vars(args) | {"output": str(args.output)},
         "results": results,
     }
