@@ -10,7 +10,7 @@ error ``tr(D H D^T) / tr(W H W^T)`` (``D = W - W'``) under each text's second mo
   N:M choice or ``nm_selection="joint"``;
 - ``+cgK``: then ``K`` steps of :func:`optimum_mwanda.parts.refine_kept_weights` (``refinement_steps``).
 
-Not a perplexity: a quick, layer-level view of what the study measures end to end (docs/mwanda.md, round 7).
+Not a perplexity: a quick, layer-level view of what the study measures end to end (docs/research/2026-12-mwanda-rounds.md, round 7).
 
 Usage (the committed output came from exactly this)::
 
