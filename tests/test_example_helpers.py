@@ -77,3 +77,10 @@ def test_check_arguments_canonicalises_languages():
     args = example.build_parser().parse_args(["--languages", "EN,de", "sw", "en"])
     assert example.check_arguments(args) == ["en", "de", "sw"]
     assert example.check_arguments(example.build_parser().parse_args([])) is None
+
+
+def test_evaluate_pruned_checks_languages_before_loading(monkeypatch):
+    evaluate = load_script("examples/evaluate_pruned.py", name="evaluate_pruned_example")
+    monkeypatch.setattr(evaluate, "_load", lambda reference, dtype: _refuse_loading(reference))
+    with pytest.raises(SystemExit, match="'jp' is not a language tag"):
+        evaluate.main(["demo", "--languages", "en,jp"])
