@@ -170,7 +170,7 @@ def preparing(what: str, hint: str = "") -> Iterator[None]:
 # shared steps
 # ---------------------------------------------------------------------------------------------------------
 def _model_path(model: ModelReference) -> str:
-    """A loadable folder or Hub id; the demo model is converted on first use (about 40 s)."""
+    """A loadable folder or Hub id; the demo model is converted on first use (about a minute)."""
     if not model.is_demo:
         if model.local_path is not None:
             return str(model.local_path)
