@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .configuration import MWandaConfig, PruningConfig, SparseGPTConfig, WandaConfig
     from .evaluation import evaluate_perplexity
     from .hub import load_pruned_model, verify_sparsity
+    from .modeling.coverage import CoveragePlan, IncompleteCoverageError
+    from .modeling.experts import ExpertOptions
     from .pruner import Pruner
     from .report import PruningReport
     from .training import SparsityKeeper, SparsityPreservingCallback, merge_and_reprune, preserve_sparsity
@@ -40,6 +42,9 @@ _SOURCES = {
     "evaluate_perplexity": ".evaluation",
     "load_pruned_model": ".hub",
     "verify_sparsity": ".hub",
+    "CoveragePlan": ".modeling.coverage",
+    "IncompleteCoverageError": ".modeling.coverage",
+    "ExpertOptions": ".modeling.experts",
     "Pruner": ".pruner",
     "PruningReport": ".report",
     "SparsityKeeper": ".training",
@@ -62,6 +67,9 @@ __all__ = [
     "evaluate_perplexity",
     "load_pruned_model",
     "verify_sparsity",
+    "CoveragePlan",
+    "IncompleteCoverageError",
+    "ExpertOptions",
     "Pruner",
     "PruningReport",
     "SparsityKeeper",

@@ -76,7 +76,10 @@ class ClosedForm:
 
     Args:
         rank: also keep the output along this many principal directions of the within-language input
-            covariance (``0``: the means only). ``None``: :func:`default_compensation_rank`.
+            covariance (``0``: the means only). ``None``: :func:`default_compensation_rank`. An explicit
+            rank must not exceed the smallest input width of the pruned modules (expert matrices
+            included): :meth:`Pruner.prune_model` checks it before any weight changes. The default is
+            capped per module at that module's input width instead.
         shrinkage: shrink the modelled input second moment towards its diagonal, ``H + d * diag(H)``
             (changes the update, not the mask). ``None``: :func:`default_shrinkage`.
     """
@@ -489,9 +492,10 @@ class PruningConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        """Write the config as JSON."""
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+        """Write the config as JSON (atomically: the old file or the new one, never a part)."""
+        from .files import write_file
+
+        write_file(path, self.to_json_string())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PruningConfig:

@@ -17,12 +17,13 @@ from tiny_models import make_model
 from optimum_mwanda import Pruner
 from optimum_mwanda.distributed import (
     DistributedContext,
+    all_reduce_sums,
     current_context,
     shard_sequences,
     synchronise_weights,
-    weights_digest,
 )
 from optimum_mwanda.parts import FeatureStatistics, HessianStatistics
+from optimum_mwanda.resume import model_weights_digest
 
 WORLD = 2
 
@@ -79,7 +80,13 @@ def equivalence(spawned):
 
 
 def _linear_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.endswith("weight") and v.dim() == 2 and ".layers." in k}
+    experts = (".gate_up_proj", ".down_proj")  # fused 3-D expert tensors
+    return {
+        k: v
+        for k, v in state.items()
+        if ".layers." in k
+        and ((k.endswith("weight") and v.dim() == 2) or (k.endswith(experts) and v.dim() == 3))
+    }
 
 
 # -- two processes vs one -----------------------------------------------------------------------------
@@ -95,7 +102,14 @@ def test_two_ranks_match_one_process(equivalence, name):
         for key, expected in reference.items():
             got = weights[key]
             assert torch.equal(got == 0, expected == 0), f"rank {rank}: mask of {key} differs"
-            # Measured: bit-identical on CPU for Wanda, M-Wanda (with compensation) and SparseGPT.
+            # Measured: bit-identical on CPU for Wanda, M-Wanda (with compensation) and SparseGPT. Mixtures
+            # of experts: every expert's matmul runs over however many tokens a rank routed to it, which
+            # rounds differently with the row count (in transformers' own forward too), so activations
+            # agree to ~1e-6 while the masks stay identical; M-Wanda's compensation magnifies that to
+            # 1.4e-4 (measured, weights of size ~0.2).
+            if worker.cases()[name].get("moe"):
+                torch.testing.assert_close(got, expected, rtol=1e-3, atol=3e-4)
+                continue
             assert torch.equal(got, expected), (
                 f"rank {rank}: {key} differs by {(got - expected).abs().max():.3g}"
             )
@@ -219,8 +233,11 @@ def test_everything_is_a_no_op_without_a_process_group():
     assert current_context() == DistributedContext(0, 1, None)
     tensor = torch.randn(3, 3)
     assert synchronise_weights([tensor]) is True
-    assert weights_digest(make_model("llama")) == weights_digest(make_model("llama"))
-    assert weights_digest(make_model("llama")) != weights_digest(make_model("llama", seed=1))
+    sums = {"a": torch.ones(2, dtype=torch.float64)}
+    assert all_reduce_sums(sums) == (sums, 0)
+    # The one weight digest (the run fingerprint's, which the ranks compare) tells models apart.
+    assert model_weights_digest(make_model("llama")) == model_weights_digest(make_model("llama"))
+    assert model_weights_digest(make_model("llama")) != model_weights_digest(make_model("llama", seed=1))
 
 
 # -- exact reduction ----------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ EVAL_EPILOG = """\
 examples:
   %(prog)s gemma-3-270m-mwanda-50 --languages en,de,sw --max-windows 20
   %(prog)s ./my-model --data heldout/ --seq-len 1024 --max-windows all --json > ppl.json
+  %(prog)s ./my-model --tasks xcopa --task-data shared/benchmarks/xcopa --no-perplexity
 
 The mean over languages is the geometric mean. Give MODEL before --languages (which takes several values).
 """
@@ -352,6 +353,35 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, languages_help: s
     )
 
 
+def add_coverage_arguments(parser: argparse.ArgumentParser) -> None:
+    """What happens to weights the method cannot reach, and how mixture-of-experts layers are calibrated."""
+    group = parser.add_argument_group("coverage and mixture-of-experts")
+    group.add_argument(
+        "--allow-unpruned",
+        action="store_true",
+        help="leave dense (with a warning and a report entry) the decoder-layer weights the method cannot "
+        "reach, instead of refusing the run",
+    )
+    group.add_argument(
+        "--expert-weighting",
+        choices=["router", "none"],
+        default="none",
+        help="scale each expert's calibration inputs by the token's router weight, or not (default)",
+    )
+    group.add_argument(
+        "--calibrate-all-experts",
+        action="store_true",
+        help="every expert's statistics see every calibration token (the output keeps the real routing)",
+    )
+    group.add_argument(
+        "--expert-min-tokens",
+        type=int,
+        default=16,
+        metavar="N",
+        help="experts routed fewer calibration tokens are calibrated on every token of their block (default: 16)",
+    )
+
+
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``prune``."""
     add_model_arguments(parser, positional=False)
@@ -360,6 +390,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "calibration languages, comma- or space-separated (default: every language of the calibration data)",
     )
+    add_coverage_arguments(parser)
     out = parser.add_argument_group("saving and pushing")
     out.add_argument(
         "--output-dir",
@@ -435,7 +466,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TASK,TASK",
         help="lm-eval tasks: the bundled offline mwanda_continuation, mwanda_translation (both directions), "
         "mwanda_translation_en_xx, mwanda_translation_xx_en (one subtask per --languages), or any lm-eval task "
-        "name (downloads from the Hub)",
+        "or group name (xcopa, xnli_de, belebele_swh_Latn: downloads from the Hub unless --task-data)",
+    )
+    downstream.add_argument(
+        "--task-data",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="run lm-eval's own tasks on local copies of their data found in DIR (jsonl, json, parquet, csv "
+        "or a datasets save_to_disk folder per split; layout in docs/evaluation.md); a task whose data is "
+        "missing is an error naming the files expected",
     )
     downstream.add_argument(
         "--limit", type=_positive_int, default=None, metavar="N", help="documents per task (quick runs)"

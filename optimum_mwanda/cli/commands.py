@@ -387,7 +387,20 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
         if eval_texts is not None:
             eval_results = {"before": _perplexities(model, tokenizer, eval_texts, args, "dense")}
         pruner = Pruner(config)
-        report = pruner.prune_model(model, calibration, tokenizer=tokenizer, show_progress=show_progress)
+        from ..modeling.experts import ExpertOptions
+
+        report = pruner.prune_model(
+            model,
+            calibration,
+            tokenizer=tokenizer,
+            show_progress=show_progress,
+            allow_unpruned=args.allow_unpruned,
+            experts=ExpertOptions(
+                router_weighted=args.expert_weighting == "router",
+                calibrate_all_experts=args.calibrate_all_experts,
+                min_tokens=args.expert_min_tokens,
+            ),
+        )
         logger.info(
             "Pruned with %s: %.1f%% of the pruned weights are zero (%.1f s)",
             report.method,
@@ -544,7 +557,7 @@ def _check_against_model(
     from .options import _flag_names
 
     try:
-        validate_structure(skeleton, config)
+        validate_structure(skeleton, config, getattr(args, "allow_unpruned", False))
     except ValueError as err:
         raise UsageError(f"{_flag_names(str(err))} [checked on {model_path}'s config.json]") from None
 
@@ -624,6 +637,7 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
     load_kwargs = model_load_kwargs(args)
     languages = parse_languages(args.languages)
     tasks = _downstream_tasks(args, languages)
+    task_data = _task_data_plan(args, tasks)
     perplexity = not (tasks and args.no_perplexity)
     paths = check_paths_exist(args.data, "--data")
     texts = _read_texts(paths, languages, "heldout", "--data", "--languages")[0] if perplexity else {}
@@ -677,6 +691,7 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
             num_fewshot=args.num_fewshot,
             batch_size=args.task_batch_size,
             include_path=args.include_path,
+            task_data=task_data,
             show_progress=not args.quiet,
         )
     sparsity = None
@@ -715,6 +730,23 @@ def _downstream_tasks(args: argparse.Namespace, languages: list[str] | None) -> 
         return expand_tasks(args.tasks, languages)
     except ValueError as err:
         raise UsageError(f"--tasks: {err}") from None
+
+
+def _task_data_plan(args: argparse.Namespace, tasks: list[str]):
+    """``--task-data``: every task's local files found (or a usage error naming the files expected) before
+    any model is loaded."""
+    if not args.task_data:
+        return None
+    if not tasks:
+        raise UsageError("--task-data needs --tasks")
+    from ..evaluation.harness import prepare_task_data
+
+    try:
+        return prepare_task_data(
+            tasks, args.task_data, include_path=args.include_path, num_fewshot=args.num_fewshot
+        )
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--task-data: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
