@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
-from optimum_mwanda.distributed import _checksum, current_context
+from optimum_mwanda.distributed import current_context, tensor_checksum
 
 CONFIGS = Path(__file__).parent / "configs"
 MODELS = {"gemma3-270m": "gemma3_270m.json", "llama-1.1b": "llama_1b.json"}
@@ -228,7 +228,9 @@ def main() -> None:
                 sync(device)
                 seconds = time.perf_counter() - start
                 masks = masks_of(model, report.module_sparsity)
-                checksums[method] = [_checksum(model.get_submodule(n).weight) for n in report.module_sparsity]
+                checksums[method] = [
+                    tensor_checksum(model.get_submodule(n).weight) for n in report.module_sparsity
+                ]
                 entry["runs"][f"{device.type}-{dtype_name}-{method}"] = {
                     "seconds": seconds,
                     "x_floor": seconds / floor,
@@ -265,7 +267,9 @@ def main() -> None:
                             start = time.perf_counter()
                             report = Pruner(config).prune_model(model, cal, show_progress=False)
                             sync(device)
-                            got = [_checksum(model.get_submodule(n).weight) for n in report.module_sparsity]
+                            got = [
+                                tensor_checksum(model.get_submodule(n).weight) for n in report.module_sparsity
+                            ]
                             entry["runs"][f"group1-bf16-{method}"] = {
                                 "seconds": time.perf_counter() - start,
                                 "bit_identical_to_plain_run": got == checksums[method],

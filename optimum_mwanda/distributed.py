@@ -360,7 +360,7 @@ def agree_on_layout(layout: L, context: DistributedContext | None = None, what: 
 
 
 # -- identical weights on every rank ------------------------------------------------------------------
-def _checksum(tensor: torch.Tensor) -> int:
+def tensor_checksum(tensor: torch.Tensor) -> int:
     """An exact, position-sensitive integer checksum of a tensor's bits, computed on its own device."""
     data = tensor.detach().contiguous().reshape(-1)
     if data.element_size() == 2:
@@ -385,7 +385,7 @@ def synchronise_weights(tensors: Sequence[torch.Tensor], context: DistributedCon
     context = context or current_context()
     if not context.enabled or not tensors:
         return True
-    sums = torch.tensor([_checksum(t) for t in tensors], dtype=torch.int64, device=context.device)
+    sums = torch.tensor([tensor_checksum(t) for t in tensors], dtype=torch.int64, device=context.device)
     gathered = [torch.empty_like(sums) for _ in range(context.world_size)]
     torch.distributed.all_gather(gathered, sums)
     if all(torch.equal(g, gathered[0]) for g in gathered):

@@ -14,7 +14,7 @@ class CholeskyError(RuntimeError):
     """The dampened Hessian could not be factorised even after raising the dampening."""
 
 
-def _shrunk_hessian(
+def shrunk_hessian(
     hessian: torch.Tensor, diagonal_dampening: float, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(H + diagonal_dampening * diag(H)`` with a unit diagonal at dead inputs, ``dead``, its mean
@@ -125,7 +125,7 @@ def _dampened_inverse_factor(
     hessian: torch.Tensor, dampening: float, retries: int, diagonal_dampening: float, overwrite: bool
 ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
     """:func:`inverse_hessian_cholesky` (after its checks), also returning the dampened matrix inverted."""
-    h, dead, diag_mean = _shrunk_hessian(hessian, diagonal_dampening, overwrite=overwrite)
+    h, dead, diag_mean = shrunk_hessian(hessian, diagonal_dampening, overwrite=overwrite)
     diagonal = torch.diagonal(h).clone()
     damp = dampening
     for _ in range(retries + 1):

@@ -5,7 +5,7 @@ measure the loss of the pruned model against the dense model's next-token distri
 the logits, mean over held-out tokens; lower is better). Random tiny models: a check of direction, not a
 claim about real checkpoints.
 
-    python benchmarks/moe_router_weighting.py
+    python research/moe_router_weighting.py
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ layer-level proxy for what the study measures end to end.
 
 Usage (the committed output came from exactly this)::
 
-    python benchmarks/sweep_levers_layer.py --layer 6 --threads 2 > benchmarks/results/sweep_levers_layer.md
+    python research/sweep_levers_layer.py --layer 6 --threads 2 > research/results/sweep_levers_layer.md
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from optimum_mwanda.calibration import default_calibration
 from optimum_mwanda.demo import load_demo_model
 from optimum_mwanda.parts import HessianStatistics, sparsegpt_prune_group
-from optimum_mwanda.parts.sparsegpt import _shrunk_hessian, refine_kept_weights, upper_inverse_factor
+from optimum_mwanda.parts.sparsegpt import refine_kept_weights, shrunk_hessian, upper_inverse_factor
 
 CALIBRATION = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 STRIDE, SHRINKAGE, DAMPENING = 4, 0.3, 0.01
@@ -117,7 +117,7 @@ def main() -> None:
                 if structure == "70%":
                     add(f"Hessian accumulation, {str(dtype)[6:]}", time.perf_counter() - start)
             h = hessians[torch.float64]
-            shrunk, _, mean = _shrunk_hessian(h, SHRINKAGE)
+            shrunk, _, mean = shrunk_hessian(h, SHRINKAGE)
             shrunk.diagonal().add_(DAMPENING * mean)
             if structure == "70%":
                 add("inverse factor, cholesky + cholesky_inverse + cholesky", _timed(_old_factor, shrunk)[1])
