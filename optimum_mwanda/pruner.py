@@ -20,6 +20,8 @@ from .calibration import CalibrationSet, resolve_calibration
 from .configuration import PruningConfig
 from .methods import algorithm_for
 from .modeling import PrunableLinear, SequentialWalk, find_decoder_stack, prunable_linears_by_layer
+from .modeling.decoder import decoder_weight_coverage
+from .modeling.linear import ALWAYS_DENSE
 from .report import PruningReport
 from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint
 
@@ -124,6 +126,7 @@ class Pruner:
         stack = find_decoder_stack(model)
         layer_modules = prunable_linears_by_layer(stack, config.ignore)
         _validate_modules(layer_modules, config)
+        coverage = _validate_coverage(stack, layer_modules, config)
         _validate_token_ids(model, calibration_set, negative_set)
         context = distributed.current_context()
         fingerprint = ""
@@ -167,6 +170,8 @@ class Pruner:
             base_model=str(getattr(model, "name_or_path", "") or ""),
             negative_calibration_tokens=sum(negative_set.token_counts.values()) if negative_set else 0,
             resumed_from_layer=result.resumed_from_layer,
+            dense_weights=coverage.dense,
+            magnitude_pruned=result.magnitude_pruned,
         )
         return self.report
 
@@ -304,6 +309,22 @@ def _validate_modules(layer_modules: list[list[PrunableLinear]], config: Pruning
             + ", ".join(bad[:5])
             + (" ..." if len(bad) > 5 else "")
         )
+
+
+def _validate_coverage(stack, layer_modules: list[list[PrunableLinear]], config: PruningConfig):
+    """Every matrix weight of the decoder layers is pruned, dense by a stated rule, or the run refuses."""
+    claimed = {id(m.module.weight) for modules in layer_modules for m in modules}
+    coverage = decoder_weight_coverage(stack, claimed, config.ignore, ALWAYS_DENSE)
+    if coverage.unreachable:
+        names = [f"{name} ({what})" for name, what in coverage.unreachable.items()]
+        raise ValueError(
+            f"{len(names)} weight(s) of the decoder layers are linear maps that {config.method} cannot prune "
+            "(only nn.Linear and Conv1D modules are reached): "
+            + "; ".join(names[:4])
+            + (" ..." if len(names) > 4 else "")
+            + ". Add them to config.ignore to leave them dense knowingly."
+        )
+    return coverage
 
 
 def _validate_token_ids(model: nn.Module, *sets: CalibrationSet | None) -> None:

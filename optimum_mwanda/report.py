@@ -40,6 +40,11 @@ class PruningReport:
         base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
         negative_calibration_tokens: tokens of negative calibration text (Kim et al.), 0 when none was used.
         resumed_from_layer: the first decoder layer this call pruned (> 0 when it resumed a checkpoint).
+        dense_weights: matrix weights of the decoder layers left dense, each with its rule (ignored by the
+            user, convolution, parameter used element-wise).
+        magnitude_pruned: linear modules that never ran during calibration (cross-attention without an
+            encoder, Mamba's ``dt_proj`` whose weight the model reads directly): no activation statistics
+            exist for them, so they were pruned by weight magnitude, at their layer's sparsity and structure.
         optimum_mwanda_version: the package version that pruned (stored inside ``config`` in the JSON form).
     """
 
@@ -59,6 +64,8 @@ class PruningReport:
     base_model: str = ""
     negative_calibration_tokens: int = 0
     resumed_from_layer: int = 0
+    dense_weights: dict[str, str] = field(default_factory=dict)
+    magnitude_pruned: list[str] = field(default_factory=list)
     optimum_mwanda_version: str = __version__
 
     def __post_init__(self) -> None:

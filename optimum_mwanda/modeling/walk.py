@@ -7,6 +7,7 @@ owns the hooks, devices, the activation store, restore-on-failure and the resume
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,9 @@ from .decoder import DecoderStack
 from .hooks import LayerStatisticsCollector
 from .linear import PrunableLinear
 from .offload import input_device
+from ..parts.masks import mask_from_scores
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..calibration import CalibrationSet
@@ -39,6 +43,7 @@ class WalkResult:
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     resumed_from_layer: int = 0
+    magnitude_pruned: list[str] = field(default_factory=list)
 
 
 class SequentialWalk:
@@ -77,6 +82,7 @@ class SequentialWalk:
         self.timings: dict[str, float] = {}
         # Every weight changed so far, as it was: written back if anything fails part-way.
         self._originals: dict[str, tuple[PrunableLinear, torch.Tensor]] = {}
+        self._magnitude_pruned: list[str] = []
 
     @property
     def num_layers(self) -> int:
@@ -222,6 +228,7 @@ class SequentialWalk:
             module_shapes=state.module_shapes,
             timings=self.timings,
             resumed_from_layer=first_layer,
+            magnitude_pruned=list(self._magnitude_pruned),
         )
 
     def _restore_checkpointed_layers(
@@ -292,15 +299,35 @@ class SequentialWalk:
                 group[0].name, weights, collector.statistic_for(group[0]), negative, sparsity
             )
             distributed.synchronise_weights(new_weights)  # identical on every rank (checked)
-            for module, weight, new_weight in zip(group, weights, new_weights):
-                self._remember(module, weight)
-                new_weight = new_weight.to(weight.dtype)
-                module.write_weight(new_weight)
-                pruned[module.name] = new_weight
-                state.module_sparsity[module.name] = float((new_weight == 0).float().mean())
-                state.module_shapes[module.name] = list(module.shape)
+            self._write(group, weights, new_weights, pruned, state)
+        for module in collector.never_ran():
+            # No activation ever reached it, so no statistic exists: magnitude is the only score left. Never
+            # silent: the report lists every such module.
+            weight = module.read_weight()
+            mask = mask_from_scores(weight.abs().float(), sparsity, algorithm.config.nm_structure)
+            self._write([module], [weight], [weight.masked_fill(mask, 0)], pruned, state)
+            self._magnitude_pruned.append(module.name)
+            logger.warning(
+                "%s never ran during calibration (no activations reach it): pruned by weight magnitude", module.name
+            )
         self.timings["pruning"] += time.perf_counter() - t
         return pruned
+
+    def _write(
+        self,
+        group: list[PrunableLinear],
+        weights: list[torch.Tensor],
+        new_weights: list[torch.Tensor],
+        pruned: dict[str, torch.Tensor],
+        state: ResumeState,
+    ) -> None:
+        for module, weight, new_weight in zip(group, weights, new_weights):
+            self._remember(module, weight)
+            new_weight = new_weight.to(weight.dtype)
+            module.write_weight(new_weight)
+            pruned[module.name] = new_weight
+            state.module_sparsity[module.name] = float((new_weight == 0).float().mean())
+            state.module_shapes[module.name] = list(module.shape)
 
     def _propagate(
         self, index: int, layer: nn.Module, captured: CapturedInputs, hidden: ActivationStore, n_batches: int
@@ -346,8 +373,8 @@ class SequentialWalk:
             distributed.synchronise_collector(collector)
             signal.append(
                 self.algorithm.layer_signal(
-                    [m.read_weight() for m in modules],
-                    [collector.statistic_for(m) for m in modules],
+                    [m.read_weight() for m in modules if m.name in collector.group_of],
+                    [collector.statistic_for(m) for m in modules if m.name in collector.group_of],
                     collector.statistics,
                 )
             )
