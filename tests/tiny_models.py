@@ -134,9 +134,7 @@ _TINY_SIZES: dict[str, int] = {
     **dict.fromkeys(
         ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_decoder_layers"), 2
     ),
-    **dict.fromkeys(
-        ("num_attention_heads", "n_head", "num_heads", "decoder_attention_heads", "n_heads"), 4
-    ),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "decoder_attention_heads", "n_heads"), 4),
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num"), 2),
     **dict.fromkeys(("head_dim", "attention_head_dim", "kv_channels"), 16),
     **dict.fromkeys(
@@ -147,7 +145,9 @@ _TINY_SIZES: dict[str, int] = {
     ),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_top_k"), 2),
-    **dict.fromkeys(("index_head_dim", "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim"), 16),
+    **dict.fromkeys(
+        ("index_head_dim", "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim"), 16
+    ),
     **dict.fromkeys(("index_n_heads", "linear_num_heads", "linear_num_value_heads"), 4),
     "linear_num_key_heads": 2,
     "moe_k": 2,
@@ -158,7 +158,13 @@ _TINY_SIZES: dict[str, int] = {
     "v_head_dim": 16,
 }
 #: fields that may default to None (derived at run time) yet must be set once the sizes above change
-_TINY_WHEN_NONE = {"head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts", "n_shared_experts"}
+_TINY_WHEN_NONE = {
+    "head_dim",
+    "num_key_value_heads",
+    "num_experts_per_tok",
+    "n_routed_experts",
+    "n_shared_experts",
+}
 #: field -> cap: only lowered when the default is larger
 _TINY_CAPS: dict[str, int] = {
     "n_group": 1,
@@ -182,7 +188,13 @@ _TINY_CAPS: dict[str, int] = {
     "chunk_size": 16,
     "max_window_layers": 2,
     "num_kv_shared_layers": 0,
+    "o_lora_rank": 16,
+    "hidden_size_per_layer_input": 16,
+    "mamba_d_head": 16,
+    "mamba_chunk_size": 16,
 }
+#: feed-forward widths under other names: any int field naming one is capped at 128
+_FFN_FIELDS = ("intermediate", "dim_ff", "dff", "d_inner", "mlp_dim", "ffn_hidden", "mamba_d_ssm", "emb_dim")
 SWEEP_VOCAB = 320
 #: calibration token ids stay below this; special token ids that are not are moved to the top of the vocab
 SWEEP_TOKEN_RANGE = (3, 200)
@@ -191,8 +203,14 @@ SWEEP_TOKEN_RANGE = (3, 200)
 SWEEP_OVERRIDES: dict[str, dict] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
-    "reformer": {"is_decoder": True, "axial_pos_shape": [4, 4], "axial_pos_embds_dim": [32, 32],
-                 "attn_layers": ["local", "lsh"], "local_attn_chunk_length": 8, "lsh_attn_chunk_length": 8},
+    "reformer": {
+        "is_decoder": True,
+        "axial_pos_shape": [4, 4],
+        "axial_pos_embds_dim": [32, 32],
+        "attn_layers": ["local", "lsh"],
+        "local_attn_chunk_length": 8,
+        "lsh_attn_chunk_length": 8,
+    },
     "zaya": {"num_experts_per_tok": 1},
     "jamba": {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1},
     "lfm2": {"layer_types": ["conv", "full_attention"]},
@@ -237,7 +255,13 @@ def _tiny_per_layer(default, per_layer: dict, selection: list[int] | None, tiny:
         scaled = {}
         for field, value in (values.to_dict() if hasattr(values, "to_dict") else dict(values)).items():
             base = getattr(default, field, None)
-            if field in tiny and isinstance(value, int) and isinstance(base, int) and base and value % base == 0:
+            if (
+                field in tiny
+                and isinstance(value, int)
+                and isinstance(base, int)
+                and base
+                and value % base == 0
+            ):
                 scaled[field] = tiny[field] * (value // base)
             elif field not in tiny:
                 scaled[field] = value
@@ -260,18 +284,30 @@ def tiny_config(config_class, overrides: dict | None = None):
         if field in _TINY_SIZES and (isinstance(value, int) or (value is None and field in _TINY_WHEN_NONE)):
             kwargs[field] = _TINY_SIZES[field]
         elif field in _TINY_CAPS and (
-            (isinstance(value, int) and value > _TINY_CAPS[field]) or (value is None and field in _TINY_WHEN_NONE)
+            (isinstance(value, int) and value > _TINY_CAPS[field])
+            or (value is None and field in _TINY_WHEN_NONE)
         ):
             kwargs[field] = _TINY_CAPS[field]
-        elif field == "vocab_size" and isinstance(value, int):
+        elif isinstance(value, int) and value > 128 and any(key in field for key in _FFN_FIELDS):
+            kwargs[field] = 128 if field != "emb_dim" else 64
+        elif field.startswith("vocab_size") and isinstance(value, int):
             kwargs[field] = SWEEP_VOCAB
         elif isinstance(value, PretrainedConfig):
             kwargs[field] = tiny_config(type(value)).to_dict()
+    if "mamba_d_head" in kwargs and "mamba_n_heads" in fields:  # heads * head size = expand * hidden
+        expand = getattr(default, "mamba_expand", 2)
+        kwargs["mamba_n_heads"] = kwargs.get("hidden_size", 64) * expand // kwargs["mamba_d_head"]
     if "qk_rope_head_dim" in kwargs and "head_dim" in fields:
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]  # multi-head latent attention ropes head_dim channels
     # Per-layer lists as long as the default stack: keep the entries of the kept layers.
-    n_default = next((getattr(default, f) for f in fields if f in ("num_hidden_layers", "n_layer", "num_layers")
-                      and isinstance(getattr(default, f), int)), None)
+    n_default = next(
+        (
+            getattr(default, f)
+            for f in fields
+            if f in ("num_hidden_layers", "n_layer", "num_layers") and isinstance(getattr(default, f), int)
+        ),
+        None,
+    )
     selection = _layer_selection(default)
     if n_default and selection is not None:
         for field in fields:
@@ -281,6 +317,13 @@ def tiny_config(config_class, overrides: dict | None = None):
         for field in ("num_hidden_layers", "n_layer", "num_layers"):
             if field in kwargs:
                 kwargs[field] = len(selection)
+    for field in fields:  # per-layer sizes (Gemma 3n's intermediate_size list)
+        value = kwargs.get(field, getattr(default, field, None))
+        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if field in _TINY_SIZES:
+                kwargs[field] = [_TINY_SIZES[field]] * len(value)
+            elif any(key in field for key in _FFN_FIELDS):
+                kwargs[field] = [min(v, 128) for v in value]
     per_layer = getattr(default, "per_layer_config", None) if "per_layer_config" in fields else None
     if isinstance(per_layer, dict) and per_layer:
         kwargs["per_layer_config"] = _tiny_per_layer(default, per_layer, selection, kwargs)

@@ -23,7 +23,11 @@ class _StopForward(Exception):
     """Raised by the last stand-in to end the capture pass early."""
 
 
-class LayerReuseError(ValueError):
+class LayerReplayError(ValueError):
+    """The decoder layers cannot be replayed one by one on the previous layer's outputs."""
+
+
+class LayerReuseError(LayerReplayError):
     """A decoder layer runs more (or fewer) times than once per forward pass (looped or recurrent blocks):
     replaying each layer once on the previous one's outputs would not reproduce the model."""
 
@@ -100,7 +104,14 @@ class _Recorder:
             if not self.output_kind_known:
                 # Learn once what a real layer returns (tensor or tuple) to pass hidden states through alike.
                 with torch.no_grad():
-                    output = layer(hidden, *rest, **kwargs)
+                    try:
+                        output = layer(hidden, *rest, **kwargs)
+                    except TypeError as error:
+                        raise LayerReplayError(
+                            f"decoder layer {type(layer).__name__} cannot be called with the hidden states as "
+                            f"its first argument ({error}): its blocks carry more than one residual stream "
+                            "(e.g. reversible layers), which the layer-by-layer walk does not replay"
+                        ) from error
                 self.captured.returns_tuple = isinstance(output, (tuple, list))
                 self.captured.tuple_length = len(output) if self.captured.returns_tuple else 1
                 self.output_kind_known = True

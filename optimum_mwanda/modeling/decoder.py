@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # model_type -> dotted path of the decoder-layer ModuleList. Anything else goes through the fallback.
@@ -64,6 +65,9 @@ def find_decoder_stack(model: nn.Module) -> DecoderStack:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         root_name, root = _language_model(model)
         path, layers = _search_layer_list(root, _expected_num_layers(config))
+        if layers is None and root is not model:  # get_decoder() named something else (ModernBERT's head)
+            root_name, root = "", model
+            path, layers = _search_layer_list(root, _expected_num_layers(config))
         if layers is not None and root_name:
             path = f"{root_name}.{path}"
     if layers is None:
@@ -163,6 +167,16 @@ class DecoderWeightCoverage:
     unreachable: dict[str, str]
 
 
+def _matrix_rank(param: torch.Tensor) -> int:
+    return sum(size > 1 for size in param.shape)
+
+
+def is_matrix(param: torch.Tensor) -> bool:
+    """A floating parameter with at least two dimensions longer than 1 (a learned ``[1, 1, H]`` token is a
+    vector, not a matrix)."""
+    return param.is_floating_point() and _matrix_rank(param) >= 2
+
+
 def decoder_weight_coverage(
     stack: DecoderStack, claimed: set[int], ignore: list[str], always_dense: tuple[str, ...]
 ) -> DecoderWeightCoverage:
@@ -176,7 +190,7 @@ def decoder_weight_coverage(
         for module_name, module in layer.named_modules():
             full_module = ".".join(p for p in (stack.layer_name(index), module_name) if p)
             for name, param in module.named_parameters(recurse=False):
-                if param.dim() < 2 or not param.is_floating_point() or id(param) in claimed or id(param) in seen:
+                if not is_matrix(param) or id(param) in claimed or id(param) in seen:
                     continue
                 seen.add(id(param))  # a weight shared by several modules is classified once
                 full = f"{full_module}.{name}"
@@ -187,11 +201,17 @@ def decoder_weight_coverage(
                     dense[full] = "embedding"
                 elif isinstance(module, nn.modules.conv._ConvNd):
                     dense[full] = "convolution (left dense)"
-                elif param.dim() == 2 and not any(key in name.lower() for key in ("weight", "proj", "kernel")):
+                elif _matrix_rank(param) == 2 and not any(
+                    key in name.lower() for key in ("weight", "proj", "kernel")
+                ):
                     dense[full] = "not a linear layer's weight (used element-wise, e.g. a state-space A_log)"
                 else:
                     unreachable[full] = (
                         f"{tuple(param.shape)} parameter of {type(module).__name__}, not an nn.Linear: "
-                        + ("fused experts or batched projections" if param.dim() > 2 else "a raw projection")
+                        + (
+                            "fused experts or batched projections"
+                            if _matrix_rank(param) > 2
+                            else "a raw projection"
+                        )
                     )
     return DecoderWeightCoverage(dense=dense, unreachable=unreachable)

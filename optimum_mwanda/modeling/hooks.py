@@ -173,7 +173,9 @@ class LayerStatisticsCollector:
                 lengths = self._valid.view(-1, x.shape[-2]).sum(dim=1).tolist()
             self.statistics[group].update(rows, language, lengths)
 
-    def _rows_of_other_length(self, rows: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _rows_of_other_length(
+        self, rows: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Languages of the rows of a module that sees another number of token positions than the batch has
         (a layer that prepends memory tokens or merges positions): kept when the sequences are unpadded and
         the rows still split per sequence; ``None`` for the padding mask (nothing to drop)."""

@@ -17,13 +17,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..parts.masks import mask_from_scores
 from .activations import ActivationStore
 from .capture import CapturedInputs, capture_layer_inputs
 from .decoder import DecoderStack
 from .hooks import LayerStatisticsCollector
 from .linear import PrunableLinear
 from .offload import input_device
-from ..parts.masks import mask_from_scores
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,8 @@ class SequentialWalk:
             self._write([module], [weight], [weight.masked_fill(mask, 0)], pruned, state)
             self._magnitude_pruned.append(module.name)
             logger.warning(
-                "%s never ran during calibration (no activations reach it): pruned by weight magnitude", module.name
+                "%s never ran during calibration (no activations reach it): pruned by weight magnitude",
+                module.name,
             )
         self.timings["pruning"] += time.perf_counter() - t
         return pruned
