@@ -319,7 +319,11 @@ def tiny_config(config_class, overrides: dict | None = None):
                 kwargs[field] = len(selection)
     for field in fields:  # per-layer sizes (Gemma 3n's intermediate_size list)
         value = kwargs.get(field, getattr(default, field, None))
-        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             if field in _TINY_SIZES:
                 kwargs[field] = [_TINY_SIZES[field]] * len(value)
             elif any(key in field for key in _FFN_FIELDS):

@@ -180,12 +180,17 @@ class LayerStatisticsCollector:
         (a layer that prepends memory tokens or merges positions): kept when the sequences are unpadded and
         the rows still split per sequence; ``None`` for the padding mask (nothing to drop)."""
         batch = self._sequences
-        if not self._all_valid or x.dim() < 3 or x.shape[0] != batch:
+        if not self._all_valid or x.dim() < 3 or x.shape[0] != batch or rows.shape[0] % batch:
+            fewer = rows.shape[0] < self._valid.shape[0]
             raise RuntimeError(
                 f"a linear module saw {rows.shape[0]} token rows for a batch of {self._valid.shape[0]} tokens: "
-                "this model adds, drops or merges token positions inside its decoder layers, so the padding of "
-                "the calibration batch cannot be mapped onto them"
-                + ("" if self._all_valid else ": calibrate on unpadded (equal-length) sequences")
+                + (
+                    "it sees a subset of the tokens (an expert fed only the tokens routed to it)"
+                    if fewer
+                    else "the layer adds token positions (memory or prompt tokens, n-gram streams)"
+                )
+                + ", so the batch's padding and languages cannot be mapped onto its rows"
+                + ("" if self._all_valid or fewer else ": calibrate on unpadded (equal-length) sequences")
             )
         per_sequence = rows.shape[0] // batch
         return None, self._sequence_language.repeat_interleave(per_sequence)
