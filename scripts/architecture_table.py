@@ -57,6 +57,31 @@ def render(outcomes, transformers_version: str, torch_version: str) -> str:
         f"**{counts['pass']} of {total} pass**, {counts['partial']} partially, {counts['refused']} are refused, "
         f"{counts['skipped']} skipped, {counts['fail']} fail.",
         "",
+        "How the package finds what to prune (`optimum_mwanda/modeling/decoder.py`, `capture.py`, `hooks.py`):",
+        "",
+        "- The decoder layers are the `nn.ModuleList` of blocks with linear layers inside the language model "
+        "(`model.get_decoder()`), as long as the config's layer count. A multimodal checkpoint loaded as a "
+        "causal LM (Gemma 3/4, Fuyu, Emu3, Qwen 3.5 ...) has its language model's layers pruned and its "
+        "vision and audio towers left as they are. Hybrid stacks that mix block classes (Jamba, Zamba, "
+        "Zamba 2, Falcon-H1 ...) are one list: their linear maps are pruned, their convolutions stay dense "
+        "and are listed in the report's `dense_weights`, as are parameters the model uses element-wise "
+        "(Mamba's `A_log`).",
+        "- A stack whose blocks are split across parallel lists (XLM) is refused, and so is a layer that runs "
+        "more than once per forward pass (Dory's and HRM's recurrent loops): replaying it once per layer "
+        "would calibrate later passes on the wrong inputs. Reversible two-stream layers (Reformer) are "
+        "refused too.",
+        "- A linear module that never runs during calibration (the cross-attention of the `*ForCausalLM` "
+        "decoders of encoder-decoder families, without an encoder; Mamba's `dt_proj`, whose weight the "
+        "model reads directly) has no activation statistics: it is pruned by weight magnitude at its "
+        "layer's sparsity and structure, named in the log and in the report's `magnitude_pruned`.",
+        "- Any other matrix weight of a decoder layer that is not an `nn.Linear`/`Conv1D` weight (fused "
+        "mixture-of-experts tensors, routers held as raw parameters, raw projection parameters) makes the "
+        "run refuse before any weight changes, naming it; `ignore` leaves it dense knowingly (listed). "
+        "Mixture-of-experts support is issue 29's items 1-3: until it lands, the MoE models below are refused.",
+        "- Layers that add token positions (CPM-Ant's prompt tokens, ProphetNet's n-gram streams) are "
+        "calibrated on all their rows when the calibration sequences are unpadded; with padding the run "
+        "stops with an error that says so.",
+        "",
     ]
     for status, title in _STATUS_TITLES.items():
         group = [o for o in outcomes if o.status == status]

@@ -472,3 +472,19 @@ def test_layers_that_add_token_positions_refuse_padded_batches_without_blaming_m
         _prune(model, calibration=calibration)
     assert "experts" not in str(error.value)
     assert _digest(model) == before
+
+
+def test_the_table_records_every_outcome_with_its_reason():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from architecture_table import render
+
+    outcomes = [
+        ArchitectureOutcome("llama", "pass", "", "LlamaForCausalLM"),
+        ArchitectureOutcome("xlm", "refused", "NoDecoderLayersError: parallel | lists", "XLMWithLMHeadModel"),
+        ArchitectureOutcome("blt", "skipped", "not shrunk generically"),
+    ]
+    text = render(outcomes, "9.9.9", "1.0")
+    assert "transformers 9.9.9" in text and "**1 of 3 pass**, 0 partially, 1 are refused, 1 skipped" in text
+    assert "| `llama` | LlamaForCausalLM | - |" in text
+    assert "| `xlm` | XLMWithLMHeadModel | NoDecoderLayersError: parallel \\| lists |" in text
+    assert "| `blt` | - | not shrunk generically |" in text

@@ -215,28 +215,36 @@ SWEEP_OVERRIDES: dict[str, dict] = {
     "jamba": {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1},
     "lfm2": {"layer_types": ["conv", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
     "zamba": {"num_hidden_layers": 3, "layers_block_type": ["linear_attention", "hybrid", "hybrid"]},
-    **dict.fromkeys(
-        ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "gemma4_unified_assistant"),
-        {"per_layer_config": {}},
-    ),
     "kolibri1_1": {"kv_source_layers": [0, 1], "index_layers": [1], "mlp_only_layers": [0]},
 }
 #: model types that cannot be built offline from a tiny config, with the reason
 SWEEP_SKIPS: dict[str, str] = {
     "gemma3n": "its vision tower is a timm model (timm is not installed)",
+    "dots3_note": "heterogeneous per-layer configs (per_layer_config) not shrunk generically: 38M parameters",
+    "dots3_note_text": "heterogeneous per-layer configs (per_layer_config) not shrunk generically: 38M parameters",
+    "gemma4_assistant": "a draft model: its forward needs the main model's shared KV states",
+    "gemma4_unified_assistant": "a draft model: its forward needs the main model's shared KV states",
     "musicgen": "its causal LM is the audio-codebook decoder: inputs are [batch * codebooks, length] codes",
     "musicgen_melody": "its causal LM is the audio-codebook decoder: inputs are [batch * codebooks, length] codes",
     "blt": "byte-latent patcher: four sub-configs coupled by hidden_size_global, not shrunk generically",
 }
 
 
+def _read(config, field: str):
+    """A config field; heterogeneous configs (Gemma 4) refuse global reads of per-layer fields: the stored
+    global value then."""
+    try:
+        return getattr(config, field, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return config.to_dict().get(field)
+
+
 def _layer_selection(default) -> list[int] | None:
     """Which of the default config's layers the tiny one keeps: the first of each distinct layer type (so a
     hybrid keeps one layer of every kind), at least two."""
     for field in ("layer_types", "layers_block_type", "layers_type", "mlp_layer_types"):
-        kinds = getattr(default, field, None)
+        kinds = _read(default, field)
         if isinstance(kinds, list) and kinds and all(isinstance(k, str) for k in kinds):
             chosen = sorted({kinds.index(kind) for kind in kinds})
             extra = [i for i in range(len(kinds)) if i not in chosen]
@@ -254,17 +262,14 @@ def _tiny_per_layer(default, per_layer: dict, selection: list[int] | None, tiny:
             continue
         scaled = {}
         for field, value in (values.to_dict() if hasattr(values, "to_dict") else dict(values)).items():
-            base = getattr(default, field, None)
-            if (
-                field in tiny
-                and isinstance(value, int)
-                and isinstance(base, int)
-                and base
-                and value % base == 0
-            ):
-                scaled[field] = tiny[field] * (value // base)
-            elif field not in tiny:
+            base = _read(default, field)
+            tiny_value = tiny.get(field, _TINY_SIZES.get(field))
+            if tiny_value is None or not isinstance(value, int):
                 scaled[field] = value
+            elif isinstance(base, int) and base and value % base == 0 and value // base <= 4:
+                scaled[field] = tiny_value * (value // base)
+            else:
+                scaled[field] = tiny_value
         out[str(keep.index(int(key))).zfill(len(key))] = scaled
     return out
 
@@ -278,7 +283,7 @@ def tiny_config(config_class, overrides: dict | None = None):
     fields = default.to_dict()
     kwargs: dict = {}
     for field in fields:
-        value = getattr(default, field, None)
+        value = _read(default, field)
         if isinstance(value, bool):
             continue
         if field in _TINY_SIZES and (isinstance(value, int) or (value is None and field in _TINY_WHEN_NONE)):
@@ -295,30 +300,30 @@ def tiny_config(config_class, overrides: dict | None = None):
         elif isinstance(value, PretrainedConfig):
             kwargs[field] = tiny_config(type(value)).to_dict()
     if "mamba_d_head" in kwargs and "mamba_n_heads" in fields:  # heads * head size = expand * hidden
-        expand = getattr(default, "mamba_expand", 2)
+        expand = _read(default, "mamba_expand") or 2
         kwargs["mamba_n_heads"] = kwargs.get("hidden_size", 64) * expand // kwargs["mamba_d_head"]
     if "qk_rope_head_dim" in kwargs and "head_dim" in fields:
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]  # multi-head latent attention ropes head_dim channels
     # Per-layer lists as long as the default stack: keep the entries of the kept layers.
     n_default = next(
         (
-            getattr(default, f)
+            _read(default, f)
             for f in fields
-            if f in ("num_hidden_layers", "n_layer", "num_layers") and isinstance(getattr(default, f), int)
+            if f in ("num_hidden_layers", "n_layer", "num_layers") and isinstance(_read(default, f), int)
         ),
         None,
     )
     selection = _layer_selection(default)
     if n_default and selection is not None:
         for field in fields:
-            value = getattr(default, field, None)
+            value = _read(default, field)
             if isinstance(value, list) and len(value) == n_default and field not in kwargs:
                 kwargs[field] = [value[i] for i in selection]
         for field in ("num_hidden_layers", "n_layer", "num_layers"):
             if field in kwargs:
                 kwargs[field] = len(selection)
     for field in fields:  # per-layer sizes (Gemma 3n's intermediate_size list)
-        value = kwargs.get(field, getattr(default, field, None))
+        value = kwargs.get(field, _read(default, field))
         if (
             isinstance(value, list)
             and value
@@ -328,14 +333,14 @@ def tiny_config(config_class, overrides: dict | None = None):
                 kwargs[field] = [_TINY_SIZES[field]] * len(value)
             elif any(key in field for key in _FFN_FIELDS):
                 kwargs[field] = [min(v, 128) for v in value]
-    per_layer = getattr(default, "per_layer_config", None) if "per_layer_config" in fields else None
+    per_layer = _read(default, "per_layer_config") if "per_layer_config" in fields else None
     if isinstance(per_layer, dict) and per_layer:
         kwargs["per_layer_config"] = _tiny_per_layer(default, per_layer, selection, kwargs)
     spare = SWEEP_VOCAB - 1
     for field in fields:
         if not field.endswith(("_token_id", "_token_index", "_token_ids")):
             continue
-        value = getattr(default, field, None)
+        value = _read(default, field)
         if isinstance(value, int) and not isinstance(value, bool) and value >= SWEEP_TOKEN_RANGE[1]:
             kwargs[field], spare = spare, spare - 1
         elif isinstance(value, list) and any(isinstance(v, int) and v >= SWEEP_TOKEN_RANGE[1] for v in value):
