@@ -192,6 +192,35 @@ def parse_config_name(name: str) -> StudyConfig:
     return dataclasses.replace(config, options=kept)
 
 
+_FLAT_UPDATE = (
+    "compensation_rank",
+    "hessian_token_stride",
+    "diagonal_dampening",
+    "nm_selection",
+    "refinement_steps",
+)
+
+
+def flat_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict in the flat form the study's names use: M-Wanda's ``weight_update`` as
+    ``"closed_form"``/``"sweep"`` with its settings as separate fields (as records before 0.2 stored them)."""
+    if data.get("method") != "mwanda" or isinstance(data.get("weight_update"), str):
+        return dict(data)
+    import warnings
+
+    from optimum_mwanda.configuration import MWandaConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        built = MWandaConfig.from_dict(dict(data))
+        flat = {
+            **data,
+            "weight_update": "sweep" if built.resolve().weight_update.name == "sweep" else "closed_form",
+        }
+        flat.update({name: getattr(built, name) for name in _FLAT_UPDATE})
+    return flat
+
+
 def non_default_options(
     cls: type, sparsity: float, options: Mapping[str, Any]
 ) -> tuple[tuple[str, Any], ...]:
@@ -209,7 +238,8 @@ def non_default_options(
             built = cls(sparsity=sparsity, **trial)
         except ValueError:  # e.g. diagonal_dampening > 0 once weight_update="sweep" is dropped
             continue
-        if all(getattr(built, k) == v for k, v in options.items()):
+        flat = flat_config(built.to_dict())
+        if all(flat.get(k) == v for k, v in options.items()):
             kept = trial
     return tuple(kept.items())
 
@@ -438,7 +468,8 @@ def canonical_name(key: str, record: Mapping[str, Any]) -> str:
     from optimum_mwanda.configuration import config_class_for_method
 
     cls = config_class_for_method(config["method"])
-    fields = cls(sparsity=config["sparsity"]).to_dict()
+    fields = flat_config(cls(sparsity=config["sparsity"]).to_dict())
+    config = flat_config(config)
     # A field added after a record was written did not exist then: the record ran with the value the
     # config class rebuilds it with (the behaviour before the field).
     config = {**cls.fields_added_later, **config}

@@ -88,11 +88,6 @@ def current_context() -> DistributedContext:
     return DistributedContext(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
 
 
-def is_main_process() -> bool:
-    """``True`` on rank 0 and in single-process runs."""
-    return current_context().is_main
-
-
 def local_device() -> torch.device:
     """This rank's compute device: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if torch.cuda.is_available():

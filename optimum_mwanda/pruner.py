@@ -53,6 +53,8 @@ class Pruner:
                 f"Pruner needs a WandaConfig, SparseGPTConfig or MWandaConfig, got {type(config).__name__}"
             )
         config.validate()
+        #: the config as given; frozen (derive another with ``dataclasses.replace``), and validated again
+        #: by :meth:`prune_model`, which prunes with :meth:`PruningConfig.resolve`'s explicit copy of it
         self.config = config
         self.report: PruningReport | None = None
 
@@ -96,8 +98,11 @@ class Pruner:
         already changed are restored before the exception propagates.
         """
         config = self.config
+        if not isinstance(config, PruningConfig) or type(config) is PruningConfig:
+            raise TypeError(f"Pruner.config must be a method's PruningConfig, got {type(config).__name__}")
+        config.validate()  # configs are frozen; this catches one changed by force (object.__setattr__)
         start = time.perf_counter()
-        algorithm = algorithm_for(config)
+        algorithm = algorithm_for(config.resolve())
 
         # 1. Validate everything before touching the model.
         packing = {
@@ -112,21 +117,20 @@ class Pruner:
                 raise ValueError(
                     "negative_calibration lowers feature importance in a Wanda-style score: it is supported "
                     'by WandaConfig and MWandaConfig with weight_update="closed_form", not '
-                    f"{type(config).__name__}"
-                    + (
-                        f'(weight_update="{config.weight_update}")'
-                        if hasattr(config, "weight_update")
-                        else ""
-                    )
+                    f"{type(config).__name__}" + f' (weight_update="{algorithm.weight_update().name}")'
                 )
             negative_set = resolve_calibration(
                 _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
             )
-        algorithm.calibration_tokens = sum(calibration_set.token_counts.values())
         stack = find_decoder_stack(model)
         layer_modules = prunable_linears_by_layer(stack, config.ignore)
         _validate_modules(layer_modules, config)
         coverage = _validate_coverage(stack, layer_modules, config)
+        # Every automatic choice made, from the run's size too: what runs is what the report records.
+        calibration_tokens = sum(calibration_set.token_counts.values())
+        config = config.resolve(calibration_tokens, [m.in_features for ms in layer_modules for m in ms])
+        algorithm = algorithm_for(config)
+        algorithm.calibration_tokens = calibration_tokens
         _validate_token_ids(model, calibration_set, negative_set)
         context = distributed.current_context()
         fingerprint = ""

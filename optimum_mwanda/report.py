@@ -20,8 +20,9 @@ class PruningReport:
 
     Attributes:
         method: ``"wanda"``, ``"sparsegpt"`` or ``"mwanda"``.
-        config: the :class:`~optimum_mwanda.PruningConfig` of the run (a dict given here, as older code and
-            ``pruning_report.json`` files hold it, is rebuilt into the config object).
+        config: the resolved :class:`~optimum_mwanda.PruningConfig` the run used, every automatic choice
+            explicit (:meth:`~optimum_mwanda.PruningConfig.resolve`); a dict given here, as older code and
+            ``pruning_report.json`` files hold it, is rebuilt into the config object.
         target_sparsity: the configured mean sparsity.
         layer_sparsity: the target sparsity of each decoder layer (index order).
         module_sparsity: achieved fraction of zeros per pruned module (full module name).
@@ -95,12 +96,26 @@ class PruningReport:
         data = json.loads(json.dumps({**data, "config": None}))  # deep copies of the containers
         data["config"] = {**self.config.to_dict(), "optimum_mwanda_version": version}
         data["achieved_sparsity"] = self.achieved_sparsity
+        description = self.method_description
+        if description is not None:
+            data["method_description"] = description.to_dict()
         return data
+
+    @property
+    def method_description(self):
+        """The method's parts as the registry describes them, with the run's resolved settings (``None`` for
+        a method this installation does not register)."""
+        from .methods import describe_method
+
+        try:
+            return describe_method(self.config)
+        except TypeError:
+            return None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningReport:
         """Rebuild a report from :meth:`to_dict` output (also ``pruning_report.json`` of older versions)."""
-        data = {k: v for k, v in data.items() if k != "achieved_sparsity"}
+        data = {k: v for k, v in data.items() if k not in ("achieved_sparsity", "method_description")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -115,7 +130,7 @@ def _config_from_dict(data: dict[str, Any]) -> PruningConfig:
     """The config of a stored report; fields this version does not know (an older or newer writer) are
     dropped with a warning rather than making the whole report unreadable."""
     config_class = config_class_for_method(data["method"])
-    known = {f.name for f in dataclasses.fields(config_class)}
+    known = {f.name for f in dataclasses.fields(config_class)} | set(config_class.legacy_fields)
     unknown = sorted(set(data) - known - {"method"})
     if unknown:
         logger.warning("ignoring %s fields unknown to this version: %s", config_class.__name__, unknown)

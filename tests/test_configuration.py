@@ -3,6 +3,18 @@ import json
 import pytest
 
 from optimum_mwanda import MWandaConfig, PruningConfig, SparseGPTConfig, WandaConfig, __version__
+from optimum_mwanda.configuration import MWANDA_DEFAULTS
+
+
+def flat_form(config: MWandaConfig) -> dict:
+    """The dict versions before the weight-update parts wrote: every setting flat and resolved."""
+    data = config.to_dict()
+    update = config.resolve().weight_update
+    data["weight_update"] = "sweep" if update.name == "sweep" else "closed_form"
+    for name in ("compensation_rank", "hessian_token_stride", "diagonal_dampening", "nm_selection",
+                 "refinement_steps"):  # fmt: skip
+        data[name] = getattr(config, name)
+    return data
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
@@ -115,26 +127,31 @@ def test_default_layer_schedule_is_resolved_per_method():
 def test_default_compensation_rank_is_resolved_from_the_compensation():
     from optimum_mwanda import MWandaConfig
 
-    assert MWandaConfig().compensation_rank == MWandaConfig.default_compensation_rank == 32
+    assert MWandaConfig().compensation_rank == MWANDA_DEFAULTS.compensation_rank == 32
     assert MWandaConfig(mean_compensation="pooled").compensation_rank == 32
     # Without a compensation there is nothing to extend: the default is 0, an explicit rank is an error.
     assert MWandaConfig(mean_compensation="none").compensation_rank == 0
     with pytest.raises(ValueError, match="needs a compensation"):
         MWandaConfig(mean_compensation="none", compensation_rank=8)
     assert MWandaConfig(compensation_rank=0).compensation_rank == 0
-    data = MWandaConfig().to_dict()
-    assert data["compensation_rank"] == 32 and MWandaConfig.from_dict(data) == MWandaConfig()
+    data = flat_form(MWandaConfig())
+    assert data["compensation_rank"] == 32
+    assert MWandaConfig.from_dict(data).resolve() == MWandaConfig().resolve()
+    assert MWandaConfig.from_dict(MWandaConfig().to_dict()) == MWandaConfig()
 
 
 def test_configs_written_before_a_field_existed_rebuild_with_the_behaviour_they_ran_with():
     from optimum_mwanda import MWandaConfig, PruningConfig
 
-    written = MWandaConfig(sparsity=0.6).to_dict()
+    written = flat_form(MWandaConfig(sparsity=0.6))
     del written["compensation_rank"]  # a report written before the low-rank compensation existed
     assert PruningConfig.from_dict(written).compensation_rank == 0
     for later in MWandaConfig.fields_added_later:  # a report written before the compensation existed
         written.pop(later, None)
-    assert MWandaConfig.from_dict(written) == MWandaConfig(sparsity=0.6, mean_compensation="none")
+    assert (
+        MWandaConfig.from_dict(written).resolve()
+        == MWandaConfig(sparsity=0.6, mean_compensation="none").resolve()
+    )
     # A hand-written dict (no package version) means today's defaults.
     assert MWandaConfig.from_dict({"method": "mwanda", "sparsity": 0.6}) == MWandaConfig(sparsity=0.6)
 
@@ -164,20 +181,29 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures_and_high_sparsity
     from optimum_mwanda import MWandaConfig, PruningConfig, SparseGPTConfig
 
     unstructured = MWandaConfig()
-    assert (unstructured.weight_update, unstructured.compensation_rank) == ("closed_form", 32)
+    assert (unstructured.resolve().weight_update.name, unstructured.compensation_rank) == ("closed_form", 32)
     # From sweep_from_sparsity (0.65) up the unstructured default is the sweep too, shrunk by 0.3.
-    threshold = MWandaConfig.sweep_from_sparsity
+    threshold = MWANDA_DEFAULTS.sweep_from_sparsity
     assert threshold == 0.65
-    assert MWandaConfig(sparsity=0.6).weight_update == "closed_form"
-    assert MWandaConfig(sparsity=0.649).weight_update == "closed_form"
+    assert MWandaConfig(sparsity=0.6).resolve().weight_update.name == "closed_form"
+    assert MWandaConfig(sparsity=0.649).resolve().weight_update.name == "closed_form"
     for sparsity in (threshold, 0.8):
         high = MWandaConfig(sparsity=sparsity)
-        assert (high.weight_update, high.compensation_rank, high.refinement_steps) == ("sweep", 0, 5)
-        assert high.diagonal_dampening == MWandaConfig.sweep_diagonal_dampening == 0.3
+        assert (high.resolve().weight_update.name, high.compensation_rank, high.refinement_steps) == (
+            "sweep",
+            0,
+            5,
+        )
+        assert high.diagonal_dampening == MWANDA_DEFAULTS.sweep_shrinkage == 0.3
         assert high.layerwise == "depth"
         # An explicit rank, or no compensation, keeps the closed form there as at N:M.
-        assert MWandaConfig(sparsity=sparsity, compensation_rank=32).weight_update == "closed_form"
-        assert MWandaConfig(sparsity=sparsity, mean_compensation="none").weight_update == "closed_form"
+        assert (
+            MWandaConfig(sparsity=sparsity, compensation_rank=32).resolve().weight_update.name
+            == "closed_form"
+        )
+        assert (
+            MWandaConfig(sparsity=sparsity, mean_compensation="none").resolve().weight_update.name == "none"
+        )
         closed = MWandaConfig(sparsity=sparsity, weight_update="closed_form")
         assert (closed.compensation_rank, closed.diagonal_dampening) == (32, 0.1)
         # The resolved values are stored, so a config written at 70% rebuilds as it ran.
@@ -185,12 +211,18 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures_and_high_sparsity
         assert MWandaConfig.from_dict(high.to_dict()) == high
     assert MWandaConfig(weight_update="sweep").diagonal_dampening == 0.3
     nm = MWandaConfig(mask_structure="2:4")
-    assert (nm.weight_update, nm.compensation_rank, nm.hessian_token_stride) == ("sweep", 0, None)
+    assert (nm.resolve().weight_update.name, nm.compensation_rank, nm.hessian_token_stride) == (
+        "sweep",
+        0,
+        None,
+    )
     with pytest.raises(ValueError, match="hessian_token_stride"):
         MWandaConfig(mask_structure="2:4", hessian_token_stride=0)
     # An explicit rank, or no compensation, keeps the closed form at N:M.
-    assert MWandaConfig(mask_structure="2:4", compensation_rank=0).weight_update == "closed_form"
-    assert MWandaConfig(mask_structure="4:8", mean_compensation="none").weight_update == "closed_form"
+    assert (
+        MWandaConfig(mask_structure="2:4", compensation_rank=0).resolve().weight_update.name == "closed_form"
+    )
+    assert MWandaConfig(mask_structure="4:8", mean_compensation="none").resolve().weight_update.name == "none"
     assert MWandaConfig(weight_update="sweep").compensation_rank == 0
     with pytest.raises(ValueError, match="weight_update must be one of"):
         MWandaConfig(weight_update="obs")
@@ -206,8 +238,8 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures_and_high_sparsity
     assert SparseGPTConfig().hessian_token_stride == 1
     # Both updates shrink towards the diagonal by default, the sweep more; SparseGPT keeps the reference
     # (0), and without a compensation there is nothing to shrink.
-    assert nm.diagonal_dampening == MWandaConfig.sweep_diagonal_dampening == 0.3
-    assert unstructured.diagonal_dampening == MWandaConfig.default_diagonal_dampening == 0.1
+    assert nm.diagonal_dampening == MWANDA_DEFAULTS.sweep_shrinkage == 0.3
+    assert unstructured.diagonal_dampening == MWANDA_DEFAULTS.closed_form_shrinkage == 0.1
     assert SparseGPTConfig().diagonal_dampening == 0.0
     assert MWandaConfig(mean_compensation="none").diagonal_dampening == 0.0
     assert MWandaConfig(mask_structure="2:4", diagonal_dampening=0).diagonal_dampening == 0
@@ -221,12 +253,12 @@ def test_weight_update_resolves_to_the_sweep_for_nm_structures_and_high_sparsity
                 config_class(mask_structure="2:4", diagonal_dampening=bad)
     # Round trip, and configs written before the field existed ran the closed form.
     assert MWandaConfig.from_dict(nm.to_dict()) == nm
-    written = nm.to_dict()
+    written = flat_form(nm)
     del written["refinement_steps"], written["nm_selection"], written["diagonal_dampening"]
     # A sweep written before diagonal_dampening existed ran without the shrinkage.
     assert PruningConfig.from_dict(written).diagonal_dampening == 0.0
     del written["weight_update"]
-    assert PruningConfig.from_dict(written).weight_update == "closed_form"
+    assert PruningConfig.from_dict(written).resolve().weight_update.name == "closed_form"
 
 
 def test_sweep_selection_and_refinement_options():
@@ -241,13 +273,13 @@ def test_sweep_selection_and_refinement_options():
                 config_class(mask_structure="2:4", refinement_steps=bad)
     assert SparseGPTConfig().refinement_steps == 0 and SparseGPTConfig().nm_selection == "greedy"
     # M-Wanda's sweep refines by default (round 7); the closed form has nothing to refine.
-    assert MWandaConfig(mask_structure="2:4").refinement_steps == MWandaConfig.default_refinement_steps == 5
+    assert MWandaConfig(mask_structure="2:4").refinement_steps == MWANDA_DEFAULTS.refinement_steps == 5
     assert MWandaConfig().refinement_steps == 0
     assert MWandaConfig(mask_structure="2:4", refinement_steps=0).refinement_steps == 0
     with pytest.raises(ValueError, match='refinement_steps applies to weight_update="sweep"'):
         MWandaConfig(refinement_steps=2)
     # Configs written before the fields existed ran the greedy sweep with no refinement.
-    written = MWandaConfig(mask_structure="2:4").to_dict()
+    written = flat_form(MWandaConfig(mask_structure="2:4"))
     del written["nm_selection"], written["refinement_steps"]
     rebuilt = PruningConfig.from_dict(written)
     assert (rebuilt.nm_selection, rebuilt.refinement_steps) == ("greedy", 0)

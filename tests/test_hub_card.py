@@ -232,3 +232,51 @@ def test_language_case_and_aliases_are_one_language_in_the_card(model):
     assert {r.dataset_config: r.metric_value for r in data.eval_results} == {"en": 20.0, "sw": 30.0}
     with pytest.raises(ValueError, match="two perplexities for language 'en'"):
         create_model_card(make_report(model, ["en"]), eval_results={"after": {"en": 2.0, "EN": 3.0}})
+
+
+def test_user_strings_are_escaped_where_they_land_and_repo_ids_validated(model):
+    """Issue 30.9: calibration source names, ignore patterns, eval_dataset, downstream task names and the
+    model id never become Markdown or HTML of their own."""
+    import dataclasses
+
+    attack = "x | <img src=x onerror=alert(1)>"
+    report = make_report(model, ["en", "sw"], sources={"en": attack, "sw": "a\nb"})
+    report.config = dataclasses.replace(report.config, ignore=["*.o_proj|<b>x</b>"])
+    evals = {"after": {"en": 10.0}, "downstream": {attack: {"acc": 0.55, "acc_stderr": 0.05}}}
+    text = create_model_card(report, eval_results=evals, eval_dataset=attack + "\n# heading").text
+    assert "<img" not in text and "<b>" not in text and "\n# heading" not in text
+    assert "x \\| &lt;img src=x onerror=alert(1)&gt;" in text  # one table cell, shown literally
+    row = next(line for line in text.splitlines() if line.startswith("| English | `en` | 4,096"))
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", row.strip().strip("|"))]  # GFM: "\|" is no border
+    assert cells == ["English", "`en`", "4,096", "x \\| &lt;img src=x onerror=alert(1)&gt;"]
+    assert "<code>*.o_proj&#124;&lt;b&gt;x&lt;/b&gt;</code>" in text
+    assert "| Swahili | `sw` | 4,224 | a b |" in text  # the newline does not end the row
+    with pytest.raises(ValueError, match="invalid model_id"):
+        create_model_card(report, model_id="me/x\n<script>")
+
+
+def test_downstream_standard_errors_are_shown_and_kept_in_the_model_index(model):
+    evals = {"downstream": {"mwanda_continuation_sw": {"acc": 0.55, "acc_stderr": 0.05}}}
+    card = create_model_card(make_report(model, ["sw"]), eval_results=evals)
+    assert "| `mwanda_continuation_sw` | acc 0.550 ± 0.050 |" in card.text
+    results = {r.metric_type: r.metric_value for r in _reparse(card).data.eval_results}
+    assert results == {"acc": 0.55, "acc_stderr": 0.05}
+
+
+def test_the_card_reads_the_stride_from_the_report_and_prints_no_raw_none(model):
+    import dataclasses
+
+    from optimum_mwanda import MWandaConfig
+
+    report = make_report(model, ["en"], mask_structure="2:4")
+    assert "None" not in create_model_card(report).text.split("## Calibration data")[0]
+    assert "| `hessian_token_stride` | auto |" in create_model_card(report).text  # not resolved: says so
+    report.config = MWandaConfig(mask_structure="2:4").resolve(10_000, [64, 128])
+    text = create_model_card(report).text
+    assert "| `hessian_token_stride` | auto: 4 for 64-feature inputs; 4 for 128-feature inputs |" not in text
+    assert "| `hessian_token_stride` | 4 |" in text  # what the report holds (the same for both widths)
+    report.config = dataclasses.replace(report.config, weight_update=dataclasses.replace(
+        report.config.weight_update, hessian_token_stride={64: 3, 128: 2}))  # fmt: skip
+    assert "| `hessian_token_stride` | auto: 3 for 64-feature inputs; 2 for 128-feature inputs |" in (
+        create_model_card(report).text
+    )

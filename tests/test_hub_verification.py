@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hub_fixtures import decoder_linears, make_report, prune_by_magnitude, tiny_gpt2, tiny_llama
@@ -77,7 +79,7 @@ def test_defaults_come_from_the_recorded_sparsity_config():
     with torch.no_grad():  # a module the run left dense
         model.model.layers[0].self_attn.o_proj.weight.normal_()
     report = make_report(model, ["en"], method="wanda", mask_structure="2:4")
-    report.config.ignore = ["*.o_proj"]
+    report.config = dataclasses.replace(report.config, ignore=["*.o_proj"])  # configs are frozen
     model.config.sparsity_config = build_sparsity_config(report)
     result = verify_sparsity(model)
     assert result.mask_structure == "2:4" and result.nm_ok is True

@@ -17,6 +17,7 @@ from tiny_models import (
 from torch import nn
 
 from optimum_mwanda import CalibrationSet, MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
+from optimum_mwanda.configuration import MWANDA_DEFAULTS
 from optimum_mwanda.modeling import find_decoder_stack, find_prunable_linears
 
 
@@ -136,7 +137,7 @@ def test_closed_form_shrinkage_changes_only_the_update(rank):
     for d in (0.0, 0.3, 1e6):
         model = copy.deepcopy(original)
         config = MWandaConfig(sparsity=0.5, compensation_rank=rank, diagonal_dampening=d)
-        assert config.weight_update == "closed_form"
+        assert config.resolve().weight_update.name == "closed_form"
         Pruner(config).prune_model(model, calibration, show_progress=False)
         results[d] = {n: p.detach().clone() for n, p in model.named_parameters() if n in first_layer}
     for name in first_layer:
@@ -437,10 +438,10 @@ def test_mwanda_sweep_is_sparsegpt_on_the_token_sampled_hessian(structure):
     calibration = make_token_calibration(n=8)  # 144 sampled tokens: more than the 128 inputs of down_proj
     extra = {} if structure == "2:4" else {"weight_update": "sweep", "layerwise": "uniform"}
     config = MWandaConfig(mask_structure=structure, hessian_token_stride=4, **extra)
-    assert config.weight_update == "sweep"
-    assert config.diagonal_dampening == MWandaConfig.sweep_diagonal_dampening > 0
+    assert config.resolve().weight_update.name == "sweep"
+    assert config.diagonal_dampening == MWANDA_DEFAULTS.sweep_shrinkage > 0
     steps = config.refinement_steps
-    assert steps == MWandaConfig.default_refinement_steps > 0
+    assert steps == MWANDA_DEFAULTS.refinement_steps > 0
     references = {
         "sampled": (4, config.diagonal_dampening, steps),
         "full": (1, config.diagonal_dampening, steps),

@@ -2,17 +2,41 @@
 
 This module must stay import-light: standard library only, no relative imports. ``optimum-cli`` imports every
 registered plugin at start-up (also for ``optimum-cli export ...``), so the plugin loads this file on its own,
-without ``optimum_mwanda/__init__.py`` and its torch/transformers imports (about two seconds). The choices
-below mirror the library's (``tests/test_cli.py`` checks that they stay in step); the values are validated
-again by the library when a command runs.
+without ``optimum_mwanda/__init__.py`` and its torch/transformers imports (about two seconds). The method
+choices and method flags come from the method registry (``optimum_mwanda/methods/registry.py``, standard
+library only too); the values are validated again by the library when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
-METHODS = ("wanda", "sparsegpt", "mwanda")
-DEFAULT_METHOD = "mwanda"
+_REGISTRY_MODULE = "optimum_mwanda.methods.registry"
+
+
+def method_registry() -> ModuleType:
+    """The method registry: the library's module when it is imported (with every method registered so
+    far), else this file's sibling loaded on its own (no torch)."""
+    if _REGISTRY_MODULE in sys.modules:
+        return sys.modules[_REGISTRY_MODULE]
+    private = "_optimum_mwanda_method_registry"
+    if private not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "methods" / "registry.py"
+        spec = importlib.util.spec_from_file_location(private, path)
+        if spec is None or spec.loader is None:
+            return importlib.import_module(_REGISTRY_MODULE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[private] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[private]
+
+
+METHODS = method_registry().method_names()
+DEFAULT_METHOD = method_registry().DEFAULT_METHOD
 LAYERWISE = ("uniform", "depth", "owl", "cwl")
 #: ``--hub-dataset`` names -> keys of ``optimum_mwanda.calibration.HUB_CORPORA``
 HUB_DATASETS = {
@@ -29,13 +53,16 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_EVAL_WINDOWS = 8
 DEMO = "demo"
 
-#: Files written by ``sweep --output-dir``.
+#: deprecated command names -> today's (``sweep`` is SparseGPT's column sweep now, not the matrix)
+COMMAND_ALIASES = {"sweep": "language-matrix"}
+
+#: Files written by ``language-matrix --output-dir`` (names kept from when the command was ``sweep``).
 SWEEP_FILES = {"json": "sweep.json", "markdown": "sweep.md", "heatmap": "sweep_heatmap.png"}
 
 COMMAND_HELP = {
     "prune": "prune a causal LM one-shot (Wanda, SparseGPT, M-Wanda) and save and/or push it",
     "eval": "per-language perplexity of a model on held-out text",
-    "sweep": "calibration-language x evaluation-language perplexity matrix, with a heatmap",
+    "language-matrix": "calibration-language x evaluation-language perplexity matrix, with a heatmap",
     "card": "regenerate the model card (README.md) of a saved pruned checkpoint",
 }
 
@@ -120,7 +147,7 @@ def add_example_pruning_arguments(group) -> None:
     flags given on the command line override a ``--config`` file.
     """
     group.add_argument(
-        "--method", choices=["mwanda", "wanda", "sparsegpt"], default="mwanda", help="pruning method"
+        "--method", choices=method_registry().method_names(), default=DEFAULT_METHOD, help="pruning method"
     )
     group.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero")
 
@@ -214,7 +241,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON or YAML file with PruningConfig fields (as written by PruningConfig.to_dict())",
     )
     group.add_argument(
-        "--method", choices=METHODS, default=None, help=f"pruning method (default: {DEFAULT_METHOD})"
+        "--method",
+        choices=method_registry().method_names(),
+        default=None,
+        help=f"pruning method (default: {DEFAULT_METHOD})",
     )
     group.add_argument(
         "--sparsity",
@@ -267,6 +297,32 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--seed", type=int, default=None, metavar="N", help="calibration sampling seed (default: 0)"
     )
+    add_method_arguments(parser)
+
+
+_OPTION_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per method-specific config field of the registered methods (``None`` unless given, so a
+    ``--config`` file keeps its value); the help names the methods that take it."""
+    group = parser.add_argument_group("method options (flags override --config)")
+    owners: dict[str, list[str]] = {}
+    options = {}
+    for entry in method_registry().entries():
+        for option in entry.cli_options:
+            owners.setdefault(option.flag, []).append(entry.name)
+            options.setdefault(option.flag, option)
+    for flag, option in options.items():
+        group.add_argument(
+            flag,
+            dest=f"method_{option.field}",
+            type=_OPTION_TYPES[option.type],
+            choices=option.choices,
+            default=None,
+            metavar=None if option.choices else {"int": "N", "float": "X"}.get(option.type, "VALUE"),
+            help=f"{option.help} ({', '.join(owners[flag])})",
+        )
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, languages_help: str) -> None:
@@ -438,13 +494,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``sweep``."""
+    """Arguments of ``language-matrix`` (and its deprecated name ``sweep``)."""
     add_model_arguments(parser, positional=True)
     add_config_arguments(parser)
     add_calibration_arguments(
         parser, "calibration languages, one matrix row each (default: every language of the calibration data)"
     )
-    group = parser.add_argument_group("sweep")
+    group = parser.add_argument_group("language matrix")
     group.add_argument(
         "--mix",
         action="append",
@@ -519,13 +575,14 @@ def add_card_arguments(parser: argparse.ArgumentParser) -> None:
 ADD_ARGUMENTS = {
     "prune": (add_prune_arguments, PRUNE_EPILOG),
     "eval": (add_eval_arguments, EVAL_EPILOG),
-    "sweep": (add_sweep_arguments, SWEEP_EPILOG),
+    "language-matrix": (add_sweep_arguments, SWEEP_EPILOG),
     "card": (add_card_arguments, CARD_EPILOG),
 }
 
 
 def configure_parser(parser: argparse.ArgumentParser, command: str) -> None:
     """Give ``parser`` the arguments, description and examples of ``command``."""
+    command = COMMAND_ALIASES.get(command, command)
     add, epilog = ADD_ARGUMENTS[command]
     parser.description = COMMAND_HELP[command]
     parser.epilog = epilog
@@ -545,5 +602,6 @@ def build_parser(prog: str = "optimum-mwanda", version: str | None = None) -> ar
         parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command, help_text in COMMAND_HELP.items():
-        configure_parser(subparsers.add_parser(command, help=help_text), command)
+        aliases = [old for old, new in COMMAND_ALIASES.items() if new == command]
+        configure_parser(subparsers.add_parser(command, help=help_text, aliases=aliases), command)
     return parser

@@ -585,7 +585,7 @@ def _downstream_tasks(args: argparse.Namespace, languages: list[str] | None) -> 
 # ---------------------------------------------------------------------------------------------------------
 def run_sweep(args: argparse.Namespace) -> CommandResult:
     """``sweep``: calibration-language x evaluation-language perplexity matrix, JSON, Markdown and heatmap."""
-    from ..evaluation import calibration_language_sweep
+    from ..evaluation import calibration_language_matrix
 
     config = build_config(args)
     model_ref = resolve_model_reference(args.model, flag="MODEL")
@@ -626,7 +626,7 @@ def run_sweep(args: argparse.Namespace) -> CommandResult:
         "" if args.no_dense else ", plus the dense baseline",
     )
     try:
-        result = calibration_language_sweep(
+        result = calibration_language_matrix(
             model_factory,
             tokenizer,
             config,
@@ -697,6 +697,7 @@ def run_card(args: argparse.Namespace) -> CommandResult:
 RUNNERS: dict[str, Callable[[argparse.Namespace], CommandResult]] = {
     "prune": run_prune,
     "eval": run_eval,
-    "sweep": run_sweep,
+    "language-matrix": run_sweep,
+    "sweep": run_sweep,  # deprecated name of language-matrix
     "card": run_card,
 }

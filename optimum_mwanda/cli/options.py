@@ -100,6 +100,7 @@ def build_config(args: argparse.Namespace) -> PruningConfig:
     except ValueError as err:
         raise UsageError(f"{source}: {err}") from None
     data.update(overrides)
+    data.update(_method_options(args, config_class.method))
     structure = data.get("mask_structure")
     if isinstance(structure, str) and "sparsity" not in data:
         try:
@@ -118,6 +119,23 @@ def build_config(args: argparse.Namespace) -> PruningConfig:
                 "remove them or pick the method they belong to)"
             )
         raise UsageError(f"invalid pruning config from {source}: {_flag_names(str(err))}{hint}") from None
+
+
+def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The method flags that were given (``--block-size`` ...), refused when ``method`` takes none such."""
+    from ..methods.registry import entries, method_entry
+
+    own = {option.field for option in method_entry(method).cli_options}
+    given = {}
+    for entry in entries():
+        for option in entry.cli_options:
+            value = getattr(args, f"method_{option.field}", None)
+            if value is None or option.field in given:
+                continue
+            if option.field not in own:
+                raise UsageError(f"{option.flag} does not apply to --method {method}")
+            given[option.field] = value
+    return given
 
 
 def _flag_names(message: str) -> str:
@@ -175,10 +193,6 @@ class ModelReference:
     name: str
     local_path: Path | None = None
     is_demo: bool = False
-
-    @property
-    def is_hub(self) -> bool:
-        return not self.is_demo and self.local_path is None
 
 
 def resolve_model_reference(model: str | None, flag: str = "--model") -> ModelReference:

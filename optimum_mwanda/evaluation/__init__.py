@@ -1,20 +1,27 @@
-"""Evaluation: per-language perplexity, an ``evaluate`` metric, the calibration-language sweep and
+"""Evaluation: per-language perplexity, an ``evaluate`` metric, the calibration-language matrix and
 downstream tasks through lm-evaluation-harness (``run_downstream``; the ``eval`` extra)."""
 
 from __future__ import annotations
 
 from .._lazy import lazy_attributes as _lazy_attributes
 from .harness import DownstreamResult, run_downstream
+from .language_matrix import (
+    LanguageMatrixResult,
+    SweepResult,
+    calibration_language_matrix,
+    calibration_language_sweep,
+)
 from .perplexity import LanguagePerplexity, PerplexityResult, evaluate_perplexity
 from .summary import format_perplexity_table, geometric_mean
-from .sweep import SweepResult, calibration_language_sweep
 
 __all__ = [
     "DownstreamResult",
     "LanguagePerplexity",
     "MultilingualPerplexity",
     "PerplexityResult",
+    "LanguageMatrixResult",
     "SweepResult",
+    "calibration_language_matrix",
     "calibration_language_sweep",
     "evaluate_perplexity",
     "format_perplexity_table",

@@ -71,10 +71,6 @@ class PerplexityResult:
         language with more text does not dominate, nor does the language with the largest perplexity."""
         return geometric_mean(self.perplexities.values())
 
-    @property
-    def tokens_per_second(self) -> float:
-        return sum(self.tokens.values()) / self.seconds if self.seconds > 0 else math.nan
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "perplexities": self.perplexities,

@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import math
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..calibration.languages import Language, normalize_language_tag, resolve_language, resolve_languages
 from ..distributed import main_process_only
 from ..evaluation.summary import MEAN_LABEL, geometric_mean
+from ..methods import describe_method
+from ..methods.registry import MethodDescription, method_entry, method_names
 from ..report import PruningReport
 from .identity import base_model_id, hub_ids, validate_repo_id
 from .verification import group_by_layer
@@ -24,37 +30,6 @@ from .verification import group_by_layer
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 CITATIONS_PATH = Path(__file__).with_name("citations.json")
 PLOT_FILENAME = "sparsity_per_layer.png"
-
-_METHOD_NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "mwanda": "M-Wanda"}
-_METHOD_NOTES = {
-    "wanda": "weight magnitude times input activation norm",
-    "sparsegpt": "second-order pruning with weight reconstruction",
-    "mwanda": "Wanda with language-aware activation statistics",
-}
-# Hyperparameters worth showing per method (the rest of the config is in pruning_report.json).
-_METHOD_KEYS = {
-    "wanda": ("negative_weight",),
-    "sparsegpt": (
-        "block_size",
-        "dampening",
-        "hessian_token_stride",
-        "diagonal_dampening",
-        "nm_selection",
-        "refinement_steps",
-    ),
-    "mwanda": (
-        "weight_update",
-        "hessian_token_stride",
-        "diagonal_dampening",
-        "nm_selection",
-        "refinement_steps",
-        "mean_compensation",
-        "compensation_rank",
-        "variance_weight",
-        "activation_probability_weight",
-        "activation_threshold",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -95,33 +70,6 @@ def _setting_text(value: Any) -> str:
             return f"{next(iter(value.values()))} per language"
         return ", ".join(f"{key} {item}" for key, item in value.items())
     return str(value)
-
-
-def _hyperparameter_text(report: PruningReport, key: str) -> Any:
-    """A config value for the card; M-Wanda's automatic Hessian stride as the strides it resolved to."""
-    config = report.config
-    value = getattr(config, key)
-    if (
-        key != "hessian_token_stride"
-        or value is not None
-        or getattr(config, "weight_update", None) != "sweep"
-    ):
-        return value
-    from ..parts import hessian_token_stride_for
-
-    tokens = sum(report.token_counts.values())
-    widths = sorted({shape[1] for shape in report.module_shapes.values()})
-    by_stride: dict[int, list[int]] = {}
-    for width in widths:
-        stride = hessian_token_stride_for(
-            tokens, width, config.max_hessian_token_stride, config.hessian_tokens_per_input
-        )
-        by_stride.setdefault(stride, []).append(width)
-    parts = [
-        f"{stride} for {' / '.join(map(str, group))}-feature inputs"
-        for stride, group in sorted(by_stride.items(), reverse=True)
-    ]
-    return "auto: " + "; ".join(parts)
 
 
 def _check_eval_results(eval_results: dict[str, Any] | None) -> dict[str, Any]:
@@ -214,23 +162,6 @@ def _license_from_local_card(reference: str | None) -> str | None:
     return None
 
 
-def _citations(report: PruningReport, languages: list[Language]) -> list[Citation]:
-    keys = {"mwanda": ["mwanda", "wanda"], "wanda": ["wanda"], "sparsegpt": ["sparsegpt"]}.get(
-        report.method, []
-    )
-    keys = list(keys)
-    if report.config.layerwise == "owl":
-        keys.append("owl")
-    # Language-specific calibration (Kurz et al.): anything but an English-only calibration set.
-    if [lang.code for lang in languages] not in ([], ["en"], ["eng"]):
-        keys.append("kurz")
-    sources = " ".join(report.calibration_sources.values()).lower()
-    if "translation" in sources or report.negative_calibration_tokens > 0:
-        keys.append("kim")
-    citations = _load_citations()
-    return [citations[key] for key in keys]
-
-
 # -- plot ------------------------------------------------------------------------------------------------
 @main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def plot_layer_sparsity(report: PruningReport, path: str | os.PathLike) -> Path:
@@ -270,7 +201,7 @@ def plot_layer_sparsity(report: PruningReport, path: str | os.PathLike) -> Path:
         ]
     )
     axes.set_ylim(0, min(100.0, top * 1.25 + 1))
-    method = _METHOD_NAMES.get(report.method, report.method)
+    method = method_entry(report.method).title if report.method in method_names() else report.method
     schedule = {"owl": "OWL", "cwl": "CWL", "depth": "depth"}.get(report.config.layerwise, "uniform")
     axes.set_title(f"{method}: sparsity per layer ({schedule} schedule)")
     axes.legend(loc="lower right", fontsize=8)
@@ -281,91 +212,317 @@ def plot_layer_sparsity(report: PruningReport, path: str | os.PathLike) -> Path:
 
 
 # -- card ------------------------------------------------------------------------------------------------
-def _card_context(
+# -- escaping: every user string is escaped where it lands ------------------------------------------------
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]|~])")
+
+
+def markdown_text(value: object) -> str:
+    """``value`` as inline Markdown text that renders literally: one line, HTML escaped, Markdown
+    punctuation (``|``, ``*``, ``[``, backticks, ...) backslash-escaped. Safe in a table cell and a heading."""
+    text = " ".join(str(value).split())  # newlines (and runs of blanks) end a table row or a heading
+    text = html.escape(text, quote=False)
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+_PLAIN_CODE = re.compile(r"[\w.*?:/@+=, -]+")
+
+
+def markdown_code(value: object) -> str:
+    """``value`` as inline code that is safe in a table cell: ``<code>`` with HTML escaped (a backslash does
+    not escape inside a Markdown code span, so ``|`` becomes its character reference)."""
+    text = " ".join(str(value).split())
+    if _PLAIN_CODE.fullmatch(text):
+        return f"`{text}`"
+    return "<code>" + html.escape(text, quote=False).replace("|", "&#124;") + "</code>"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+@dataclass
+class CardTable:
+    """A Markdown table for the template: intro line, header, alignment and rows, every cell escaped."""
+
+    intro: str
+    header: str
+    align: str
+    rows: list[str] = field(default_factory=list)
+
+
+def _setting_value(value: Any) -> str:
+    """A resolved setting for the card; never a raw ``None`` (an old report's automatic choice)."""
+    if value is None:
+        return "auto"
+    if isinstance(value, Mapping):  # the Hessian token stride per input width
+        by_stride: dict[Any, list[str]] = {}
+        for width, stride in value.items():
+            by_stride.setdefault(stride, []).append(str(width))
+        return "auto: " + "; ".join(
+            f"{stride} for {' / '.join(widths)}-feature inputs"
+            for stride, widths in sorted(by_stride.items(), reverse=True)
+        )
+    return markdown_text(value)
+
+
+# -- card data ---------------------------------------------------------------------------------------------
+@dataclass
+class PrunedModelCardData:
+    """Everything the card body shows, built in Python and escaped (the template only loops over it).
+
+    Follows ``huggingface_hub.ModelCardData``: plain attributes, :meth:`to_dict` for the template.
+    """
+
+    title: str
+    summary: str
+    notices: list[str]
+    facts: CardTable
+    method_text: str
+    calibration: CardTable
+    evaluation: list[CardTable]
+    layers: CardTable
+    plots: list[str]
+    usage: list[str]
+    limitations: list[str]
+    citations: list[Citation]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_COMPRESSED_NOTICE = (
+    "**Checkpoint format.** The weights are stored in optimum-mwanda's compressed bitmask format "
+    "(`*.sparse.safetensors`: one packed bit per weight plus the non-zero values), about half the dense size "
+    "at 50% sparsity. Plain `transformers` **cannot** load it (`from_pretrained` finds no "
+    "`model.safetensors`); load it with `optimum_mwanda.load_pruned_model` as shown below."
+)
+
+
+def _usage(model_ref: str, achieved: float, compressed: bool) -> list[str]:
+    if compressed:
+        return [
+            "```python\n# pip install optimum-mwanda\nfrom optimum_mwanda import load_pruned_model, "
+            "verify_sparsity\nfrom transformers import AutoTokenizer\n\n"
+            f'model = load_pruned_model("{model_ref}")  # restores the dense weights from the bitmask format\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{model_ref}")\n'
+            f"print(verify_sparsity(model).overall)  # {achieved:.3f}\n```"
+        ]
+    return [
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{model_ref}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_ref}")\n'
+        'inputs = tokenizer("Hello, my name is", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=30)[0]))\n```",
+        "The pruned weights are stored as exact zeros in a standard safetensors checkpoint. To check them:",
+        "```python\nfrom optimum_mwanda import verify_sparsity\n\n"
+        f"print(verify_sparsity(model).overall)  # {achieved:.3f}\n```",
+    ]
+
+
+def _facts(
+    report: PruningReport,
+    description: MethodDescription,
+    base_model: str | None,
+    achieved: float,
+    n_layers: int,
+) -> CardTable:
+    config = report.config
+    nm = config.nm_structure
+    mask = "unstructured (per output row)"
+    if nm is not None:
+        mask = f"{nm[0]}:{nm[1]} (at most {nm[0]} non-zeros in every {nm[1]} consecutive input weights)"
+    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
+    left_dense = "embeddings, LM head" + "".join(f", {markdown_code(p)}" for p in config.ignore)
+    rows = [
+        _row("Method", f"{markdown_text(description.title)} ({markdown_text(description.summary)})"),
+        _row("Base model", origin),
+        _row("Target sparsity", _pct(report.target_sparsity)),
+        _row(
+            "Achieved sparsity",
+            f"{_pct(achieved)} of the weights of {len(report.module_sparsity)} linear modules in {n_layers} "
+            "decoder layers",
+        ),
+        _row("Mask structure", mask),
+    ]
+    for part in description.parts:
+        text = markdown_text(part.name if part.role != "layer schedule" else part.summary)
+        if part.role == "layer schedule" and part.name != "uniform":
+            text += f", layer sparsities within ±{_pct(part.settings.get('layerwise_range'))} of the target"
+        rows.append(
+            _row(part.role.capitalize() if part.role != "layer schedule" else "Layer-wise schedule", text)
+        )
+    rows.append(_row("Left dense", left_dense))
+    for part in description.parts:
+        for key, value in part.settings.items():
+            if part.role == "layer schedule" and key == "layerwise_range":
+                continue
+            rows.append(_row(markdown_code(key), _setting_value(value)))
+    for key, value in report.calibration_settings.items():
+        rows.append(_row(markdown_code(f"calibration {key}"), markdown_text(_setting_text(value))))
+    rows.append(_row("Tool", f"optimum-mwanda {markdown_text(report.optimum_mwanda_version)}"))
+    return CardTable("", "| | |", "|---|---|", rows)
+
+
+def _method_text(report: PruningReport, description: MethodDescription) -> str:
+    nm = report.config.nm_structure
+    where = f"in every group of {nm[1]} consecutive input weights" if nm else "of every output row"
+    update = next((p for p in description.parts if p.role == "weight update"), None)
+    changed = "" if update is None or update.name == "none" else f" ({description.title}: {update.summary})"
+    # (the titles and summaries are the registered methods' own text, not user input)
+    return (
+        "Pruning is one-shot: a small calibration set is run through the model, each weight gets an importance "
+        f"score, and the lowest-scoring weights {where} are set to exactly zero. No weight was retrained"
+        f"{changed}."
+    )
+
+
+def _evaluation_tables(
+    report: PruningReport,
+    languages: dict[str, Language],
+    evals: dict[str, Any],
+    eval_dataset: str | None,
+) -> list[CardTable]:
+    before, after = evals.get("before", {}), evals.get("after", {})
+    tables = []
+    eval_langs = [
+        lang
+        for lang in dict.fromkeys([*report.languages, *before, *after])
+        if lang in before or lang in after
+    ]
+    if eval_langs:
+        rows = [
+            _row(
+                markdown_text(languages[lang].name),
+                f"`{lang}`",
+                _ppl(before.get(lang)),
+                _ppl(after.get(lang)),
+                _change(before.get(lang), after.get(lang)),
+            )
+            for lang in eval_langs
+        ]
+        both = [lang for lang in eval_langs if lang in before and lang in after]
+        if len(both) > 1:
+            mean_before = geometric_mean(before[x] for x in both)
+            mean_after = geometric_mean(after[x] for x in both)
+            label = MEAN_LABEL[0].upper() + MEAN_LABEL[1:]
+            rows.append(
+                _row(
+                    f"**{label}**", "", _ppl(mean_before), _ppl(mean_after), _change(mean_before, mean_after)
+                )
+            )
+        on = f" on {markdown_text(eval_dataset)}" if eval_dataset else ""
+        tables.append(
+            CardTable(
+                f"Perplexity per language{on} (lower is better).",
+                "| Language | Code | Before pruning | After pruning | Change |",
+                "|---|---|---:|---:|---:|",
+                rows,
+            )
+        )
+    downstream = evals.get("downstream", {})
+    if downstream:
+        rows = [_row(markdown_code(task), _scores_text(metrics)) for task, metrics in downstream.items()]
+        tables.append(
+            CardTable(
+                "Downstream tasks (lm-evaluation-harness; `acc` in [0, 1], chance 0.25 on the 4-way "
+                "`mwanda_continuation_*` tasks; `chrf` in [0, 100]; ± one standard error where lm-eval gave it):",
+                "| Task | Scores |",
+                "|---|---|",
+                rows,
+            )
+        )
+    if not tables:
+        tables.append(CardTable("No evaluation results were recorded for this checkpoint.", "", "", []))
+    return tables
+
+
+def _scores_text(metrics: Mapping[str, float]) -> str:
+    """``acc 0.550 ± 0.050, chrf 31.2``: each metric with its ``<metric>_stderr`` when given."""
+    parts = []
+    for metric, value in metrics.items():
+        if metric.endswith("_stderr") and metric[: -len("_stderr")] in metrics:
+            continue
+        stderr = metrics.get(f"{metric}_stderr")
+        text = (
+            f"{markdown_text(metric)} {value:.3f}"
+            if stderr is not None
+            else f"{markdown_text(metric)} {value:.4g}"
+        )
+        if stderr is not None:
+            text += f" ± {stderr:.3f}"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _stderr_results(
+    downstream: Mapping[str, Mapping[str, float]], entries: list[dict[str, Any]]
+) -> list[EvalResult]:
+    """A ``<metric>_stderr`` model-index result beside each lm-eval score that has a standard error."""
+    results = []
+    for entry in entries:
+        metric, task = entry["metric_type"], entry["dataset_type"]
+        stderr = downstream.get(task, {}).get(f"{metric}_stderr")
+        if stderr is None:
+            continue
+        results.append(
+            EvalResult(
+                **{
+                    **entry,
+                    "metric_type": f"{metric}_stderr",
+                    "metric_name": f"{metric} standard error ({task})",
+                    "metric_value": round(float(stderr), 4),
+                }
+            )
+        )
+    return results
+
+
+def _layer_table(report: PruningReport) -> tuple[CardTable, int]:
+    achieved_layers = achieved_layer_sparsity(report)
+    n_layers = max(len(report.layer_sparsity), len(achieved_layers))
+    rows = [
+        _row(
+            str(i),
+            _pct(report.layer_sparsity[i]) if i < len(report.layer_sparsity) else "–",
+            _pct(achieved_layers.get(i)),
+        )
+        for i in range(n_layers)
+    ]
+    return CardTable("", "| Layer | Target | Achieved |", "|---:|---:|---:|", rows), n_layers
+
+
+def _card_citations(
+    report: PruningReport, description: MethodDescription, languages: list[Language]
+) -> list[Citation]:
+    keys = list(description.citations)
+    # Language-specific calibration (Kurz et al.): anything but an English-only calibration set.
+    if [lang.code for lang in languages] not in ([], ["en"], ["eng"]):
+        keys.append("kurz")
+    sources = " ".join(report.calibration_sources.values()).lower()
+    if "translation" in sources or report.negative_calibration_tokens > 0:
+        keys.append("kim")
+    if report.method == "mwanda" and "wanda" not in keys:
+        keys.append("wanda")  # M-Wanda extends Wanda's score, also when its sweep chose the mask
+    citations = _load_citations()
+    return [citations[key] for key in dict.fromkeys(keys) if key in citations]
+
+
+def build_card_data(
     report: PruningReport,
     languages: dict[str, Language],
     base_model: str | None,
-    evals: dict[str, dict[str, float]],
+    evals: dict[str, Any],
     model_name: str,
     model_ref: str,
     plot_file: str | None,
     compressed: bool,
     eval_dataset: str | None,
-) -> dict[str, Any]:
-    config = report.config
-    method_name = _METHOD_NAMES.get(report.method, report.method)
-    nm = None if config.nm_structure is None else "{}:{}".format(*config.nm_structure)
-    layerwise = config.layerwise
-    width = config.layerwise_range
-    if layerwise == "uniform":
-        schedule = "uniform: every decoder layer at the target sparsity"
-    elif layerwise == "depth":
-        schedule = f"depth ramp (deeper layers sparser), layer sparsities within ±{_pct(width)} of the target"
-    elif layerwise == "owl":
-        schedule = f"OWL (outlier-weighted), layer sparsities within ±{_pct(width)} of the target"
-    else:
-        protect = getattr(config, "cwl_protect", "specific")
-        schedule = (
-            f"CWL (cross-lingual correlation, protecting language-{protect} layers), "
-            f"layer sparsities within ±{_pct(width)} of the target"
-        )
-    # The method's own knobs, then only the calibration knobs that applied (not the config's sampling knobs
-    # when the caller gave token ids or a ready calibration set).
-    hyperparameters = [
-        (key, _hyperparameter_text(report, key))
-        for key in _METHOD_KEYS.get(report.method, ())
-        if hasattr(config, key)
-    ]
-    hyperparameters += [
-        (f"calibration {key}", _setting_text(value)) for key, value in report.calibration_settings.items()
-    ]
-
-    achieved_layers = achieved_layer_sparsity(report)
-    n_layers = max(len(report.layer_sparsity), len(achieved_layers))
-    layer_rows = [
-        {
-            "index": i,
-            "target": _pct(report.layer_sparsity[i]) if i < len(report.layer_sparsity) else "–",
-            "achieved": _pct(achieved_layers.get(i)),
-        }
-        for i in range(n_layers)
-    ]
-
-    calibration_rows = [
-        {
-            "tag": lang,
-            "name": languages[lang].name,
-            "tokens": f"{report.token_counts.get(lang, 0):,}",
-            "source": report.calibration_sources.get(lang, "–"),
-        }
-        for lang in report.languages
-    ]
-    before, after = evals.get("before", {}), evals.get("after", {})
-    eval_langs = list(dict.fromkeys([*report.languages, *before, *after]))
-    ppl_rows = [
-        {
-            "tag": lang,
-            "name": languages[lang].name,
-            "before": _ppl(before.get(lang)),
-            "after": _ppl(after.get(lang)),
-            "change": _change(before.get(lang), after.get(lang)),
-        }
-        for lang in eval_langs
-        if lang in before or lang in after
-    ]
-    both = [lang for lang in eval_langs if lang in before and lang in after]
-    ppl_mean = None
-    if len(both) > 1:
-        mean_before = geometric_mean(before[x] for x in both)
-        mean_after = geometric_mean(after[x] for x in both)
-        ppl_mean = {
-            "label": MEAN_LABEL[0].upper() + MEAN_LABEL[1:],
-            "before": _ppl(mean_before),
-            "after": _ppl(mean_after),
-            "change": _change(mean_before, mean_after),
-        }
-
+) -> PrunedModelCardData:
+    """The card body's data: every value explicit and escaped where it lands."""
+    description = describe_method(report.config.resolve())
     achieved = report.achieved_sparsity
+    layers, n_layers = _layer_table(report)
+    nm = report.config.nm_structure
     n_langs = len(report.languages)
     lang_phrase = (
         f"calibration text in {languages[report.languages[0]].name}"
@@ -375,50 +532,85 @@ def _card_context(
     origin = (
         f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a causal language model"
     )
+    structured = f" ({nm[0]}:{nm[1]} structured)" if nm else ""
     summary = (
-        f"This is {origin} pruned one-shot to **{_pct(achieved)} sparsity** with **{method_name}**"
-        f"{f' ({nm} structured)' if nm else ''}, using {lang_phrase}. "
+        f"This is {origin} pruned one-shot to **{_pct(achieved)} sparsity** with "
+        f"**{markdown_text(description.title)}**{structured}, using {markdown_text(lang_phrase)}. "
         "The pruned weights are exact zeros; the architecture and tokenizer are unchanged."
     )
-    mask_text = "unstructured (per output row)"
-    if nm:
-        keep, group = nm.split(":")
-        mask_text = f"{nm} (at most {keep} non-zeros in every {group} consecutive input weights)"
-    ignore = config.ignore
-    left_dense = "embeddings, LM head" + "".join(f", `{p}`" for p in ignore)
-    return {
-        "title": f"{model_name.split('/')[-1]}: {method_name}, {_pct(achieved)} sparse",
-        "summary": summary,
-        "compressed": compressed,
-        "method_key": report.method,
-        "method_name": method_name,
-        "method_note": _METHOD_NOTES.get(report.method, ""),
-        "mean_compensation": getattr(config, "mean_compensation", "none"),
-        "compensation_rank": getattr(config, "compensation_rank", 0),
-        "weight_update": getattr(config, "weight_update", None),
-        "base_model": base_model,
-        "target_sparsity": _pct(report.target_sparsity),
-        "achieved_sparsity": _pct(achieved),
-        "achieved_sparsity_plain": f"{achieved:.3f}",
-        "n_modules": len(report.module_sparsity),
-        "n_layers": n_layers,
-        "mask_structure": mask_text,
-        "nm_structure": nm,
-        "layerwise": schedule,
-        "left_dense": left_dense,
-        "hyperparameters": hyperparameters,
-        "package_version": report.optimum_mwanda_version,
-        "n_languages": n_langs,
-        "total_tokens": f"{sum(report.token_counts.values()):,}",
-        "calibration_rows": calibration_rows,
-        "ppl_rows": ppl_rows,
-        "ppl_mean": ppl_mean,
-        "eval_dataset": eval_dataset,
-        "layer_rows": layer_rows,
-        "plot_file": plot_file,
-        "model_ref": model_ref,
-        "citations": _citations(report, [languages[x] for x in report.languages]),
-    }
+    calibration = CardTable(
+        f"{n_langs} language{'s' if n_langs != 1 else ''}, {sum(report.token_counts.values()):,} tokens in total.",
+        "| Language | Code | Tokens | Source |",
+        "|---|---|---:|---|",
+        [
+            _row(
+                markdown_text(languages[lang].name),
+                f"`{lang}`",
+                f"{report.token_counts.get(lang, 0):,}",
+                markdown_text(report.calibration_sources.get(lang, "–")),
+            )
+            for lang in report.languages
+        ],
+    )
+    speed = (
+        f"The {nm[0]}:{nm[1]} pattern can be accelerated by sparse tensor cores (e.g. NVIDIA Ampere and later) "
+        "with a suitable runtime."
+        if nm
+        else "Unstructured sparsity needs a sparse runtime to turn into speed."
+    )
+    coverage = (
+        "; this model was calibrated on one language only, so expect larger losses in the others"
+        if n_langs == 1
+        else ""
+    )
+    return PrunedModelCardData(
+        title=f"{markdown_text(model_name.split('/')[-1])}: {markdown_text(description.title)}, "
+        f"{_pct(achieved)} sparse",
+        summary=summary,
+        notices=[_COMPRESSED_NOTICE] if compressed else [],
+        facts=_facts(report, description, base_model, achieved, n_layers),
+        method_text=_method_text(report, description),
+        calibration=calibration,
+        evaluation=_evaluation_tables(report, languages, evals, eval_dataset),
+        layers=layers,
+        plots=[f"![Sparsity per decoder layer]({plot_file})"] if plot_file else [],
+        usage=_usage(model_ref, achieved, compressed),
+        limitations=[
+            "Zeros alone do not make inference faster or the model smaller in memory: dense kernels multiply "
+            f"them like any other value. {speed}",
+            "Pruning removes capacity. Quality drops most for languages, domains and tasks that the "
+            f"calibration data did not cover{coverage}.",
+            "Perplexity on a small held-out sample is a coarse signal; evaluate on your own task before "
+            "deploying.",
+            "The pruned model inherits the biases, limitations and licence of its base model.",
+        ],
+        citations=_card_citations(report, description, [languages[x] for x in report.languages]),
+    )
+
+
+def _model_index(
+    evals: dict[str, Any], languages: dict[str, Language], eval_dataset: str | None
+) -> list[EvalResult]:
+    """One ``model-index`` result per language (perplexity after pruning), per lm-eval task and metric, and
+    per standard error lm-eval gave (``<metric>_stderr``, as lm-eval names it)."""
+    from ..evaluation.harness import model_index_results
+
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Language modelling",
+            dataset_type=eval_dataset or "held-out-text",
+            dataset_name=f"{eval_dataset or 'Held-out text'} ({languages[lang].name})",
+            dataset_config=languages[lang].code,
+            metric_type="perplexity",
+            metric_name=f"Perplexity ({languages[lang].code})",
+            metric_value=round(value, 4),
+        )
+        for lang, value in evals.get("after", {}).items()
+    ]
+    downstream = evals.get("downstream", {})
+    entries = model_index_results(downstream)
+    return results + [EvalResult(**entry) for entry in entries] + _stderr_results(downstream, entries)
 
 
 def create_model_card(
@@ -471,29 +663,15 @@ def create_model_card(
         license = _license_from_local_card(base_model) or _license_from_local_card(recorded)
     if datasets is None:
         datasets = hub_ids(list(report.calibration_sources.values()))
+    if model_id is not None:
+        validate_repo_id(model_id, "model_id")
     model_name = model_id or (
         f"{base_model.split('/')[-1]}-{report.method}-{round(100 * report.target_sparsity)}"
         if base_model
         else f"{report.method}-pruned-model"
     )
 
-    results = [
-        EvalResult(
-            task_type="text-generation",
-            task_name="Language modelling",
-            dataset_type=eval_dataset or "held-out-text",
-            dataset_name=f"{eval_dataset or 'Held-out text'} ({languages[lang].name})",
-            dataset_config=languages[lang].code,
-            metric_type="perplexity",
-            metric_name=f"Perplexity ({languages[lang].code})",
-            metric_value=round(value, 4),
-        )
-        for lang, value in evals.get("after", {}).items()
-    ]
-    # lm-eval scores next to the perplexities, one model-index result per task and metric.
-    from ..evaluation.harness import model_index_results
-
-    results += [EvalResult(**entry) for entry in model_index_results(evals.get("downstream", {}))]
+    results = _model_index(evals, languages, eval_dataset)
     card_data = ModelCardData(
         language=list(dict.fromkeys(lang.code for lang in resolved)),
         base_model=base_model,
@@ -508,7 +686,7 @@ def create_model_card(
     plot_file = None
     if plot_path is not None:
         plot_file = plot_layer_sparsity(report, plot_path).name
-    context = _card_context(
+    data = build_card_data(
         report,
         languages,
         base_model,
@@ -519,8 +697,4 @@ def create_model_card(
         compressed=compressed,
         eval_dataset=eval_dataset,
     )
-    context["downstream_rows"] = [
-        {"task": task, "metrics": ", ".join(f"{m} {v:.4g}" for m, v in metrics.items() if "stderr" not in m)}
-        for task, metrics in evals.get("downstream", {}).items()
-    ]
-    return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **context)
+    return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **data.to_dict())

@@ -1,6 +1,9 @@
-"""What every pruning algorithm provides to the sequential walk.
+"""What every pruning algorithm provides to the sequential walk, and the parts it is described by.
 
-An algorithm is chosen from its config (:func:`optimum_mwanda.methods.algorithm_for`) and owns everything
+A method is a mask score, a weight update (:class:`~optimum_mwanda.configuration.NoUpdate`,
+:class:`~optimum_mwanda.configuration.ClosedForm` or :class:`~optimum_mwanda.configuration.ColumnSweep`)
+and a :class:`LayerSchedule`; :meth:`PruningAlgorithm.describe` gives them to the card, the CLI and the
+report. An algorithm is chosen from its config (:func:`optimum_mwanda.methods.algorithm_for`) and owns everything
 that differs between methods: which running statistic the walk collects for a shared-input group of linear
 modules, how that statistic turns the group's weights into pruned weights, and the per-layer sparsity
 schedule. It sees tensors only: hooks, devices, offloading and files belong to the walk in ``modeling/``.
@@ -9,11 +12,12 @@ schedule. It sees tensors only: hooks, devices, offloading and files belong to t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ..configuration import PruningConfig
+from ..configuration import NoUpdate, PruningConfig, WeightUpdate
 from ..parts import (
     FeatureStatistics,
     cross_lingual_correlation,
@@ -24,6 +28,51 @@ from ..parts import (
     wanda_scores,
 )
 from ..parts.layerwise import uniform_schedule
+from .registry import Description, MethodDescription, method_entry, method_names
+
+_SCHEDULE_TEXT = {
+    "uniform": "uniform: every decoder layer at the target sparsity",
+    "depth": "depth ramp (deeper layers sparser)",
+    "owl": "OWL (outlier-weighted)",
+    "cwl": "CWL (cross-lingual correlation, protecting language-{protect} layers)",
+}
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    """Part: the per-layer sparsity schedule, parameter-weighted mean ``sparsity``."""
+
+    kind: str
+    layerwise_range: float
+    owl_outlier_threshold: float = 5.0
+    cwl_protect: str = "specific"
+
+    @property
+    def signal(self) -> str | None:
+        """``"owl"`` or ``"cwl"`` when the schedule needs a dense measuring pass, else ``None``."""
+        return self.kind if self.kind in ("owl", "cwl") else None
+
+    def targets(self, param_counts: Sequence[int], signal: Sequence[float], sparsity: float) -> list[float]:
+        """Target sparsity of every decoder layer."""
+        if self.kind == "uniform":
+            return uniform_schedule(len(param_counts), sparsity)
+        if self.kind == "depth":
+            return depth_schedule(param_counts, sparsity, self.layerwise_range)
+        if self.kind == "owl":
+            return owl_schedule(signal, param_counts, sparsity, self.layerwise_range)
+        return cwl_schedule(signal, param_counts, sparsity, self.layerwise_range, self.cwl_protect)
+
+    def describe(self) -> Description:
+        settings: dict[str, Any] = {}
+        if self.kind != "uniform":
+            settings["layerwise_range"] = self.layerwise_range
+        if self.kind == "owl":
+            settings["owl_outlier_threshold"] = self.owl_outlier_threshold
+        if self.kind == "cwl":
+            settings["cwl_protect"] = self.cwl_protect
+        citation = {"owl": "owl", "cwl": "mwanda"}.get(self.kind)
+        summary = _SCHEDULE_TEXT.get(self.kind, self.kind).format(protect=self.cwl_protect)
+        return Description("layer schedule", self.kind, summary, settings, citation)
 
 
 class PruningAlgorithm:
@@ -66,11 +115,44 @@ class PruningAlgorithm:
         """New float32 ``[out, in]`` weights for modules that read the same input (``name`` for errors)."""
         raise NotImplementedError
 
+    # -- parts and description --------------------------------------------------------------------------
+    def mask_score(self) -> Description:
+        """Part: what ranks the weights (subclasses describe theirs)."""
+        raise NotImplementedError
+
+    def weight_update(self) -> WeightUpdate:
+        """Part: what happens to the kept weights (default: nothing)."""
+        return NoUpdate()
+
+    def schedule(self) -> LayerSchedule:
+        """Part: the per-layer sparsity schedule of the config."""
+        config = self.config
+        return LayerSchedule(
+            config.layerwise or "uniform",
+            config.layerwise_range,
+            config.owl_outlier_threshold,
+            getattr(config, "cwl_protect", "specific"),
+        )
+
+    def describe_update(self) -> Description:
+        return self.weight_update().describe()
+
+    def describe(self) -> MethodDescription:
+        """The method as its parts, from the registry entry of the config's method."""
+        name = self.config.method
+        entry = method_entry(name) if name in method_names() else None
+        return MethodDescription(
+            name,
+            entry.title if entry else name,
+            entry.summary if entry else "",
+            (self.mask_score(), self.describe_update(), self.schedule().describe()),
+        )
+
     # -- layer schedule --------------------------------------------------------------------------------
     @property
     def schedule_signal(self) -> str | None:
         """``"owl"`` or ``"cwl"`` when the schedule needs a dense measuring pass, else ``None``."""
-        return self.config.layerwise if self.config.layerwise in ("owl", "cwl") else None
+        return self.schedule().signal
 
     def layer_signal(
         self,
@@ -94,11 +176,4 @@ class PruningAlgorithm:
 
     def layer_schedule(self, param_counts: Sequence[int], signal: Sequence[float]) -> list[float]:
         """Target sparsity of every decoder layer, parameter-weighted mean ``config.sparsity``."""
-        config = self.config
-        if config.layerwise == "uniform":
-            return uniform_schedule(len(param_counts), config.sparsity)
-        if config.layerwise == "depth":
-            return depth_schedule(param_counts, config.sparsity, config.layerwise_range)
-        if config.layerwise == "owl":
-            return owl_schedule(signal, param_counts, config.sparsity, config.layerwise_range)
-        return cwl_schedule(signal, param_counts, config.sparsity, config.layerwise_range, config.cwl_protect)
+        return self.schedule().targets(param_counts, signal, self.config.sparsity)

@@ -7,16 +7,19 @@ from typing import ClassVar
 
 import torch
 
-from ..configuration import MWandaConfig, SparseGPTConfig
-from ..parts import (
-    FeatureStatistics,
-    HessianStatistics,
-    hessian_token_stride_for,
-    mean_shift_compensation,
-    mwanda_feature_importance,
+from ..configuration import (
+    MWANDA_DEFAULTS,
+    ClosedForm,
+    ColumnSweep,
+    MWandaConfig,
+    NoUpdate,
+    WeightUpdate,
+    automatic_hessian_token_stride,
 )
+from ..parts import FeatureStatistics, HessianStatistics, mean_shift_compensation, mwanda_feature_importance
 from ..parts.compensation import covariance_factors, low_rank_compensation
-from .sparsegpt import sweep_group
+from .registry import Description
+from .sparsegpt import OBS_SCORE, sweep_group
 from .wanda import WandaAlgorithm
 
 
@@ -26,19 +29,55 @@ class MWandaAlgorithm(WandaAlgorithm):
     config_class: ClassVar[type[MWandaConfig]] = MWandaConfig
     config: MWandaConfig
 
+    def __init__(self, config: MWandaConfig):
+        super().__init__(config)
+        # The explicit update (a resolved config holds it already; resolving again changes nothing).
+        self._update = config.resolved_update()
+
     @property
     def supports_negative_calibration(self) -> bool:  # type: ignore[override]
         """Negative calibration lowers the score's feature importance: the sweep has no such score."""
-        return self.config.weight_update != "sweep"
+        return not isinstance(self._update, ColumnSweep)
 
+    # -- parts --------------------------------------------------------------------------------------------
+    def mask_score(self) -> Description:
+        if isinstance(self._update, ColumnSweep):
+            return OBS_SCORE
+        config = self.config
+        settings = {
+            "variance_weight": config.variance_weight,
+            "activation_probability_weight": config.activation_probability_weight,
+            "activation_threshold": config.activation_threshold,
+            "negative_weight": config.negative_weight,
+        }
+        return Description(
+            "mask score",
+            "M-Wanda score",
+            "Wanda's |W_ij| * ||X_j|| with language-aware feature importance (per-language norms and "
+            "activation probability)",
+            settings,
+            "mwanda",
+        )
+
+    def weight_update(self) -> WeightUpdate:
+        return self._update
+
+    def describe_update(self) -> Description:
+        update = self._update
+        if isinstance(update, ClosedForm):
+            return update.describe(self.config.mean_compensation)
+        return update.describe()
+
+    # -- statistics and pruning ---------------------------------------------------------------------------
     def new_statistic(
         self, in_features: int, num_languages: int, device: torch.device
     ) -> FeatureStatistics | HessianStatistics:
         config = self.config
-        if config.weight_update == "sweep":
+        if isinstance(self._update, ColumnSweep):
             return HessianStatistics(
                 in_features, num_languages, device=device, token_stride=self.hessian_token_stride(in_features)
             )
+        rank = self._update.rank if isinstance(self._update, ClosedForm) else 0
         return FeatureStatistics(
             in_features,
             num_languages,
@@ -46,45 +85,27 @@ class MWandaAlgorithm(WandaAlgorithm):
             track_activation=config.activation_probability_weight > 0,
             activation_threshold=config.activation_threshold,
             track_mean=config.mean_compensation != "none",
-            sketch_width=config.compensation_rank + config.sketch_oversampling
-            if config.compensation_rank
-            else 0,
+            sketch_width=rank + MWANDA_DEFAULTS.sketch_oversampling if rank else 0,
         )
 
     def hessian_token_stride(self, in_features: int) -> int:
-        """The sweep's token stride for an ``in_features`` input: the config's, or with ``None`` the largest
-        up to ``max_hessian_token_stride`` that leaves ``hessian_tokens_per_input`` sampled tokens per input
-        of the run's calibration tokens (:func:`optimum_mwanda.parts.hessian_token_stride_for`)."""
-        stride = self.config.hessian_token_stride
+        """The sweep's token stride for an ``in_features`` input: the resolved config's, or, for a config
+        resolved without the run's size, :func:`~optimum_mwanda.configuration.automatic_hessian_token_stride`
+        of the run's calibration tokens."""
+        stride = self._update.stride_for(in_features) if isinstance(self._update, ColumnSweep) else None
         if stride is not None:
             return stride
         if self.calibration_tokens is None:
             raise RuntimeError(
                 "the automatic hessian_token_stride needs calibration_tokens, set by the pruner"
             )
-        return hessian_token_stride_for(
-            self.calibration_tokens,
-            in_features,
-            MWandaConfig.max_hessian_token_stride,
-            MWandaConfig.hessian_tokens_per_input,
-        )
+        return automatic_hessian_token_stride(self.calibration_tokens, in_features)
 
     def prune_group(self, name, weights, statistic, negative_statistic, sparsity):
-        if self.config.weight_update == "sweep":
-            # SparseGPT's reference block size and dampening: the sweep is the same algorithm, on the
-            # token-sampled Hessian shrunk towards its diagonal.
-            return sweep_group(
-                name,
-                weights,
-                statistic,
-                sparsity,
-                self.config.nm_structure,
-                SparseGPTConfig.block_size,
-                SparseGPTConfig.dampening,
-                self.config.diagonal_dampening,
-                self.config.nm_selection,
-                self.config.refinement_steps,
-            )
+        if isinstance(self._update, ColumnSweep):
+            # The same sweep as SparseGPT's (reference block size and dampening), on the token-sampled
+            # Hessian shrunk towards its diagonal.
+            return sweep_group(name, weights, statistic, sparsity, self.config.nm_structure, self._update)
         return super().prune_group(name, weights, statistic, negative_statistic, sparsity)
 
     def feature_importance(self, statistic: FeatureStatistics) -> torch.Tensor:
@@ -105,7 +126,8 @@ class MWandaAlgorithm(WandaAlgorithm):
 
     def update_kept_weights(self, weight, mask, statistic):
         compensation = self.config.mean_compensation
-        if compensation == "none":
+        update = self._update
+        if isinstance(update, NoUpdate) or compensation == "none":
             return weight.masked_fill(mask, 0.0)
         if compensation == "language":
             means, second, shares = (
@@ -115,8 +137,7 @@ class MWandaAlgorithm(WandaAlgorithm):
             )
         else:  # "pooled": the all-language mean only
             means, second, shares = statistic.pooled_mean, statistic.pooled_second_moment, torch.ones(1)
-        rank = self.config.compensation_rank
-        shrinkage = self.config.diagonal_dampening
+        rank, shrinkage = update.rank, update.shrinkage
         if not rank and not shrinkage:
             return mean_shift_compensation(weight, mask, means, second, shares)
         directions = eigenvalues = None

@@ -7,9 +7,19 @@ from typing import ClassVar
 
 import torch
 
-from ..configuration import SparseGPTConfig
+from ..configuration import ColumnSweep, SparseGPTConfig
 from ..parts import HessianStatistics, sparsegpt_prune_group
 from .base import PruningAlgorithm
+from .registry import Description
+
+#: the mask score of the column sweep: the optimal-brain-surgeon loss of removing each weight
+OBS_SCORE = Description(
+    "mask score",
+    "OBS saliency",
+    "w_ij^2 / [H^-1]_jj on the layer-input Hessian, re-ranked as the sweep updates the weights",
+    {},
+    "sparsegpt",
+)
 
 
 class SparseGPTAlgorithm(PruningAlgorithm):
@@ -23,20 +33,14 @@ class SparseGPTAlgorithm(PruningAlgorithm):
             in_features, num_languages, device=device, token_stride=self.config.hessian_token_stride
         )
 
+    def mask_score(self) -> Description:
+        return OBS_SCORE
+
+    def weight_update(self) -> ColumnSweep:
+        return self.config.weight_update
+
     def prune_group(self, name, weights, statistic, negative_statistic, sparsity):
-        config = self.config
-        return sweep_group(
-            name,
-            weights,
-            statistic,
-            sparsity,
-            config.nm_structure,
-            config.block_size,
-            config.dampening,
-            config.diagonal_dampening,
-            config.nm_selection,
-            config.refinement_steps,
-        )
+        return sweep_group(name, weights, statistic, sparsity, self.config.nm_structure, self.weight_update())
 
 
 def sweep_group(
@@ -45,13 +49,10 @@ def sweep_group(
     statistic: HessianStatistics,
     sparsity: float,
     nm: tuple[int, int] | None,
-    block_size: int,
-    dampening: float,
-    diagonal_dampening: float = 0.0,
-    nm_selection: str = "greedy",
-    refinement_steps: int = 0,
+    sweep: ColumnSweep,
 ) -> list[torch.Tensor]:
-    """SparseGPT's column sweep over one shared-input group (SparseGPT, and M-Wanda's ``"sweep"``)."""
+    """SparseGPT's column sweep over one shared-input group (SparseGPT, and M-Wanda's ``"sweep"``), with
+    the settings of a resolved :class:`ColumnSweep`."""
     if not torch.isfinite(statistic.hessian).all():
         raise FloatingPointError(
             f"non-finite input activations reached {name}: its calibration Hessian holds NaN or inf"
@@ -71,10 +72,10 @@ def sweep_group(
         statistic.hessian,
         sparsity,
         nm=nm,
-        block_size=block_size,
-        dampening=dampening,
-        diagonal_dampening=diagonal_dampening,
-        nm_selection=nm_selection,
-        refinement_steps=refinement_steps,
+        block_size=sweep.block_size,
+        dampening=sweep.dampening,
+        diagonal_dampening=sweep.diagonal_dampening,
+        nm_selection=sweep.nm_selection,
+        refinement_steps=sweep.refinement_steps,
     )
     return new_weights

@@ -9,6 +9,7 @@ import torch
 from ..configuration import WandaConfig
 from ..parts import FeatureStatistics, mask_from_scores, negative_feature_factor, wanda_scores
 from .base import PruningAlgorithm
+from .registry import Description
 
 
 class WandaAlgorithm(PruningAlgorithm):
@@ -20,6 +21,16 @@ class WandaAlgorithm(PruningAlgorithm):
 
     def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> FeatureStatistics:
         return FeatureStatistics(in_features, num_languages, device=device)
+
+    def mask_score(self) -> Description:
+        settings = {"negative_weight": self.config.negative_weight}
+        return Description(
+            "mask score",
+            "Wanda score",
+            "|W_ij| * ||X_j||, compared within each output row",
+            settings,
+            "wanda",
+        )
 
     def feature_importance(self, statistic: FeatureStatistics) -> torch.Tensor:
         """``[in]``: what multiplies ``|W_ij|`` in the score (Wanda: the pooled norm ``||X_j||``)."""

@@ -67,9 +67,10 @@ class _MwandaLeafCommand(BaseOptimumCLICommand):
 
 
 def _leaf(command: str) -> type[_MwandaLeafCommand]:
-    help_text = _ARGUMENTS.COMMAND_HELP[command]
+    aliases = getattr(_ARGUMENTS, "COMMAND_ALIASES", {})  # deprecated names, e.g. sweep -> language-matrix
+    help_text = _ARGUMENTS.COMMAND_HELP[aliases.get(command, command)]
     return type(
-        f"Mwanda{command.title()}Command",
+        f"Mwanda{command.title().replace('-', '')}Command",
         (_MwandaLeafCommand,),
         {"COMMAND": CommandInfo(command, help=help_text), "MWANDA_COMMAND": command, "__doc__": help_text},
     )
@@ -77,7 +78,10 @@ def _leaf(command: str) -> type[_MwandaLeafCommand]:
 
 try:
     _ARGUMENTS = _load_arguments()
-    _LEAVES = {command: _leaf(command) for command in _ARGUMENTS.COMMAND_HELP}
+    _LEAVES = {
+        command: _leaf(command)
+        for command in [*_ARGUMENTS.COMMAND_HELP, *getattr(_ARGUMENTS, "COMMAND_ALIASES", {})]
+    }
 
     class MwandaCommand(BaseOptimumCLICommand):
         """``optimum-cli mwanda``: pruning, evaluation, sweeps and model cards of optimum-mwanda."""
