@@ -317,7 +317,10 @@ def _validate_modules(layer_modules: list[list[PrunableLinear]], config: Pruning
 
 def _validate_coverage(stack, layer_modules: list[list[PrunableLinear]], config: PruningConfig):
     """Every matrix weight of the decoder layers is pruned, dense by a stated rule, or the run refuses."""
-    claimed = {id(m.module.weight) for modules in layer_modules for m in modules}
+    # A pruned weight is its module's ``weight`` (or the parameter an expert-matrix entry names).
+    claimed = {
+        id(getattr(m.module, getattr(m, "parameter", "weight"))) for modules in layer_modules for m in modules
+    }
     coverage = decoder_weight_coverage(stack, claimed, config.ignore, ALWAYS_DENSE)
     if coverage.unreachable:
         names = [f"{name} ({what})" for name, what in coverage.unreachable.items()]

@@ -27,7 +27,7 @@ import torch
 from tiny_models import SWEEP_SKIPS, SWEEP_TOKEN_RANGE, make_sweep_model, sweep_model_types
 from torch import nn
 
-from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
+from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig, verify_sparsity
 from optimum_mwanda.modeling import find_decoder_stack
 from optimum_mwanda.modeling.decoder import is_matrix
 
@@ -98,6 +98,9 @@ def check_pruned(model: nn.Module, report, nm: tuple[int, int] | None) -> list[s
     """What is wrong with the pruned ``model`` (empty: every decoder-layer matrix weight is at target)."""
     problems = []
     dense = dict(getattr(report, "dense_weights", {}) or {})
+    coverage = getattr(report, "coverage", None)  # the coverage plan of issue 29 item 1, where present
+    if coverage is not None:
+        dense.update({entry.name: entry.reason for entry in coverage.dense})
     for name, (index, module, param) in decoder_matrix_weights(model).items():
         if name in dense:
             # Left dense by a stated rule; a linear layer's weight never is, unless the user ignored it.
@@ -382,6 +385,8 @@ def test_modules_that_never_run_are_pruned_by_magnitude_and_reported(model_type,
     assert silent and sorted(report.magnitude_pruned) == sorted(silent)
     nm = (2, 4) if structure == "2:4" else None
     assert check_pruned(model, report, nm) == []
+    # The report and verify_sparsity agree (BART was: report 50%, verify 33%).
+    assert verify_sparsity(model, structure).overall == pytest.approx(report.achieved_sparsity, abs=1e-6)
     for name in silent:  # the smallest-magnitude half of every row (of every group of 4) is what went
         weight, before = model.get_parameter(f"{name}.weight"), original[f"{name}.weight"]
         groups = before.shape[1] if nm is None else 4

@@ -2,8 +2,8 @@
 and the sequential walk that prunes layer by layer (:class:`SequentialWalk`)."""
 
 from .activations import ActivationStore
-from .capture import CapturedInputs, capture_layer_inputs
-from .decoder import DecoderStack, NoDecoderLayersError, find_decoder_stack
+from .capture import CapturedInputs, LayerReplayError, LayerReuseError, capture_layer_inputs
+from .decoder import DecoderStack, DecoderWeightCoverage, NoDecoderLayersError, find_decoder_stack
 from .hooks import LayerStatisticsCollector
 from .linear import PrunableLinear, find_prunable_linears, prunable_linears_by_layer
 from .offload import execution_device, input_device, read_parameter, write_parameter
@@ -13,6 +13,9 @@ __all__ = [
     "ActivationStore",
     "CapturedInputs",
     "DecoderStack",
+    "DecoderWeightCoverage",
+    "LayerReplayError",
+    "LayerReuseError",
     "LayerStatisticsCollector",
     "NoDecoderLayersError",
     "PrunableLinear",
