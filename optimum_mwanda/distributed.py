@@ -45,6 +45,10 @@ class DistributedMismatchError(RuntimeError):
     """Ranks were given different models, configs or calibration data."""
 
 
+class RankValidationError(RuntimeError):
+    """Another rank refused the run in its validation phase (its error is in the message); nothing changed."""
+
+
 class MainProcessError(RuntimeError):
     """What rank 0 was doing on behalf of all ranks (a write, a push) failed there."""
 
@@ -231,6 +235,58 @@ def check_same_run(
     if differing:
         raise DistributedMismatchError(
             f"rank(s) {differing} of {context.world_size} {what}. Nothing was pruned."
+        )
+
+
+def agree_on_run(
+    fingerprint: str | None,
+    error: BaseException | None = None,
+    *,
+    checkpointed: bool = False,
+    context: DistributedContext | None = None,
+) -> None:
+    """The agreement every rank reaches after validating its ``prune_model`` call, before any work.
+
+    Each rank brings its verdict: ``error`` (its validation failed) or the ``fingerprint`` of its run and
+    whether it was given a ``checkpoint_dir``. One ``all_gather`` exchanges them, so no rank waits for one
+    that already gave up. Then, on every rank: if any rank failed, the failing ranks re-raise their own
+    ``error`` and the others raise :class:`RankValidationError` naming the failing ranks and their errors;
+    else ranks whose fingerprint differs from rank 0's (or that disagree on ``checkpoint_dir``) make every
+    rank raise :class:`DistributedMismatchError`. Nothing has been changed when it raises. In a single
+    process it only re-raises ``error``.
+    """
+    context = context or current_context()
+    if not context.enabled:
+        if error is not None:
+            raise error
+        return
+    verdict = {
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "fingerprint": fingerprint,
+        "checkpointed": bool(checkpointed),
+    }
+    verdicts: list[Any] = [None] * context.world_size
+    torch.distributed.all_gather_object(verdicts, verdict)
+    failed = [rank for rank, v in enumerate(verdicts) if v["error"] is not None]
+    if failed:
+        if error is not None:
+            raise error
+        details = "; ".join(f"rank {rank}: {verdicts[rank]['error']}" for rank in failed)
+        raise RankValidationError(
+            f"rank(s) {failed} of {context.world_size} refused the run in validation ({details}). "
+            "Nothing was pruned."
+        )
+    differing = [rank for rank, v in enumerate(verdicts) if v["fingerprint"] != verdicts[0]["fingerprint"]]
+    if differing:
+        raise DistributedMismatchError(
+            f"rank(s) {differing} of {context.world_size} {_SAME_RUN_HINT}. Nothing was pruned."
+        )
+    with_checkpoint = [rank for rank, v in enumerate(verdicts) if v["checkpointed"]]
+    if with_checkpoint and len(with_checkpoint) != context.world_size:
+        raise DistributedMismatchError(
+            f"checkpoint_dir was given on rank(s) {with_checkpoint} of {context.world_size} only: pass it on "
+            "every rank (one folder that every rank sees; rank 0 writes, the others read), or on none. "
+            "Nothing was pruned."
         )
 
 

@@ -10,20 +10,25 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, preflight
 from .calibration import CalibrationSet, resolve_calibration
 from .configuration import PruningConfig
 from .methods import algorithm_for
-from .modeling import PrunableLinear, SequentialWalk, find_decoder_stack, prunable_linears_by_layer
-from .modeling.decoder import decoder_weight_coverage
+from .modeling import DecoderStack, PrunableLinear, SequentialWalk
+from .modeling.adapters import check_adapters, prunable_base_linears
+from .modeling.decoder import DecoderWeightCoverage, decoder_weight_coverage
 from .modeling.linear import ALWAYS_DENSE
 from .report import PruningReport
 from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint
+
+if TYPE_CHECKING:
+    from .methods.base import PruningAlgorithm
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ class Pruner:
         show_progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
         activations_device: str | torch.device | None = None,
-        activations_max_memory: int | None = None,
+        activations_max_memory: int | str | None = None,
     ) -> PruningReport:
         """Prune ``model`` in place and return a :class:`PruningReport` (also kept as ``self.report``).
 
@@ -91,56 +96,55 @@ class Pruner:
                 with the checkpoint's own names are written or deleted there (see ``optimum_mwanda.resume``).
             activations_device: where calibration activations wait between layers (e.g. ``"cpu"`` to keep
                 them off the accelerator); ``None`` leaves them where they were produced.
-            activations_max_memory: bytes of activations kept in memory; further batches are spilled to a
-                temporary folder on disk (``None``: no limit).
+            activations_max_memory: bytes of activations kept in memory, as an int or a size string
+                (``"8GB"``, ``"8GiB"``, ``"512MB"``); further batches are spilled to a temporary folder on
+                disk (``None``: no limit).
 
-        Every input is validated before any weight is touched; if pruning fails part-way, the weights
-        already changed are restored before the exception propagates.
+        Every input is validated before any weight is touched: the calibration data and token ids, the
+        modules to prune (``ignore`` patterns must each match a module; ``N:M`` needs input widths divisible
+        by ``M``; M-Wanda's ``compensation_rank`` is at most the smallest input width of the pruned
+        modules), ``checkpoint_dir`` (writable), and every weight of the model (loaded, finite). A peft
+        (LoRA) model has its base weights pruned, never the adapters, and is refused when its adapters are
+        trained or merged. In a data-parallel run all ranks agree on the outcome before any work: a rank
+        that fails validation raises its error, every other rank an error naming it. If pruning fails
+        part-way, the weights already changed are restored before the exception propagates.
         """
-        config = self.config
-        if not isinstance(config, PruningConfig) or type(config) is PruningConfig:
-            raise TypeError(f"Pruner.config must be a method's PruningConfig, got {type(config).__name__}")
-        config.validate()  # configs are frozen; this catches one changed by force (object.__setattr__)
         start = time.perf_counter()
-        algorithm = algorithm_for(config.resolve())
-
-        # 1. Validate everything before touching the model.
-        packing = {
-            "samples_per_language": config.samples_per_language,
-            "seq_len": config.calibration_seq_len,
-            "seed": config.seed,
-        }
-        calibration_set = resolve_calibration(calibration, tokenizer, what="calibration", **packing)
-        negative_set = None
-        if negative_calibration is not None:
-            if not algorithm.supports_negative_calibration:
-                raise ValueError(
-                    "negative_calibration lowers feature importance in a Wanda-style score: it is supported "
-                    'by WandaConfig and MWandaConfig with weight_update="closed_form", not '
-                    f"{type(config).__name__}" + f' (weight_update="{algorithm.weight_update().name}")'
-                )
-            negative_set = resolve_calibration(
-                _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
-            )
-        stack = find_decoder_stack(model)
-        layer_modules = prunable_linears_by_layer(stack, config.ignore)
-        _validate_modules(layer_modules, config)
-        coverage = _validate_coverage(stack, layer_modules, config)
-        # Every automatic choice made, from the run's size too: what runs is what the report records.
-        calibration_tokens = sum(calibration_set.token_counts.values())
-        config = config.resolve(calibration_tokens, [m.in_features for ms in layer_modules for m in ms])
-        algorithm = algorithm_for(config)
-        algorithm.calibration_tokens = calibration_tokens
-        _validate_token_ids(model, calibration_set, negative_set)
         context = distributed.current_context()
-        fingerprint = ""
-        if checkpoint_dir is not None or context.enabled:
-            fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
-        # Data-parallel: every rank must hold the same model, config and calibration (refused otherwise).
+
+        # 1. Validate everything before touching the model. Data-parallel: every rank reaches the agreement
+        # with its verdict (its run's fingerprint, or its error), so a rank that fails here cannot leave
+        # the others waiting in a collective; all ranks raise, the failing one its own error.
+        try:
+            run = self._validate(
+                model,
+                calibration,
+                tokenizer,
+                negative_calibration,
+                checkpoint_dir,
+                activations_max_memory,
+                context,
+            )
+        except Exception as error:
+            if not context.enabled:
+                raise
+            distributed.agree_on_run(None, error=error, context=context)
+            raise
         if context.enabled:
-            distributed.check_same_run(f"{fingerprint}:{distributed.weights_digest(model)}", context)
+            # Every rank must hold the same model, config and calibration, and checkpoint or not alike.
+            distributed.agree_on_run(
+                f"{run.fingerprint}:{distributed.weights_digest(model)}",
+                checkpointed=checkpoint_dir is not None,
+                context=context,
+            )
+        config, algorithm = run.config, run.algorithm  # resolved: what runs is what the report records
+        stack, layer_modules, calibration_set, negative_set = (
+            run.stack,
+            run.layer_modules,
+            run.calibration,
+            run.negative,
+        )
         show_progress = show_progress and context.is_main
-        checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
 
         # 2-4. Capture, schedule, then statistics -> prune -> propagate, layer by layer.
         walk = SequentialWalk(
@@ -148,9 +152,9 @@ class Pruner:
             stack,
             layer_modules,
             algorithm,
-            checkpoint=checkpoint,
+            checkpoint=run.checkpoint,
             activations_device=activations_device,
-            activations_max_memory=activations_max_memory,
+            activations_max_memory=run.activations_max_memory,
             show_progress=show_progress,
         )
         result = walk.run(calibration_set, negative_set)
@@ -174,10 +178,72 @@ class Pruner:
             base_model=str(getattr(model, "name_or_path", "") or ""),
             negative_calibration_tokens=sum(negative_set.token_counts.values()) if negative_set else 0,
             resumed_from_layer=result.resumed_from_layer,
-            dense_weights=coverage.dense,
+            dense_weights=_validate_coverage(stack, layer_modules, config).dense,
             magnitude_pruned=result.magnitude_pruned,
         )
         return self.report
+
+    def _validate(
+        self,
+        model: nn.Module,
+        calibration: Any,
+        tokenizer: Any,
+        negative_calibration: Any,
+        checkpoint_dir: str | os.PathLike | None,
+        activations_max_memory: int | str | None,
+        context: distributed.DistributedContext,
+    ) -> _ValidatedRun:
+        """Every check that can fail, in the order a user would fix them; nothing is changed or written."""
+        config = self.config
+        if not isinstance(config, PruningConfig) or type(config) is PruningConfig:
+            raise TypeError(f"Pruner.config must be a method's PruningConfig, got {type(config).__name__}")
+        config.validate()  # configs are frozen; this catches one changed by force (object.__setattr__)
+        algorithm = algorithm_for(config.resolve())
+        preflight.check_weights_loaded(model)
+        max_memory = preflight.parse_memory_size(activations_max_memory, "activations_max_memory")
+        packing = {
+            "samples_per_language": config.samples_per_language,
+            "seq_len": config.calibration_seq_len,
+            "seed": config.seed,
+        }
+        calibration_set = resolve_calibration(calibration, tokenizer, what="calibration", **packing)
+        negative_set = None
+        if negative_calibration is not None:
+            if not algorithm.supports_negative_calibration:
+                raise ValueError(
+                    "negative_calibration lowers feature importance in a Wanda-style score: it is supported "
+                    'by WandaConfig and MWandaConfig with weight_update="closed_form", not '
+                    f"{type(config).__name__}" + f' (weight_update="{algorithm.weight_update().name}")'
+                )
+            negative_set = resolve_calibration(
+                _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
+            )
+        check_adapters(model)  # a peft model: its base weights are pruned, never the adapters
+        stack, layer_modules = validate_structure(model, config)
+        # Every automatic choice made, from the run's size too: what runs is what the report records.
+        calibration_tokens = sum(calibration_set.token_counts.values())
+        config = config.resolve(calibration_tokens, [m.in_features for ms in layer_modules for m in ms])
+        algorithm = algorithm_for(config)
+        algorithm.calibration_tokens = calibration_tokens
+        _validate_token_ids(model, calibration_set, negative_set)
+        if checkpoint_dir is not None and context.is_main:  # only rank 0 writes there
+            preflight.check_writable_folder(checkpoint_dir, "checkpoint_dir")
+        preflight.check_finite_weights(model)
+        fingerprint = ""
+        if checkpoint_dir is not None or context.enabled:
+            fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
+        checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
+        return _ValidatedRun(
+            config,
+            algorithm,
+            stack,
+            layer_modules,
+            calibration_set,
+            negative_set,
+            fingerprint,
+            max_memory,
+            checkpoint,
+        )
 
     # -- Hub integration (implemented in optimum_mwanda.hub) ------------------------------------------
     def _require_report(self) -> PruningReport:
@@ -200,10 +266,14 @@ class Pruner:
         keeping every file in the folder that optimum-mwanda did not write (see
         :func:`optimum_mwanda.hub.save_pruned_model`, also for ``overwrite=True``). ``compressed=True`` writes
         the bitmask-packed sparse format that :func:`optimum_mwanda.load_pruned_model` restores. Returns the
-        folder path.
+        folder path. The folder and its parent must be writable (``PermissionError`` otherwise); to know
+        before pruning, call ``optimum_mwanda.preflight.check_writable_folder(path, "save_directory",
+        staged_beside=True)`` first.
         """
         from .hub import save_pruned_model
 
+        # The save stages its files beside the folder: an unwritable parent fails here, named, not midway.
+        preflight.check_writable_folder(save_directory, "save_directory", staged_beside=True)
         return save_pruned_model(
             model,
             save_directory,
@@ -265,6 +335,21 @@ class Pruner:
 
 
 # ----------------------------------------------------------------------------------------------------
+@dataclass
+class _ValidatedRun:
+    """What the validation phase resolved, for the walk."""
+
+    config: PruningConfig
+    algorithm: PruningAlgorithm
+    stack: DecoderStack
+    layer_modules: list[list[PrunableLinear]]
+    calibration: CalibrationSet
+    negative: CalibrationSet | None
+    fingerprint: str
+    activations_max_memory: int | None
+    checkpoint: PruningCheckpoint | None
+
+
 def _fingerprint(config, model, layer_modules, calibration_set, negative_set) -> str:
     config_data = {k: v for k, v in config.to_dict().items() if k != "optimum_mwanda_version"}
     tensors = [calibration_set.input_ids, calibration_set.attention_mask, calibration_set.language_index]
@@ -298,24 +383,34 @@ def _pooled_negative(negative: Any) -> Any:
     return negative
 
 
+def validate_structure(
+    model: nn.Module, config: PruningConfig
+) -> tuple[DecoderStack, list[list[PrunableLinear]]]:
+    """The decoder stack of ``model`` and the modules ``config`` prunes in each layer, refused when the config
+    cannot apply to them (an ``ignore`` pattern matching nothing, no module left, an ``N:M`` the input widths
+    cannot hold, a ``compensation_rank`` beyond them). Reads no weight values, so the command line runs it
+    on a weightless (``meta``) copy of the model before loading it."""
+    stack, layer_modules = prunable_base_linears(model, config.ignore)
+    preflight.check_ignore_patterns(model, config.ignore)
+    _validate_modules(layer_modules, config)
+    _validate_coverage(stack, layer_modules, config)
+    return stack, layer_modules
+
+
 def _validate_modules(layer_modules: list[list[PrunableLinear]], config: PruningConfig) -> None:
+    """Structural checks on the modules to prune (the CLI runs them on a weightless copy of the model)."""
     if not any(layer_modules):
         raise ValueError("no prunable linear modules found in the decoder layers (check config.ignore)")
-    nm = config.nm_structure
-    if nm is None:
-        return
-    bad = [
-        f"{m.name} ({m.in_features})" for modules in layer_modules for m in modules if m.in_features % nm[1]
-    ]
-    if bad:
-        raise ValueError(
-            f"mask_structure {config.mask_structure!r} needs in_features divisible by {nm[1]}; not so for: "
-            + ", ".join(bad[:5])
-            + (" ..." if len(bad) > 5 else "")
-        )
+    preflight.check_nm_structure(layer_modules, config.nm_structure, config.mask_structure)
+    # An explicit closed-form rank only: the default (None) is capped at each module's width.
+    preflight.check_compensation_rank(
+        layer_modules, getattr(getattr(config, "weight_update", None), "rank", None)
+    )
 
 
-def _validate_coverage(stack, layer_modules: list[list[PrunableLinear]], config: PruningConfig):
+def _validate_coverage(
+    stack: DecoderStack, layer_modules: list[list[PrunableLinear]], config: PruningConfig
+) -> DecoderWeightCoverage:
     """Every matrix weight of the decoder layers is pruned, dense by a stated rule, or the run refuses."""
     # A pruned weight is its module's ``weight`` (or the parameter an expert-matrix entry names).
     claimed = {
@@ -337,7 +432,7 @@ def _validate_coverage(stack, layer_modules: list[list[PrunableLinear]], config:
 def _validate_token_ids(model: nn.Module, *sets: CalibrationSet | None) -> None:
     embeddings = model.get_input_embeddings()
     vocab = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
-    max_positions = _position_limit(model)
+    max_positions = preflight.position_limit(getattr(model, "config", None))
     for calibration_set in sets:
         if calibration_set is None:
             continue
@@ -352,13 +447,3 @@ def _validate_token_ids(model: nn.Module, *sets: CalibrationSet | None) -> None:
                 f"calibration sequences have {calibration_set.seq_len} tokens but this model takes at most "
                 f"{max_positions} positions: lower calibration_seq_len (or pass shorter token ids)"
             )
-
-
-def _position_limit(model: nn.Module) -> int | None:
-    """The longest input the model's position embeddings cover, when its config states one."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -6,8 +6,10 @@ compares. Results travel back as files that the test harness (not the package) w
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -203,11 +205,37 @@ def job_resume(rank: int, out: Path) -> None:
     _write(out / f"rank{rank}.pt", results)
 
 
+def job_refusals(rank: int, out: Path) -> None:
+    """A rank that fails validation (token ids beyond the vocabulary on rank 1), then ``checkpoint_dir`` given
+    on rank 0 only: every rank must raise promptly, none may wait in a collective for another."""
+    outcome = {}
+    for what in ("validation", "checkpoint"):
+        model = make_model("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        calibration = _uneven_calibration()
+        kwargs = {}
+        if what == "validation" and rank == 1:
+            calibration["de"] = calibration["de"] + 10_000
+        if what == "checkpoint" and rank == 0:
+            kwargs["checkpoint_dir"] = out / "shared" / "checkpoint"
+        start = time.monotonic()
+        try:
+            Pruner(WandaConfig(sparsity=0.5)).prune_model(model, calibration, show_progress=False, **kwargs)
+            error = None
+        except Exception as err:  # recorded for the parent to check
+            error = f"{type(err).__name__}: {err}"
+        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        outcome[what] = {"error": error, "unchanged": unchanged, "seconds": time.monotonic() - start}
+    outcome["checkpoint_dir_created"] = (out / "shared" / "checkpoint").exists()
+    _write(out / f"rank{rank}.pt", outcome)
+
+
 JOBS = {
     "equivalence": job_equivalence,
     "mismatch": job_mismatch,
     "writes": job_writes,
     "resume": job_resume,
+    "refusals": job_refusals,
 }
 
 
@@ -215,20 +243,26 @@ def job_all(rank: int, out: Path) -> None:
     """Every job in one process group: starting processes (importing torch and transformers) is the slow
     part, so the tests spawn once."""
     for name, job in JOBS.items():
-        if job is job_all:
+        if job is job_all or name in SEPARATE_JOBS:
             continue
         (out / name).mkdir(exist_ok=True)
         job(rank, out / name)
 
 
 JOBS["all"] = job_all
+#: jobs that a broken build could hang: spawned on their own, with a deadline (tests/test_distributed.py)
+SEPARATE_JOBS = ("refusals",)
 
 
-def run(rank: int, world_size: int, init_file: str, job: str, out: str) -> None:
-    """``torch.multiprocessing.spawn`` target: join the gloo group, run ``job``, leave."""
+def run(
+    rank: int, world_size: int, init_file: str, job: str, out: str, timeout_s: float | None = None
+) -> None:
+    """``torch.multiprocessing.spawn`` target: join the gloo group, run ``job``, leave. ``timeout_s`` bounds
+    every collective (gloo's default is 30 minutes)."""
     torch.set_num_threads(1)
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s is not None else {}
     torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, **kwargs
     )
     try:
         JOBS[job](rank, Path(out))

@@ -11,8 +11,9 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import WRITE_TOKEN
+from conftest import READ_TOKEN, WRITE_TOKEN
 from huggingface_hub import ModelCard
+from permissions import unwritable
 from tiny_models import make_model, make_tokenizer, text_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -465,3 +466,91 @@ def test_eval_reports_the_geometric_mean(capsys, workspace):
     mean = float(stdout.splitlines()[-1].split()[-1]) if "geometric mean" in stdout.splitlines()[-1] else None
     en, de = float(rows["en"][-1]), float(rows["de"][-1])
     assert mean == pytest.approx((en * de) ** 0.5, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks answered before the weights are loaded (config.json, the Hub, folders)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_model(workspace, tmp_path_factory) -> Path:
+    """A model folder with config.json (32 positions) and tokenizer but no weights: only the config may be
+    read before these runs refuse."""
+    folder = tmp_path_factory.mktemp("short") / "short-llama"
+    model = make_model("llama")
+    model.config.max_position_embeddings = 32
+    model.config.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_what_config_json_answers_exits_2_before_loading(
+    capsys, workspace, short_model, tmp_path, no_model_loading
+):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text('{"hello": "world"}', encoding="utf-8")
+    make_tokenizer().save_pretrained(not_a_model)
+    out = tmp_path / "o"
+    data = ["--data", workspace["data"], "--output-dir", out, "-q"]
+    cases = [
+        (["--model", short_model, "--seq-len", "64", "--samples-per-language", "1"],
+         "--seq-len is 64 tokens but this model takes at most 32 positions: lower --seq-len"),
+        (["--model", short_model, *SMALL, "--eval", "--eval-data", workspace["heldout"], "--eval-seq-len", "48"],
+         "--eval-seq-len is 48 tokens but this model takes at most 32 positions"),
+        (["--model", workspace["model"], *SMALL, "--method", "wanda", "--mask-structure", "3:7"],
+         "needs in_features divisible by 7"),
+        (["--model", workspace["model"], *SMALL, "--ignore", "*.o_prj"],
+         "'*.o_prj' (did you mean '*.o_proj'"),
+        (["--model", not_a_model, *SMALL], "its config.json is not a transformers model config"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        code, stdout, stderr = run(capsys, "prune", *data, *extra)
+        assert code == 2, (extra, stderr)
+        assert message in stderr, (extra, stderr)
+        assert "Traceback" not in stderr and stdout == ""
+    assert "[flags: --mask-structure]" in run(capsys, "prune", *data, *cases[2][0])[2]
+    code, _, stderr = run(capsys, "eval", short_model, "--data", workspace["heldout"], "--seq-len", "64")
+    assert code == 2 and "--seq-len is 64 tokens but this model takes at most 32 positions" in stderr
+    assert not out.exists()
+
+
+def test_an_output_dir_in_an_unwritable_folder_exits_2(capsys, workspace, tmp_path, no_model_loading):
+    (tmp_path / "read-only" / "out").mkdir(parents=True)
+    with unwritable(tmp_path / "read-only") as folder:
+        for target in (folder / "out", folder / "new" / "out"):
+            code, _, stderr = _prune(capsys, workspace, target)
+            assert code == 2 and "no write permission on" in stderr, stderr
+        assert [p.name for p in folder.iterdir()] == ["out"] and not any((folder / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("token", "repo_id", "message"),
+    [
+        ("hf_not_a_real_token", "alice/x", "rejected the token"),
+        (READ_TOKEN, "bob/x", "is read-only"),
+        (WRITE_TOKEN, "bob/x", "may not create or write repos in the namespace 'bob'"),
+    ],
+)
+def test_a_token_that_cannot_push_exits_2_before_loading(
+    capsys, workspace, tmp_path, hub, no_model_loading, token, repo_id, message
+):
+    code, stdout, stderr = _prune(
+        capsys, workspace, tmp_path / "o", "--push-to-hub", repo_id, "--token", token
+    )
+    assert code == 2 and message in stderr, stderr
+    assert [path for _, path, _ in hub.log] == ["/api/whoami-v2"]  # one question, nothing created
+    assert not hub.repos and not (tmp_path / "o").exists()
+
+
+def test_a_failed_push_keeps_the_pruned_model_locally(capsys, workspace, tmp_path, hub, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hub.fail("POST", r"/api/models/.+/commit/main", 400, times=10)
+    code, stdout, stderr = run(
+        capsys, "prune", "--model", workspace["model"], "--data", workspace["data"], *SMALL,
+        "--push-to-hub", "alice/tiny-unpushed", "--token", WRITE_TOKEN, "-q",
+    )  # fmt: skip
+    assert code == 1, stderr
+    kept = tmp_path / "tiny-unpushed"
+    assert f"The pruned model is saved in {kept}" in stderr
+    assert f"hf upload alice/tiny-unpushed {kept}" in stderr
+    assert verify_sparsity(load_pruned_model(kept)).overall == pytest.approx(0.5, abs=0.01)

@@ -4,6 +4,7 @@ tests of the sharding and of the exact reduction of statistics."""
 from __future__ import annotations
 
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +36,28 @@ def _spawn(job: str, out: Path, world_size: int = WORLD) -> None:
             nprocs=world_size,
             join=True,
         )
+
+
+def _spawn_with_deadline(job: str, out: Path, deadline_s: float, world_size: int = WORLD) -> None:
+    """Like :func:`_spawn`, but the processes are killed (and the test fails) if they have not all ended
+    within ``deadline_s`` seconds: what a hang looks like, bounded by the harness, not by gloo's timeout."""
+    with tempfile.TemporaryDirectory() as store:
+        context = mp.start_processes(
+            worker.run,
+            args=(world_size, str(Path(store) / "rendezvous"), job, str(out), deadline_s / 2),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        end = time.monotonic() + deadline_s
+        try:
+            while not context.join(timeout=max(0.1, end - time.monotonic())):
+                if time.monotonic() >= end:
+                    pytest.fail(f"the {job!r} ranks were still running after {deadline_s:.0f} s (a hang)")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +112,23 @@ def test_mismatched_rank_is_refused_before_any_weight_changes(spawned):
             assert error is not None and error.startswith("DistributedMismatchError"), (rank, what, error)
             assert "rank(s) [1]" in error
             assert outcome[what]["unchanged"], f"rank {rank} changed weights after a {what} mismatch"
+
+
+def test_a_rank_that_fails_validation_or_lacks_checkpoint_dir_ends_every_rank(tmp_path):
+    """Rank 1 refuses its calibration data; then only rank 0 is given checkpoint_dir. Before the agreement
+    carried each rank's verdict, rank 0 waited in the fingerprint all_gather for a rank that had given up
+    (gloo's timeout: 30 minutes), and checkpoint_dir on one rank deadlocked both."""
+    _spawn_with_deadline("refusals", tmp_path, deadline_s=240)
+    rank0, rank1 = _results(tmp_path.parent, tmp_path.name)
+    assert rank1["validation"]["error"].startswith("ValueError: calibration token ids must lie in")
+    assert rank0["validation"]["error"].startswith("RankValidationError: rank(s) [1] of 2 refused the run")
+    assert "rank 1: ValueError: calibration token ids" in rank0["validation"]["error"]
+    for rank, outcome in enumerate((rank0, rank1)):
+        error = outcome["checkpoint"]["error"]
+        assert error is not None and error.startswith("DistributedMismatchError: checkpoint_dir was given on")
+        assert "rank(s) [0] of 2 only" in error, (rank, error)
+        assert outcome["validation"]["unchanged"] and outcome["checkpoint"]["unchanged"], rank
+        assert not outcome["checkpoint_dir_created"], rank
 
 
 def test_only_rank_zero_writes_and_all_ranks_agree(spawned):

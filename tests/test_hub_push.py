@@ -188,3 +188,17 @@ def test_pushing_again_updates_the_repo(hub, pruned):
     loaded = AutoModelForCausalLM.from_pretrained("alice/updated")
     _assert_same_weights(other, loaded)
     assert loaded.config.sparsity_config["target_sparsity"] == 0.6
+
+
+def test_push_access_is_checked_with_one_question(hub):
+    from optimum_mwanda.hub.push import check_push_access
+
+    assert check_push_access("plain-name", WRITE_TOKEN) == "alice/plain-name"  # the token's own namespace
+    assert check_push_access("mwanda-org/x", WRITE_TOKEN) == "mwanda-org/x"  # one of its organisations
+    with pytest.raises(HubAuthenticationError, match="401"):
+        check_push_access("alice/x", "hf_not_a_real_token")
+    with pytest.raises(HubPermissionError, match="read-only"):
+        check_push_access("bob/x", READ_TOKEN)
+    with pytest.raises(HubPermissionError, match="namespace 'someone-else'"):
+        check_push_access("someone-else/x", WRITE_TOKEN)
+    assert {path for _, path, _ in hub.log} == {"/api/whoami-v2"} and not hub.repos

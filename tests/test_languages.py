@@ -46,8 +46,9 @@ def test_calibration_set_normalises_and_merges_case_variants():
     calibration = CalibrationSet(ids, None, ["en", "EN", "sw", "SW"], sources={"EN": "bundled"})
     assert calibration.language_list == ["en", "sw"] and calibration.sources == {"en": "bundled"}
     assert calibration.token_counts == {"en": 16, "sw": 16}
-    merged = CalibrationSet.from_token_ids({"en": ids[:2], "EN": ids[2:]})
-    assert merged.language_list == ["en"] and len(merged) == 4
+    # Mapping keys follow the rule of text calibration: two spellings of one language are refused.
+    with pytest.raises(ValueError, match="given twice"):
+        CalibrationSet.from_token_ids({"en": ids[:2], "EN": ids[2:]})
     assert calibration.select(["SW"]).language_list == ["sw"]
 
 

@@ -333,8 +333,8 @@ def test_error_non_finite_embeddings():
     _assert_raises_untouched(model, FloatingPointError, "NaN or infinite", calibration=calibration)
 
 
-def test_failure_mid_walk_restores_pruned_layers():
-    """A non-finite weight in layer 1 is named as such after layer 0 was pruned: layer 0 is restored."""
+def test_non_finite_weight_in_a_later_layer_is_named_before_pruning():
+    """A non-finite weight in layer 1 is found by the scan of all weights, before layer 0 is pruned."""
     model = make_model("llama")
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("inf")

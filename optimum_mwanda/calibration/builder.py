@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .dataset import CalibrationSet
-from .languages import normalize_language_tag
+from .languages import normalize_language_keys
 
 # Texts are tokenized in small batches, in shuffled order, until a language has enough tokens.
 _TOKENIZE_BATCH = 32
@@ -76,7 +76,7 @@ def build_calibration(
     shares = allocate_sequences(
         list(texts),
         samples_per_language * len(texts),
-        None if weights is None else {normalize_language_tag(k): v for k, v in weights.items()},
+        None if weights is None else normalize_language_keys(weights, "weights"),
     )
     eos = getattr(tokenizer, "eos_token_id", None)
     packed = [lang for lang in shares if len(texts[lang]) > 1]
@@ -112,7 +112,7 @@ def build_calibration(
         all_ids.append(ids)
         all_masks.append(mask)
         languages.extend([lang] * n_sequences)
-    known_sources = {normalize_language_tag(k): str(v) for k, v in (sources or {}).items()}
+    known_sources = {k: str(v) for k, v in normalize_language_keys(sources or {}, "sources").items()}
     return CalibrationSet(
         torch.cat(all_ids),
         torch.cat(all_masks),
@@ -240,19 +240,16 @@ def _normalize_texts(texts_by_language: Mapping[str, str | Iterable[str]]) -> di
     if not texts_by_language:
         raise ValueError("texts_by_language is empty: give at least one language")
     texts: dict[str, list[str]] = {}
-    for tag, values in texts_by_language.items():
-        lang = normalize_language_tag(tag)
-        if lang in texts:
-            raise ValueError(f"language {lang!r} is given twice (as {tag!r} and another spelling)")
+    for lang, values in normalize_language_keys(texts_by_language, "calibration texts").items():
         if isinstance(values, str):
             values = [values]
         items = list(values)
         bad = next((t for t in items if not isinstance(t, str)), None)
         if bad is not None:
-            raise TypeError(f"texts of language {tag!r} must be strings, found {type(bad).__name__}")
+            raise TypeError(f"texts of language {lang!r} must be strings, found {type(bad).__name__}")
         kept = [t for t in items if t.strip()]
         if not kept:
-            raise ValueError(f"calibration language {tag!r} has no text")
+            raise ValueError(f"calibration language {lang!r} has no text")
         texts[lang] = kept
     return texts
 

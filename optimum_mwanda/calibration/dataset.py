@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .languages import normalize_language_tag
+from .languages import normalize_language_keys, normalize_language_tag
 
 
 @dataclass
@@ -51,9 +51,7 @@ class CalibrationSet:
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         self.attention_mask = self.attention_mask.long()
         self.languages = _normalize_tags(self.languages, "CalibrationSet.languages")
-        self.sources = dict(
-            zip(_normalize_tags(self.sources, "CalibrationSet.sources"), self.sources.values())
-        )
+        self.sources = normalize_language_keys(self.sources, "CalibrationSet.sources")
         if len(self.languages) != self.input_ids.shape[0]:
             raise ValueError(
                 f"{len(self.languages)} language tags for {self.input_ids.shape[0]} calibration sequences"
@@ -155,7 +153,8 @@ class CalibrationSet:
             raise ValueError("the calibration mapping is empty: give at least one language")
         tensors, languages = [], []
         seq_len = None
-        for lang, ids in token_ids_by_language.items():
+        # One rule with texts: "en" and "EN" (or "eng") are one language, given twice is refused.
+        for lang, ids in normalize_language_keys(token_ids_by_language, "calibration token ids").items():
             if not isinstance(ids, torch.Tensor):
                 raise TypeError(f"calibration[{lang!r}] must be a LongTensor, got {type(ids).__name__}")
             _check_integer_ids(ids, f"calibration[{lang!r}]")

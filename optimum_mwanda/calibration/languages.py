@@ -9,8 +9,12 @@ is not BCP-47 (``"xx-INVALID"``, ``""``, ``5``) is refused before any weight cha
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import Any, TypeVar
+
+V = TypeVar("V")
 
 # English names of common languages, for translation demonstrations ("German: ...") and reports.
 LANGUAGE_NAMES: dict[str, str] = {
@@ -220,6 +224,28 @@ def normalize_language_tag(tag: object) -> str:
     if not isinstance(tag, str):
         raise TypeError(f"a language tag must be a string such as 'de' or 'pt-BR', got {type(tag).__name__}")
     return _normalize(tag.strip())
+
+
+def normalize_language_keys(mapping: Mapping[Any, V], what: str) -> dict[str, V]:
+    """``mapping`` with its keys as canonical tags (:func:`normalize_language_tag`), order kept: the one
+    rule for every ``{language: ...}`` argument (texts, token ids, weights, sources). Two keys naming one
+    language (``"en"`` and ``"EN"`` or ``"eng"``) are refused rather than merged.
+
+    Raises:
+        TypeError, ValueError: a key is not a language tag (as :func:`normalize_language_tag`).
+        ValueError: two keys name the same language (the message names both spellings).
+    """
+    result: dict[str, V] = {}
+    spelled: dict[str, Any] = {}
+    for key, value in mapping.items():
+        tag = normalize_language_tag(key)
+        if tag in result:
+            raise ValueError(
+                f"{what}: language {tag!r} is given twice (as {spelled[tag]!r} and {key!r}): "
+                "merge them into one entry"
+            )
+        result[tag], spelled[tag] = value, key
+    return result
 
 
 _PRIVATE_USE = re.compile(r"^(x-|q[a-t][a-z]$)")

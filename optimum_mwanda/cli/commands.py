@@ -328,7 +328,11 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
 
         with preparing("--push-to-hub"):
             repo_id = validate_repo_id(args.push_to_hub)
+    if output_dir is not None:
+        _check_writable(output_dir, "--output-dir")
     token = resolve_token(args.token) if repo_id is not None else args.token
+    if repo_id is not None:
+        repo_id = _check_push_access(repo_id, token)
     base_model = _card_base_model(args.base_model, model_ref)
     license = args.license
     if license is None and model_ref.is_demo:
@@ -337,9 +341,10 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
         license = DEMO_MODEL_LICENSE
     check_paths_exist(args.eval_data, "--eval-data")
 
-    # -- preparation: data and tokenizer (still no model) ---------------------------------------------
+    # -- preparation: data, tokenizer and the model's config (still no weights) -------------------------
     texts, sources = _calibration_texts(args, languages)
     model_path = _model_path(model_ref)
+    model_config = _load_model_config(args, model_path, model_ref)
     tokenizer = _load_tokenizer(args, model_path)
     from ..calibration import build_calibration
 
@@ -357,6 +362,7 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
         eval_languages = eval_languages or calibration.language_list
         eval_texts = _evaluation_texts(args.eval_data, eval_languages, "--eval-data", "--eval-languages")
         _check_evaluation(tokenizer, eval_texts, args.eval_seq_len, args.eval_max_windows, "evaluation data")
+    _check_against_model(model_config, model_path, args, config, evaluate)
     logger.info(
         "Calibration: %d sequences of %d tokens, languages %s",
         len(calibration),
@@ -404,16 +410,33 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
         hub_info = None
         if repo_id is not None:
             logger.info("Pushing to the Hub repo %s", repo_id)
-            commit = pruner.push_to_hub(
-                model,
-                repo_id,
-                tokenizer=tokenizer,
-                eval_results=eval_results,
-                private=args.private,
-                token=token,
-                compressed=args.compressed,
-                **card_kwargs,
-            )
+            try:
+                commit = pruner.push_to_hub(
+                    model,
+                    repo_id,
+                    tokenizer=tokenizer,
+                    eval_results=eval_results,
+                    private=args.private,
+                    token=token,
+                    compressed=args.compressed,
+                    **card_kwargs,
+                )
+            except Exception as err:
+                # Never lose the pruned model: without --output-dir, save it locally before failing.
+                kept = saved
+                if kept is None:
+                    kept = pruner.save_pretrained(
+                        model,
+                        _unpushed_folder(repo_id),
+                        tokenizer=tokenizer,
+                        compressed=args.compressed,
+                        eval_results=eval_results,
+                        **card_kwargs,
+                    )
+                raise PushFailedError(
+                    f"pushing to {repo_id!r} failed ({type(err).__name__}: {err}). The pruned model is saved "
+                    f"in {kept}: push it later with `hf upload {repo_id} {kept}`"
+                ) from err
             hub_info = {
                 "repo_id": repo_id,
                 "commit_url": getattr(commit, "commit_url", None),
@@ -430,6 +453,110 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
             "report": report.to_dict(),
         }
         return CommandResult(payload, _prune_text(report, saved, hub_info, eval_results))
+
+
+class PushFailedError(RuntimeError):
+    """The push failed after pruning; the message names the local folder that holds the pruned model."""
+
+
+def _unpushed_folder(repo_id: str) -> Path:
+    """A new folder for a pruned model whose push failed: ``./NAME`` (``./NAME-2``, ... if taken), or a new
+    temporary folder when the working directory is not writable."""
+    name = repo_id.rpartition("/")[2]
+    cwd = Path.cwd()
+    if os.access(cwd, os.W_OK | os.X_OK):
+        for index in range(1, 1000):
+            candidate = cwd / (name if index == 1 else f"{name}-{index}")
+            if not candidate.exists():
+                return candidate
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"optimum-mwanda-{name}-"))
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """A save stages beside its target folder: the parent must be writable as well as the folder."""
+    from ..preflight import check_writable_folder
+
+    try:
+        check_writable_folder(path, flag, staged_beside=True)
+    except OSError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_push_access(repo_id: str, token: str) -> str:
+    """The token may push to the repo (asked of the Hub before any work); the full repo id."""
+    from ..hub.push import HubAuthenticationError, HubPermissionError, check_push_access
+
+    logger.info("Checking the Hub token's access to %s", repo_id)
+    try:
+        return check_push_access(repo_id, token)
+    except (HubAuthenticationError, HubPermissionError) as err:
+        raise UsageError(f"--push-to-hub {repo_id}: {err}") from None
+
+
+def _load_model_config(
+    args: argparse.Namespace, model_path: str, model: ModelReference, flag: str = "--model"
+):
+    """The model's config from its ``config.json`` (no weights); a file that is not a transformers model
+    config is a usage error."""
+    from transformers import AutoConfig
+
+    kwargs = _token_kwargs(args)
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if args.revision is not None:
+        kwargs["revision"] = args.revision
+    try:
+        return AutoConfig.from_pretrained(model_path, **kwargs)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        if model.local_path is None and not model.is_demo and isinstance(err, OSError):
+            raise  # the Hub was not reached: a failure, not a usage error
+        raise UsageError(
+            f"{flag} {model.name!r}: its config.json is not a transformers model config "
+            f"({type(err).__name__}: {err})"
+        ) from None
+
+
+def _check_against_model(
+    model_config, model_path: str, args: argparse.Namespace, config, evaluate: bool
+) -> None:
+    """What ``config.json`` answers before any weight is loaded: sequence lengths within the model's
+    positions, and the modules to prune (``--ignore`` patterns, ``N:M``) on a weightless copy."""
+    from ..preflight import check_sequence_length
+
+    lengths = [(config.calibration_seq_len, "--seq-len")]
+    if evaluate:
+        lengths.append((args.eval_seq_len, "--eval-seq-len"))
+    for seq_len, flag in lengths:
+        try:
+            check_sequence_length(seq_len, model_config, flag, f"lower {flag}")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    skeleton = _weightless_model(model_config, args)
+    if skeleton is None:
+        return  # checked on the loaded model instead
+    from ..pruner import validate_structure
+    from .options import _flag_names
+
+    try:
+        validate_structure(skeleton, config)
+    except ValueError as err:
+        raise UsageError(f"{_flag_names(str(err))} [checked on {model_path}'s config.json]") from None
+
+
+def _weightless_model(model_config, args: argparse.Namespace):
+    """The model built on the ``meta`` device from its config (no memory, no weights), or ``None`` when it
+    cannot be built that way (the same checks then run after loading)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=args.trust_remote_code)
+    except Exception as err:  # an architecture that needs real weights to build: check after loading
+        logger.debug("no weightless copy of the model (%s): structural checks run after loading", err)
+        return None
 
 
 def _card_base_model(base_model: str | None, model: ModelReference) -> str | None:
@@ -497,10 +624,16 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
     paths = check_paths_exist(args.data, "--data")
     texts = _read_texts(paths, languages, "heldout", "--data", "--languages")[0] if perplexity else {}
     model_path = _model_path(model_ref)
+    model_config = _load_model_config(args, model_path, model_ref, flag="MODEL")
     tokenizer = _load_tokenizer(args, model_path)
     from ..evaluation.perplexity import prepare_evaluation
+    from ..preflight import check_sequence_length
 
     if perplexity:
+        try:
+            check_sequence_length(args.seq_len, model_config, "--seq-len", "lower --seq-len")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         with preparing("evaluation data"):
             prepare_evaluation(
                 tokenizer,

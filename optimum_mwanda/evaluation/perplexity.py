@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling import input_device
+from ..preflight import check_sequence_length
 from .inputs import normalize_texts_by_language
 from .loss import DEFAULT_LOGITS_BUDGET, chunked_matches_full, summed_nll_chunked, summed_nll_full
 from .summary import geometric_mean
@@ -138,6 +139,9 @@ def evaluate_perplexity(
     )
     bos_token_id, streams, plans = prepared.bos_token_id, prepared.streams, prepared.plans
     pad_token_id = _pad_id(tokenizer)
+    check_sequence_length(
+        seq_len, getattr(model, "config", None), "seq_len", "lower seq_len (windows include the BOS token)"
+    )
 
     device = input_device(model)
     was_training = model.training

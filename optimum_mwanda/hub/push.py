@@ -134,6 +134,44 @@ def resolve_token(token: str | bool | None) -> str:
     return token
 
 
+def check_push_access(repo_id: str, token: str, *, max_retries: int = 2, retry_delay: float = 1.0) -> str:
+    """Ask the Hub, before any work, whether ``token`` may push to ``repo_id``; return the full repo id.
+
+    One ``whoami`` request: a token the Hub rejects raises :class:`HubAuthenticationError`; a read-only token,
+    or a namespace that is neither the token's user nor one of its organisations, raises
+    :class:`HubPermissionError`. Fine-grained tokens are let through (their per-repo rights are not listed
+    there; the push itself reports a refusal). Transient failures are retried, then raise
+    :class:`HubPushError`.
+    """
+    validate_repo_id(repo_id)
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    account = with_retries(
+        lambda: api.whoami(token=token),
+        what="checking the token",
+        repo_id=repo_id,
+        max_retries=max_retries,
+        retry_delay=retry_delay,
+    )
+    user = str(account.get("name", ""))
+    namespace, _, name = repo_id.rpartition("/")
+    namespace = namespace or user
+    role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubPermissionError(
+            f"the token of {user!r} is read-only: pushing to '{namespace}/{name}' needs a token with write "
+            "access (https://huggingface.co/settings/tokens)"
+        )
+    allowed = [user] + [str(org.get("name")) for org in account.get("orgs") or [] if isinstance(org, dict)]
+    if namespace not in allowed:
+        raise HubPermissionError(
+            f"the token of {user!r} may not create or write repos in the namespace {namespace!r} (its "
+            f"namespaces: {', '.join(allowed)}): push to one of them"
+        )
+    return f"{namespace}/{name}"
+
+
 @main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
 def push_pruned_model(
     model,

@@ -197,6 +197,8 @@ def decoder_weight_coverage(
                 parts = full_module.split(".")
                 if matches_pattern(full_module, ignore) or matches_pattern(full, ignore):
                     dense[full] = "ignored (config.ignore)"
+                elif "lora_" in full or type(module).__module__.startswith("peft"):
+                    dense[full] = "adapter (never pruned)"
                 elif any(part in parts for part in always_dense) or isinstance(module, nn.Embedding):
                     dense[full] = "embedding"
                 elif isinstance(module, nn.modules.conv._ConvNd):

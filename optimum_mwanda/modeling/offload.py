@@ -9,6 +9,7 @@ checkpoint (disk offload). This module is the only place that knows that.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -76,6 +77,45 @@ def read_parameter(module: nn.Module, name: str = "weight") -> torch.Tensor:
             "values: the model was not fully loaded"
         )
     return hook.weights_map[name].detach()
+
+
+def _own_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """(full name, owning module, local name, parameter) of every parameter, shared ones once."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for local, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            yield (f"{module_name}.{local}" if module_name else local), module, local, param
+
+
+def _offloaded_value(module: nn.Module, name: str) -> torch.Tensor | None:
+    hook = _offload_hook(module)
+    if hook is None:
+        return None
+    try:
+        return hook.weights_map[name].detach()
+    except KeyError:
+        return None
+
+
+def unloaded_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters on the ``meta`` device whose values nothing holds (not offloaded)."""
+    return [
+        full
+        for full, module, local, param in _own_parameters(model)
+        if param.device.type == "meta" and _offloaded_value(module, local) is None
+    ]
+
+
+def iter_parameter_values(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, values)`` of every parameter of ``model``, offloaded ones read from where they live (one at
+    a time); parameters whose values nothing holds are skipped (see :func:`unloaded_parameters`)."""
+    for full, module, local, param in _own_parameters(model):
+        value = param.detach() if param.device.type != "meta" else _offloaded_value(module, local)
+        if value is not None:
+            yield full, value
 
 
 def write_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
