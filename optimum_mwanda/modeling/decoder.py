@@ -181,7 +181,8 @@ def decoder_weight_coverage(
     stack: DecoderStack, claimed: set[int], ignore: list[str], always_dense: tuple[str, ...]
 ) -> DecoderWeightCoverage:
     """Classify the decoder layers' matrix weights not in ``claimed`` (``id`` of the parameters to prune)."""
-    from .linear import matches_pattern
+    from .adapters import canonical_name
+    from .linear import is_prunable_linear, matches_pattern
 
     dense: dict[str, str] = {}
     unreachable: dict[str, str] = {}
@@ -195,7 +196,8 @@ def decoder_weight_coverage(
                 seen.add(id(param))  # a weight shared by several modules is classified once
                 full = f"{full_module}.{name}"
                 parts = full_module.split(".")
-                if matches_pattern(full_module, ignore) or matches_pattern(full, ignore):
+                plain_module, plain = canonical_name(full_module), canonical_name(full)  # peft: base_layer
+                if matches_pattern(plain_module, ignore) or matches_pattern(plain, ignore):
                     dense[full] = "ignored (config.ignore)"
                 elif "lora_" in full or type(module).__module__.startswith("peft"):
                     dense[full] = "adapter (never pruned)"
@@ -207,6 +209,8 @@ def decoder_weight_coverage(
                     key in name.lower() for key in ("weight", "proj", "kernel")
                 ):
                     dense[full] = "not a linear layer's weight (used element-wise, e.g. a state-space A_log)"
+                elif is_prunable_linear(module):
+                    unreachable[full] = f"a {type(module).__name__} weight the run does not reach"
                 else:
                     unreachable[full] = (
                         f"{tuple(param.shape)} parameter of {type(module).__name__}, not an nn.Linear: "
