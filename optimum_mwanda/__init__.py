@@ -11,6 +11,8 @@ from .calibration import (
 from .configuration import MWandaConfig, PruningConfig, SparseGPTConfig, WandaConfig
 from .evaluation import evaluate_perplexity
 from .hub import load_pruned_model, verify_sparsity
+from .modeling.coverage import CoveragePlan, IncompleteCoverageError
+from .modeling.experts import ExpertOptions
 from .pruner import Pruner
 from .report import PruningReport
 from .training import SparsityKeeper, merge_and_reprune, preserve_sparsity
@@ -18,6 +20,9 @@ from .version import __version__
 
 __all__ = [
     "CalibrationSet",
+    "CoveragePlan",
+    "ExpertOptions",
+    "IncompleteCoverageError",
     "MWandaConfig",
     "Pruner",
     "PruningConfig",

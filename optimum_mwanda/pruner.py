@@ -22,8 +22,9 @@ from .configuration import PruningConfig
 from .methods import algorithm_for
 from .modeling import DecoderStack, PrunableLinear, SequentialWalk
 from .modeling.adapters import check_adapters, prunable_base_linears
-from .modeling.decoder import DecoderWeightCoverage, decoder_weight_coverage
-from .modeling.linear import ALWAYS_DENSE
+from .modeling.coverage import CoveragePlan, plan_coverage
+from .modeling.experts import ExpertOptions
+from .modeling.linear import find_expert_weights
 from .report import PruningReport
 from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint
 
@@ -74,6 +75,8 @@ class Pruner:
         checkpoint_dir: str | os.PathLike | None = None,
         activations_device: str | torch.device | None = None,
         activations_max_memory: int | str | None = None,
+        allow_unpruned: bool = False,
+        experts: ExpertOptions | None = None,
     ) -> PruningReport:
         """Prune ``model`` in place and return a :class:`PruningReport` (also kept as ``self.report``).
 
@@ -99,6 +102,12 @@ class Pruner:
             activations_max_memory: bytes of activations kept in memory, as an int or a size string
                 (``"8GB"``, ``"8GiB"``, ``"512MB"``); further batches are spilled to a temporary folder on
                 disk (``None``: no limit).
+            allow_unpruned: leave dense, with a warning and a report entry, the decoder-layer weights that the
+                method cannot reach (e.g. expert tensors of an unsupported experts class); without it such a
+                weight is an ``IncompleteCoverageError`` before anything changes. ``report.coverage`` lists
+                every weight pruned and every >= 2-D parameter left dense, with the reason.
+            experts: how mixture-of-experts layers are calibrated (:class:`ExpertOptions`: router-weighted
+                statistics, every expert on every token, the per-expert token threshold).
 
         Every input is validated before any weight is touched: the calibration data and token ids, the
         modules to prune (``ignore`` patterns must each match a module; ``N:M`` needs input widths divisible
@@ -124,6 +133,8 @@ class Pruner:
                 checkpoint_dir,
                 activations_max_memory,
                 context,
+                allow_unpruned,
+                experts,
             )
         except Exception as error:
             if not context.enabled:
@@ -156,6 +167,7 @@ class Pruner:
             activations_device=activations_device,
             activations_max_memory=run.activations_max_memory,
             show_progress=show_progress,
+            expert_options=run.expert_options,
         )
         result = walk.run(calibration_set, negative_set)
 
@@ -178,7 +190,9 @@ class Pruner:
             base_model=str(getattr(model, "name_or_path", "") or ""),
             negative_calibration_tokens=sum(negative_set.token_counts.values()) if negative_set else 0,
             resumed_from_layer=result.resumed_from_layer,
-            dense_weights=_validate_coverage(stack, layer_modules, config).dense,
+            coverage=run.coverage,
+            experts=result.experts,
+            expert_options=run.expert_options.to_dict() if result.experts else {},
             magnitude_pruned=result.magnitude_pruned,
         )
         return self.report
@@ -192,12 +206,19 @@ class Pruner:
         checkpoint_dir: str | os.PathLike | None,
         activations_max_memory: int | str | None,
         context: distributed.DistributedContext,
+        allow_unpruned: bool = False,
+        experts: ExpertOptions | None = None,
     ) -> _ValidatedRun:
         """Every check that can fail, in the order a user would fix them; nothing is changed or written."""
         config = self.config
         if not isinstance(config, PruningConfig) or type(config) is PruningConfig:
             raise TypeError(f"Pruner.config must be a method's PruningConfig, got {type(config).__name__}")
         config.validate()  # configs are frozen; this catches one changed by force (object.__setattr__)
+        if not isinstance(allow_unpruned, bool):
+            raise TypeError("allow_unpruned must be a boolean")
+        expert_options = experts if experts is not None else ExpertOptions()
+        if not isinstance(expert_options, ExpertOptions):
+            raise TypeError(f"experts must be an ExpertOptions, got {type(experts).__name__}")
         algorithm = algorithm_for(config.resolve())
         preflight.check_weights_loaded(model)
         max_memory = preflight.parse_memory_size(activations_max_memory, "activations_max_memory")
@@ -219,7 +240,7 @@ class Pruner:
                 _pooled_negative(negative_calibration), tokenizer, what="negative_calibration", **packing
             )
         check_adapters(model)  # a peft model: its base weights are pruned, never the adapters
-        stack, layer_modules = validate_structure(model, config)
+        stack, layer_modules, coverage = validate_structure(model, config, allow_unpruned)
         # Every automatic choice made, from the run's size too: what runs is what the report records.
         calibration_tokens = sum(calibration_set.token_counts.values())
         config = config.resolve(calibration_tokens, [m.in_features for ms in layer_modules for m in ms])
@@ -231,7 +252,9 @@ class Pruner:
         preflight.check_finite_weights(model)
         fingerprint = ""
         if checkpoint_dir is not None or context.enabled:
-            fingerprint = _fingerprint(config, model, layer_modules, calibration_set, negative_set)
+            fingerprint = _fingerprint(
+                config, model, layer_modules, calibration_set, negative_set, expert_options, allow_unpruned
+            )
         checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
         return _ValidatedRun(
             config,
@@ -243,6 +266,8 @@ class Pruner:
             fingerprint,
             max_memory,
             checkpoint,
+            coverage,
+            expert_options,
         )
 
     # -- Hub integration (implemented in optimum_mwanda.hub) ------------------------------------------
@@ -348,9 +373,13 @@ class _ValidatedRun:
     fingerprint: str
     activations_max_memory: int | None
     checkpoint: PruningCheckpoint | None
+    coverage: CoveragePlan
+    expert_options: ExpertOptions
 
 
-def _fingerprint(config, model, layer_modules, calibration_set, negative_set) -> str:
+def _fingerprint(
+    config, model, layer_modules, calibration_set, negative_set, expert_options=None, allow_unpruned=False
+) -> str:
     config_data = {k: v for k, v in config.to_dict().items() if k != "optimum_mwanda_version"}
     tensors = [calibration_set.input_ids, calibration_set.attention_mask, calibration_set.language_index]
     if negative_set is not None:
@@ -361,6 +390,10 @@ def _fingerprint(config, model, layer_modules, calibration_set, negative_set) ->
         "modules": [[m.name, list(m.shape)] for modules in layer_modules for m in modules],
         "weights": model_weights_digest(model),  # as loaded: called before any weight changes
     }
+    if any(not isinstance(m, PrunableLinear) for modules in layer_modules for m in modules):
+        layout["experts"] = expert_options.to_dict() if expert_options is not None else None
+    if allow_unpruned:
+        layout["allow_unpruned"] = True
     return run_fingerprint(config_data, tensors, layout)
 
 
@@ -384,17 +417,28 @@ def _pooled_negative(negative: Any) -> Any:
 
 
 def validate_structure(
-    model: nn.Module, config: PruningConfig
-) -> tuple[DecoderStack, list[list[PrunableLinear]]]:
-    """The decoder stack of ``model`` and the modules ``config`` prunes in each layer, refused when the config
-    cannot apply to them (an ``ignore`` pattern matching nothing, no module left, an ``N:M`` the input widths
-    cannot hold, a ``compensation_rank`` beyond them). Reads no weight values, so the command line runs it
-    on a weightless (``meta``) copy of the model before loading it."""
+    model: nn.Module, config: PruningConfig, allow_unpruned: bool = False
+) -> tuple[DecoderStack, list[list[PrunableLinear]], CoveragePlan]:
+    """The decoder stack of ``model``, the weights ``config`` prunes in each layer (linear modules, then
+    every expert's matrices of fused expert tensors) and the coverage plan of every >= 2-D parameter of the
+    decoder layers, refused when the config cannot apply to them (an ``ignore`` pattern matching nothing,
+    no module left, an ``N:M`` the input widths cannot hold, a ``compensation_rank`` beyond them) or when a
+    decoder-layer weight cannot be reached (``IncompleteCoverageError`` unless ``allow_unpruned``). Reads no
+    weight values, so the command line runs it on a weightless (``meta``) copy of the model before loading
+    it."""
     stack, layer_modules = prunable_base_linears(model, config.ignore)
+    for index, layer in enumerate(stack.layers):
+        layer_modules[index] += find_expert_weights(layer, stack.layer_name(index), list(config.ignore))
+    coverage = plan_coverage(stack, layer_modules, list(config.ignore))
+    coverage.enforce(allow_unpruned)
+    logger.info(
+        "Coverage: %d decoder-layer weights to prune; left dense: %s",
+        len(coverage.pruned),
+        ", ".join(f"{n} {reason}" for reason, n in coverage.reasons().items()) or "none",
+    )
     preflight.check_ignore_patterns(model, config.ignore)
     _validate_modules(layer_modules, config)
-    _validate_coverage(stack, layer_modules, config)
-    return stack, layer_modules
+    return stack, layer_modules, coverage
 
 
 def _validate_modules(layer_modules: list[list[PrunableLinear]], config: PruningConfig) -> None:
@@ -406,27 +450,6 @@ def _validate_modules(layer_modules: list[list[PrunableLinear]], config: Pruning
     preflight.check_compensation_rank(
         layer_modules, getattr(getattr(config, "weight_update", None), "rank", None)
     )
-
-
-def _validate_coverage(
-    stack: DecoderStack, layer_modules: list[list[PrunableLinear]], config: PruningConfig
-) -> DecoderWeightCoverage:
-    """Every matrix weight of the decoder layers is pruned, dense by a stated rule, or the run refuses."""
-    # A pruned weight is its module's ``weight`` (or the parameter an expert-matrix entry names).
-    claimed = {
-        id(getattr(m.module, getattr(m, "parameter", "weight"))) for modules in layer_modules for m in modules
-    }
-    coverage = decoder_weight_coverage(stack, claimed, config.ignore, ALWAYS_DENSE)
-    if coverage.unreachable:
-        names = [f"{name} ({what})" for name, what in coverage.unreachable.items()]
-        raise ValueError(
-            f"{len(names)} weight(s) of the decoder layers are linear maps that {config.method} cannot prune "
-            "(only nn.Linear and Conv1D modules are reached): "
-            + "; ".join(names[:4])
-            + (" ..." if len(names) > 4 else "")
-            + ". Add them to config.ignore to leave them dense knowingly."
-        )
-    return coverage
 
 
 def _validate_token_ids(model: nn.Module, *sets: CalibrationSet | None) -> None:

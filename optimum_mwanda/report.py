@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .configuration import PruningConfig, config_class_for_method
+from .modeling.coverage import UNREACHABLE, CoveragePlan
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,15 @@ class PruningReport:
         base_model: the model's ``name_or_path`` (a Hub id or a local path) when it has one.
         negative_calibration_tokens: tokens of negative calibration text (Kim et al.), 0 when none was used.
         resumed_from_layer: the first decoder layer this call pruned (> 0 when it resumed a checkpoint).
-        dense_weights: matrix weights of the decoder layers left dense, each with its rule (ignored by the
-            user, convolution, parameter used element-wise).
+        coverage: every >= 2-D parameter of the decoder layers: pruned, dense by design (with the reason),
+            or unreachable and left dense (only with ``allow_unpruned``); ``None`` in reports of older
+            versions.
+        experts: per fused-experts module (mixture-of-experts models): ``num_experts``, routed calibration
+            ``tokens`` per expert, ``fallback`` per expert (fewer tokens than ``expert_options["min_tokens"]``:
+            calibrated on every token of its MoE block instead) and ``routing_shares``
+            (``{language: [share of that language's routed tokens per expert]}``).
+        expert_options: the :class:`~optimum_mwanda.modeling.experts.ExpertOptions` that applied (empty for
+            dense models).
         magnitude_pruned: linear modules that never ran during calibration (cross-attention without an
             encoder, Mamba's ``dt_proj`` whose weight the model reads directly): no activation statistics
             exist for them, so they were pruned by weight magnitude, at their layer's sparsity and structure.
@@ -65,7 +73,9 @@ class PruningReport:
     base_model: str = ""
     negative_calibration_tokens: int = 0
     resumed_from_layer: int = 0
-    dense_weights: dict[str, str] = field(default_factory=dict)
+    coverage: CoveragePlan | None = None
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    expert_options: dict[str, Any] = field(default_factory=dict)
     magnitude_pruned: list[str] = field(default_factory=list)
     optimum_mwanda_version: str = __version__
 
@@ -78,23 +88,55 @@ class PruningReport:
             self.config = _config_from_dict({"method": self.method, **config})
         if not isinstance(self.config, PruningConfig):
             raise TypeError(f"PruningReport.config must be a PruningConfig, got {type(self.config).__name__}")
+        if isinstance(self.coverage, dict):
+            self.coverage = CoveragePlan.from_dict(self.coverage)
 
     @property
     def achieved_sparsity(self) -> float:
-        """Zeros over all pruned weights (parameter-weighted mean of :attr:`module_sparsity`)."""
+        """Zeros over all weights the run was to prune: every pruned module and expert matrix
+        (parameter-weighted :attr:`module_sparsity`) plus, dense, every unreachable weight left so by
+        ``allow_unpruned`` (so that a weight left dense can never look pruned)."""
         total = zeros = 0.0
         for name, fraction in self.module_sparsity.items():
             out_f, in_f = self.module_shapes[name]
             total += out_f * in_f
             zeros += fraction * out_f * in_f
+        if self.coverage is not None:
+            total += sum(entry.numel for entry in self.coverage.unreachable)
         return zeros / total if total else 0.0
+
+    @property
+    def expert_fallbacks(self) -> dict[str, list[int]]:
+        """``{experts module: [experts calibrated by the fallback rule]}`` (only modules with some), for the
+        model card."""
+        return {
+            name: [e for e, fell_back in enumerate(record.get("fallback", [])) if fell_back]
+            for name, record in self.experts.items()
+            if any(record.get("fallback", []))
+        }
+
+    @property
+    def routing_shares(self) -> dict[str, dict[str, list[float]]]:
+        """``{language: {experts module: share of the language's routed tokens per expert}}``."""
+        shares: dict[str, dict[str, list[float]]] = {}
+        for name, record in self.experts.items():
+            for language, values in record.get("routing_shares", {}).items():
+                shares.setdefault(language, {})[name] = values
+        return shares
+
+    @property
+    def unpruned_weights(self) -> list[str]:
+        """Decoder-layer weights left dense although the method should have pruned them (``allow_unpruned``)."""
+        return [] if self.coverage is None else [e.name for e in self.coverage.with_status(UNREACHABLE)]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; ``config`` is ``PruningConfig.to_dict()`` stamped with the version that pruned."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         version = data.pop("optimum_mwanda_version")
+        coverage = data.pop("coverage")
         data = json.loads(json.dumps({**data, "config": None}))  # deep copies of the containers
         data["config"] = {**self.config.to_dict(), "optimum_mwanda_version": version}
+        data["coverage"] = None if coverage is None else coverage.to_dict()
         data["achieved_sparsity"] = self.achieved_sparsity
         description = self.method_description
         if description is not None:

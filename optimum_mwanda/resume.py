@@ -114,6 +114,8 @@ class ResumeState:
     layerwise_signal: list[float] = field(default_factory=list)
     module_sparsity: dict[str, float] = field(default_factory=dict)
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
+    #: per fused-experts module of the finished layers: routed tokens, fallback, routing shares per expert
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the layer whose inputs the saved hidden states are: ``-1`` when the run saved none (data-parallel
     #: runs recompute them from the finished layers)
     hidden_for_layer: int | None = None

@@ -14,9 +14,9 @@ import traceback
 from pathlib import Path
 
 import torch
-from tiny_models import make_model, make_token_calibration
+from tiny_models import make_model, make_moe_model, make_token_calibration
 
-from optimum_mwanda import CalibrationSet, MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
+from optimum_mwanda import CalibrationSet, ExpertOptions, MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
 from optimum_mwanda.distributed import run_on_main_process, synchronise_weights
 
 ARCHITECTURES = ("llama", "gemma3")
@@ -69,6 +69,20 @@ def cases() -> dict[str, dict]:
     out["llama-sparsegpt-one-sequence"] = dict(
         arch="llama", config=SparseGPTConfig(block_size=16), single=True
     )
+    # Mixtures of experts: expert statistics and routing counts summed like linear ones; the fallback pass
+    # for rare experts (its statistics summed on their own); a rank without data.
+    out["qwen3_moe-mwanda-padded"] = dict(
+        arch="qwen3_moe", moe=True, config=MWandaConfig(sparsity=0.5), padded=True
+    )
+    out["mixtral-sparsegpt-fallback"] = dict(
+        arch="mixtral",
+        moe=True,
+        config=SparseGPTConfig(block_size=16, batch_size=2),
+        experts=ExpertOptions(min_tokens=12),
+    )
+    out["deepseek_v3-wanda-one-sequence"] = dict(
+        arch="deepseek_v3", moe=True, config=WandaConfig(sparsity=0.5), single=True
+    )
     return out
 
 
@@ -81,7 +95,10 @@ def calibration_for(case: dict) -> dict[str, torch.Tensor] | CalibrationSet:
 
 
 def prune_case(case: dict, **kwargs) -> dict[str, torch.Tensor]:
-    model = make_model(case["arch"], seed=case.get("seed", 0))
+    build = make_moe_model if case.get("moe") else make_model
+    model = build(case["arch"], seed=case.get("seed", 0))
+    if "experts" in case:
+        kwargs = {**kwargs, "experts": case["experts"]}
     negative = None
     if case.get("negative"):
         negative = {"code": torch.randint(200, 300, (3, 16), generator=torch.Generator().manual_seed(5))}

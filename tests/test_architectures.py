@@ -97,10 +97,7 @@ def _is_convolution(module: nn.Module) -> bool:
 def check_pruned(model: nn.Module, report, nm: tuple[int, int] | None) -> list[str]:
     """What is wrong with the pruned ``model`` (empty: every decoder-layer matrix weight is at target)."""
     problems = []
-    dense = dict(getattr(report, "dense_weights", {}) or {})
-    coverage = getattr(report, "coverage", None)  # the coverage plan of issue 29 item 1, where present
-    if coverage is not None:
-        dense.update({entry.name: entry.reason for entry in coverage.dense})
+    dense = _dense_weights(report)
     for name, (index, module, param) in decoder_matrix_weights(model).items():
         if name in dense:
             # Left dense by a stated rule; a linear layer's weight never is, unless the user ignored it.
@@ -210,6 +207,12 @@ def run_architecture(model_type: str, save: bool = True) -> ArchitectureOutcome:
     return outcome
 
 
+def _dense_weights(report) -> dict[str, str]:
+    """The report's weights left dense by design, with their reason (the coverage plan)."""
+    coverage = report.coverage
+    return {} if coverage is None else {entry.name: entry.reason for entry in coverage.dense}
+
+
 def _coverage_note(report) -> str:
     """What the passing run did besides the method's own pruning: weights by magnitude, weights dense."""
 
@@ -221,9 +224,9 @@ def _coverage_note(report) -> str:
     notes = []
     if report.magnitude_pruned:
         notes.append("never ran, pruned by magnitude: " + ", ".join(kinds(report.magnitude_pruned)))
-    for rule in sorted(set(report.dense_weights.values())):
-        names = [n for n, r in report.dense_weights.items() if r == rule]
-        notes.append(f"dense ({rule.split(' (')[0]}): " + ", ".join(kinds(names)))
+    dense = _dense_weights(report)
+    for rule in sorted(set(dense.values())):
+        notes.append(f"dense ({rule}): " + ", ".join(kinds(n for n, r in dense.items() if r == rule)))
     return "; ".join(notes)
 
 
@@ -329,9 +332,8 @@ def test_hybrid_linear_maps_pruned_convolutions_dense_and_listed():
         for name, module in model.model.layers.named_modules()
         if isinstance(module, nn.Conv1d)
     }
-    assert convolutions and {k: report.dense_weights[k] for k in convolutions} == dict.fromkeys(
-        convolutions, "convolution (left dense)"
-    )
+    dense = _dense_weights(report)
+    assert convolutions and {k: dense.get(k) for k in convolutions} == dict.fromkeys(convolutions, "conv")
     assert check_pruned(model, report, None) == []
     assert any(".conv." in name for name in report.module_sparsity)  # the conv block's in/out projections
 
@@ -415,12 +417,12 @@ def test_weights_the_method_cannot_reach_are_refused_by_name_before_any_change()
     layer.mlp = nn.Sequential(FusedExperts(model.config.hidden_size), mlp)
     before = _digest(model)
     with pytest.raises(
-        ValueError, match=r"model\.layers\.1\.mlp\.0\.weight \(\(2, 64, 64\) parameter of FusedExperts"
+        ValueError, match=r"model\.layers\.1\.mlp\.0\.weight \[2, 64, 64\]: FusedExperts\.weight"
     ):
         _prune(model)
     assert _digest(model) == before
     report = _prune(model, WandaConfig(sparsity=0.5, ignore=["mlp.0"]))  # ignored knowingly: dense, listed
-    assert report.dense_weights["model.layers.1.mlp.0.weight"] == "ignored (config.ignore)"
+    assert _dense_weights(report)["model.layers.1.mlp.0.weight"] == "ignored"
 
 
 class _MemoryTokenLayer(nn.Module):

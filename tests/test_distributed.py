@@ -79,7 +79,13 @@ def equivalence(spawned):
 
 
 def _linear_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.endswith("weight") and v.dim() == 2 and ".layers." in k}
+    experts = (".gate_up_proj", ".down_proj")  # fused 3-D expert tensors
+    return {
+        k: v
+        for k, v in state.items()
+        if ".layers." in k
+        and ((k.endswith("weight") and v.dim() == 2) or (k.endswith(experts) and v.dim() == 3))
+    }
 
 
 # -- two processes vs one -----------------------------------------------------------------------------
@@ -95,7 +101,14 @@ def test_two_ranks_match_one_process(equivalence, name):
         for key, expected in reference.items():
             got = weights[key]
             assert torch.equal(got == 0, expected == 0), f"rank {rank}: mask of {key} differs"
-            # Measured: bit-identical on CPU for Wanda, M-Wanda (with compensation) and SparseGPT.
+            # Measured: bit-identical on CPU for Wanda, M-Wanda (with compensation) and SparseGPT. Mixtures
+            # of experts: every expert's matmul runs over however many tokens a rank routed to it, which
+            # rounds differently with the row count (in transformers' own forward too), so activations
+            # agree to ~1e-6 while the masks stay identical; M-Wanda's compensation magnifies that to
+            # 1.4e-4 (measured, weights of size ~0.2).
+            if worker.cases()[name].get("moe"):
+                torch.testing.assert_close(got, expected, rtol=1e-3, atol=3e-4)
+                continue
             assert torch.equal(got, expected), (
                 f"rank {rank}: {key} differs by {(got - expected).abs().max():.3g}"
             )

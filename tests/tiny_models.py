@@ -20,6 +20,12 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.models.gpt_oss import GptOssConfig, GptOssForCausalLM
+from transformers.models.llama4 import Llama4ForCausalLM, Llama4TextConfig
+from transformers.models.mixtral import MixtralConfig, MixtralForCausalLM
+from transformers.models.qwen2_moe import Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 VOCAB = 320
 HIDDEN = 64
@@ -66,6 +72,112 @@ def _configs() -> dict:
 
 
 ARCHITECTURES = list(_configs())
+
+# Tiny mixtures of experts, one per fused expert layout of transformers 5: gate/up concatenated [E, 2I, H]
+# (Mixtral, Qwen3-MoE, DeepSeek-V3 with a shared expert and group routing, Qwen2-MoE with a gated shared
+# expert), interleaved and transposed with biases [E, H, 2I] (GPT-OSS); Llama 4's experts are not of that
+# family (no ``use_experts_implementation``) and its router is an nn.Linear.
+MOE_EXPERTS = 8
+
+
+def _moe_configs() -> dict:
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    width = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    return {
+        "mixtral": (
+            MixtralForCausalLM,
+            MixtralConfig(
+                **width, intermediate_size=32, num_local_experts=MOE_EXPERTS, num_experts_per_tok=2, **common
+            ),
+        ),
+        "qwen3_moe": (
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig(
+                **width,
+                intermediate_size=64,
+                moe_intermediate_size=32,
+                num_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+                head_dim=16,
+                **common,
+            ),
+        ),
+        "deepseek_v3": (
+            DeepseekV3ForCausalLM,
+            DeepseekV3Config(
+                **width,
+                intermediate_size=64,
+                moe_intermediate_size=32,
+                n_routed_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=1,
+                q_lora_rank=None,
+                kv_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+                **common,
+            ),
+        ),
+        "gpt_oss": (
+            GptOssForCausalLM,
+            GptOssConfig(
+                **width,
+                intermediate_size=32,
+                num_local_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                head_dim=16,
+                sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"],
+                **common,
+            ),
+        ),
+        "qwen2_moe": (
+            Qwen2MoeForCausalLM,
+            Qwen2MoeConfig(
+                **width,
+                intermediate_size=64,
+                moe_intermediate_size=32,
+                num_experts=MOE_EXPERTS,
+                num_experts_per_tok=2,
+                shared_expert_intermediate_size=32,
+                **common,
+            ),
+        ),
+        "llama4": (
+            Llama4ForCausalLM,
+            Llama4TextConfig(
+                **width,
+                intermediate_size=32,
+                intermediate_size_mlp=64,
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                head_dim=16,
+                **common,
+            ),
+        ),
+    }
+
+
+MOE_ARCHITECTURES = [name for name in _moe_configs() if name != "llama4"]
+
+
+def make_moe_model(architecture: str = "mixtral", seed: int = 0) -> torch.nn.Module:
+    """A tiny random mixture-of-experts causal LM (2 decoder layers, 8 experts, top-2 routing)."""
+    model_class, config = _moe_configs()[architecture]
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.05)
+    return model.eval()
 
 
 def make_model(architecture: str = "llama", seed: int = 0) -> torch.nn.Module:
@@ -123,6 +235,55 @@ def text_corpus() -> dict[str, list[str]]:
 
 def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class LegacyExpert(torch.nn.Module):
+    """One expert of the per-module layout of older transformers versions and remote code (w1, w2, w3)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w1 = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.w3 = torch.nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = torch.nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class LegacySparseMoe(torch.nn.Module):
+    """Top-2 routing over an ``nn.ModuleList`` of experts, as Mixtral's block was before transformers 5."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int = MOE_EXPERTS, top_k: int = 2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = torch.nn.Linear(hidden, num_experts, bias=False)
+        self.experts = torch.nn.ModuleList(LegacyExpert(hidden, intermediate) for _ in range(num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = hidden_states.shape
+        x = hidden_states.view(-1, hidden)
+        weights = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, index = torch.topk(weights, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        mask = torch.nn.functional.one_hot(index, len(self.experts)).permute(2, 1, 0)
+        for e, expert in enumerate(self.experts):
+            position, token = torch.where(mask[e])
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, position, None])
+        return out.view(batch, length, hidden)
+
+
+def make_legacy_moe_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose MLPs are replaced by :class:`LegacySparseMoe` blocks (per-expert nn.Linear)."""
+    model = make_model("llama", seed=seed)
+    torch.manual_seed(seed + 1)
+    for layer in model.model.layers:
+        layer.mlp = LegacySparseMoe(HIDDEN, 32)
+        with torch.no_grad():
+            for param in layer.mlp.parameters():
+                param.normal_(0.0, 0.2)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------

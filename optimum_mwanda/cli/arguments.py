@@ -352,6 +352,35 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, languages_help: s
     )
 
 
+def add_coverage_arguments(parser: argparse.ArgumentParser) -> None:
+    """What happens to weights the method cannot reach, and how mixture-of-experts layers are calibrated."""
+    group = parser.add_argument_group("coverage and mixture-of-experts")
+    group.add_argument(
+        "--allow-unpruned",
+        action="store_true",
+        help="leave dense (with a warning and a report entry) the decoder-layer weights the method cannot "
+        "reach, instead of refusing the run",
+    )
+    group.add_argument(
+        "--expert-weighting",
+        choices=["router", "none"],
+        default="none",
+        help="scale each expert's calibration inputs by the token's router weight, or not (default)",
+    )
+    group.add_argument(
+        "--calibrate-all-experts",
+        action="store_true",
+        help="every expert's statistics see every calibration token (the output keeps the real routing)",
+    )
+    group.add_argument(
+        "--expert-min-tokens",
+        type=int,
+        default=16,
+        metavar="N",
+        help="experts routed fewer calibration tokens are calibrated on every token of their block (default: 16)",
+    )
+
+
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``prune``."""
     add_model_arguments(parser, positional=False)
@@ -360,6 +389,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "calibration languages, comma- or space-separated (default: every language of the calibration data)",
     )
+    add_coverage_arguments(parser)
     out = parser.add_argument_group("saving and pushing")
     out.add_argument(
         "--output-dir",

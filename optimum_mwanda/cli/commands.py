@@ -383,7 +383,20 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
         if eval_texts is not None:
             eval_results = {"before": _perplexities(model, tokenizer, eval_texts, args, "dense")}
         pruner = Pruner(config)
-        report = pruner.prune_model(model, calibration, tokenizer=tokenizer, show_progress=show_progress)
+        from ..modeling.experts import ExpertOptions
+
+        report = pruner.prune_model(
+            model,
+            calibration,
+            tokenizer=tokenizer,
+            show_progress=show_progress,
+            allow_unpruned=args.allow_unpruned,
+            experts=ExpertOptions(
+                router_weighted=args.expert_weighting == "router",
+                calibrate_all_experts=args.calibrate_all_experts,
+                min_tokens=args.expert_min_tokens,
+            ),
+        )
         logger.info(
             "Pruned with %s: %.1f%% of the pruned weights are zero (%.1f s)",
             report.method,
@@ -540,7 +553,7 @@ def _check_against_model(
     from .options import _flag_names
 
     try:
-        validate_structure(skeleton, config)
+        validate_structure(skeleton, config, getattr(args, "allow_unpruned", False))
     except ValueError as err:
         raise UsageError(f"{_flag_names(str(err))} [checked on {model_path}'s config.json]") from None
 

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from ..configuration import parse_mask_structure
-from ..modeling import PrunableLinear, find_decoder_stack, prunable_linears_by_layer
+from ..modeling import PrunableLinear, find_decoder_stack
+from ..modeling.coverage import plan_coverage
+from ..modeling.linear import prunable_weights_by_layer
+from ..modeling.offload import read_parameter
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -77,10 +80,28 @@ def group_by_layer(values: dict[str, float], weights: dict[str, int]) -> dict[in
     return {layer: acc[0] / acc[1] for layer, acc in sorted(totals.items()) if acc[1]}
 
 
+class _WholeParameter:
+    """A decoder-layer weight the pruner cannot reach (e.g. an unsupported experts tensor), counted whole."""
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module, self.name = module, name
+
+    def read_weight(self) -> torch.Tensor:
+        return read_parameter(self.module, self.name)
+
+
 def _prunable_linears(model: nn.Module, ignore: list[str]) -> dict[str, PrunableLinear]:
-    """The decoder layers' Linear/Conv1D modules, found the way the pruner finds them."""
-    layers = prunable_linears_by_layer(find_decoder_stack(model), ignore)
-    return {linear.name: linear for linears in layers for linear in linears}
+    """The decoder layers' matrices, found the way the pruner finds them: Linear/Conv1D modules, every
+    expert's matrices of fused experts tensors (``<experts>.<param>[<expert>]``), and every weight the
+    coverage plan calls unreachable (so that a weight left dense counts, dense)."""
+    stack = find_decoder_stack(model)
+    layers = prunable_weights_by_layer(stack, ignore)
+    found = {linear.name: linear for linears in layers for linear in linears}
+    named = dict(model.named_modules())
+    for entry in plan_coverage(stack, layers, ignore).unreachable:
+        module_name, _, leaf = entry.name.rpartition(".")
+        found[entry.name] = _WholeParameter(named[module_name], leaf)  # type: ignore[assignment]
+    return found
 
 
 def verify_sparsity(
@@ -92,9 +113,10 @@ def verify_sparsity(
         model: a (possibly device-mapped or offloaded) transformers model.
         mask_structure: ``"N:M"`` to check (e.g. ``"2:4"``), ``"unstructured"`` to only measure. Defaults to the
             ``mask_structure`` recorded in ``model.config.sparsity_config`` when present.
-        modules: full names of the modules to check. Defaults to the Linear/Conv1D modules of the decoder
-            layers (as the pruner finds them), minus the ``ignore`` patterns recorded in
-            ``model.config.sparsity_config``.
+        modules: full names of the modules to check. Defaults to the decoder layers' matrices as the pruner
+            finds them (Linear/Conv1D modules, every expert's matrices of fused expert tensors named
+            ``<experts>.<parameter>[<expert>]``, and, whole, any weight the pruner cannot reach), minus the
+            ``ignore`` patterns recorded in ``model.config.sparsity_config``.
 
     Returns:
         A :class:`SparsityVerification`; ``nm_ok`` is ``None`` unless an N:M structure was checked.
@@ -125,7 +147,8 @@ def verify_sparsity(
         weight = linear.read_weight()
         numel = weight.numel()
         module_zeros = numel - int(torch.count_nonzero(weight))
-        bad = nm_violations(weight, *nm) if nm is not None else 0
+        # A whole unreachable tensor (3-D experts) is checked row by row of its last dimension.
+        bad = nm_violations(weight.reshape(-1, weight.shape[-1]), *nm) if nm is not None else 0
         result.module_sparsity[name] = module_zeros / numel if numel else 0.0
         result.module_numel[name] = numel
         zeros += module_zeros

@@ -8,6 +8,7 @@ adapters are never pruned, and a module is named as in the plain model (``...q_p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -74,7 +75,7 @@ def prunable_base_linears(
             name = canonical_name(linear.name)
             if matches_pattern(name, patterns):
                 continue
-            modules.append(PrunableLinear(name, linear.module))
+            modules.append(dataclasses.replace(linear, name=name))  # keeps experts' own type
         by_layer.append(modules)
     return stack, by_layer
 

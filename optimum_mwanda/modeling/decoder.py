@@ -152,72 +152,11 @@ def _refuse_parallel_lists(model: nn.Module, name: str, layers: nn.ModuleList) -
         )
 
 
-@dataclass
-class DecoderWeightCoverage:
-    """Every matrix weight (floating, >= 2-D) of the decoder layers that the run will not prune.
-
-    Attributes:
-        dense: name -> why it stays dense by rule (ignored by the user, a convolution, a parameter the model
-            uses element-wise rather than as a linear layer's weight). Recorded in the report.
-        unreachable: name -> what it is, for weights that are linear maps the method cannot reach (fused
-            expert tensors, raw projection parameters): the run refuses them rather than leave them dense.
-    """
-
-    dense: dict[str, str]
-    unreachable: dict[str, str]
-
-
-def _matrix_rank(param: torch.Tensor) -> int:
+def matrix_rank(param: torch.Tensor) -> int:
     return sum(size > 1 for size in param.shape)
 
 
 def is_matrix(param: torch.Tensor) -> bool:
     """A floating parameter with at least two dimensions longer than 1 (a learned ``[1, 1, H]`` token is a
     vector, not a matrix)."""
-    return param.is_floating_point() and _matrix_rank(param) >= 2
-
-
-def decoder_weight_coverage(
-    stack: DecoderStack, claimed: set[int], ignore: list[str], always_dense: tuple[str, ...]
-) -> DecoderWeightCoverage:
-    """Classify the decoder layers' matrix weights not in ``claimed`` (``id`` of the parameters to prune)."""
-    from .adapters import canonical_name
-    from .linear import is_prunable_linear, matches_pattern
-
-    dense: dict[str, str] = {}
-    unreachable: dict[str, str] = {}
-    seen: set[int] = set()
-    for index, layer in enumerate(stack.layers):
-        for module_name, module in layer.named_modules():
-            full_module = ".".join(p for p in (stack.layer_name(index), module_name) if p)
-            for name, param in module.named_parameters(recurse=False):
-                if not is_matrix(param) or id(param) in claimed or id(param) in seen:
-                    continue
-                seen.add(id(param))  # a weight shared by several modules is classified once
-                full = f"{full_module}.{name}"
-                parts = full_module.split(".")
-                plain_module, plain = canonical_name(full_module), canonical_name(full)  # peft: base_layer
-                if matches_pattern(plain_module, ignore) or matches_pattern(plain, ignore):
-                    dense[full] = "ignored (config.ignore)"
-                elif "lora_" in full or type(module).__module__.startswith("peft"):
-                    dense[full] = "adapter (never pruned)"
-                elif any(part in parts for part in always_dense) or isinstance(module, nn.Embedding):
-                    dense[full] = "embedding"
-                elif isinstance(module, nn.modules.conv._ConvNd):
-                    dense[full] = "convolution (left dense)"
-                elif _matrix_rank(param) == 2 and not any(
-                    key in name.lower() for key in ("weight", "proj", "kernel")
-                ):
-                    dense[full] = "not a linear layer's weight (used element-wise, e.g. a state-space A_log)"
-                elif is_prunable_linear(module):
-                    unreachable[full] = f"a {type(module).__name__} weight the run does not reach"
-                else:
-                    unreachable[full] = (
-                        f"{tuple(param.shape)} parameter of {type(module).__name__}, not an nn.Linear: "
-                        + (
-                            "fused experts or batched projections"
-                            if _matrix_rank(param) > 2
-                            else "a raw projection"
-                        )
-                    )
-    return DecoderWeightCoverage(dense=dense, unreachable=unreachable)
+    return param.is_floating_point() and matrix_rank(param) >= 2

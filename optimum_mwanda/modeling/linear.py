@@ -1,4 +1,5 @@
-"""The prunable linear modules of a decoder layer and their weights as ``[out, in]`` matrices."""
+"""The prunable linear modules of a decoder layer and their weights as ``[out, in]`` matrices (and, with
+:func:`prunable_weights_by_layer`, the per-expert matrices of fused mixture-of-experts tensors)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .experts import ExpertList, ExpertWeight, find_expert_lists, find_fused_experts, is_router
 from .offload import execution_device, read_parameter, write_parameter
 
 # Never pruned, whatever the user's patterns: output heads and embeddings.
@@ -60,19 +62,75 @@ class PrunableLinear:
         write_parameter(self.module, "weight", weight.t() if self.transposed else weight)
 
 
+def ancestors_of(layer: nn.Module, sub_name: str) -> list[nn.Module]:
+    """The modules enclosing ``layer.<sub_name>`` inside ``layer``, innermost first (``layer`` excluded)."""
+    parts = sub_name.split(".")[:-1]
+    chain, module = [], layer
+    for part in parts:
+        module = getattr(module, part)
+        chain.append(module)
+    return chain[::-1]
+
+
+def is_always_dense(sub_name: str) -> bool:
+    return any(part in sub_name.split(".") for part in ALWAYS_DENSE)
+
+
+@dataclass
+class ListedExpertLinear(PrunableLinear):
+    """A linear module of expert ``expert`` of an :class:`ExpertList`: it sees only the tokens routed to it."""
+
+    expert_list: ExpertList | None = None
+    expert: int = 0
+
+
 def find_prunable_linears(layer: nn.Module, layer_name: str, ignore: list[str]) -> list[PrunableLinear]:
-    """Linear (and Conv1D) modules inside ``layer`` not excluded by ``ignore`` nor always dense."""
-    found = []
+    """Linear (and Conv1D) modules inside ``layer`` not excluded by ``ignore``, always dense, nor a
+    mixture-of-experts router or gate (routers decide which experts run: never pruned)."""
+    found: list[PrunableLinear] = []
+    experts = {
+        id(e): (lst, i) for lst in find_expert_lists(layer, layer_name) for i, e in enumerate(lst.experts)
+    }
     for sub_name, module in layer.named_modules():
         if not sub_name or not is_prunable_linear(module):
             continue
         full = f"{layer_name}.{sub_name}"
-        if matches_pattern(full, ignore) or any(part in sub_name.split(".") for part in ALWAYS_DENSE):
+        if matches_pattern(full, ignore) or is_always_dense(sub_name):
             continue
-        found.append(PrunableLinear(full, module))
+        ancestors = ancestors_of(layer, sub_name)
+        if is_router(sub_name, module, ancestors):
+            continue
+        owner = next((experts[id(a)] for a in ancestors if id(a) in experts), None)
+        if owner is None:
+            found.append(PrunableLinear(full, module))
+        else:
+            found.append(ListedExpertLinear(full, module, expert_list=owner[0], expert=owner[1]))
+    return found
+
+
+def find_expert_weights(layer: nn.Module, layer_name: str, ignore: list[str]) -> list[ExpertWeight]:
+    """Every expert's matrices of the fused-experts modules inside ``layer`` not excluded by ``ignore``
+    (matched against ``<experts>.<parameter>[<expert>]`` names and against ``<experts>.<parameter>``)."""
+    found = []
+    for experts in find_fused_experts(layer, layer_name):
+        for weight in experts.weights():
+            whole = f"{experts.name}.{weight.parameter}"
+            if not (matches_pattern(weight.name, ignore) or matches_pattern(whole, ignore)):
+                found.append(weight)
     return found
 
 
 def prunable_linears_by_layer(stack, ignore: list[str]) -> list[list[PrunableLinear]]:
     """:func:`find_prunable_linears` of every decoder layer of ``stack`` (a :class:`DecoderStack`), in order."""
     return [find_prunable_linears(layer, stack.layer_name(i), ignore) for i, layer in enumerate(stack.layers)]
+
+
+def prunable_weights_by_layer(stack, ignore: list[str]) -> list[list[PrunableLinear | ExpertWeight]]:
+    """Per decoder layer: its prunable linear modules, then its experts' matrices (what the pruner prunes)."""
+    return [
+        [
+            *find_prunable_linears(layer, stack.layer_name(i), ignore),
+            *find_expert_weights(layer, stack.layer_name(i), ignore),
+        ]
+        for i, layer in enumerate(stack.layers)
+    ]

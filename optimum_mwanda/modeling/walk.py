@@ -21,6 +21,7 @@ from ..parts.masks import mask_from_scores
 from .activations import ActivationStore
 from .capture import CapturedInputs, capture_layer_inputs
 from .decoder import DecoderStack
+from .experts import ExpertOptions
 from .hooks import LayerStatisticsCollector
 from .linear import PrunableLinear
 from .offload import input_device
@@ -43,6 +44,8 @@ class WalkResult:
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     resumed_from_layer: int = 0
+    #: per fused-experts module: routed tokens, fallback and routing shares per expert (see hooks)
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     magnitude_pruned: list[str] = field(default_factory=list)
 
 
@@ -58,6 +61,7 @@ class SequentialWalk:
         activations_device: where calibration activations wait between layers (``None``: where produced).
         activations_max_memory: bytes of activations kept in memory before spilling to disk.
         show_progress: tqdm progress bars.
+        expert_options: how mixture-of-experts layers are calibrated.
     """
 
     def __init__(
@@ -70,7 +74,9 @@ class SequentialWalk:
         activations_device: str | torch.device | None = None,
         activations_max_memory: int | None = None,
         show_progress: bool = True,
+        expert_options: ExpertOptions | None = None,
     ):
+        self.expert_options = expert_options or ExpertOptions()
         self.model = model
         self.stack = stack
         self.layer_modules = layer_modules
@@ -102,6 +108,7 @@ class SequentialWalk:
             what="found another state in checkpoint_dir than rank 0: it must be a folder every rank sees",
         )
         self._has_negative = negative is not None
+        self._languages = list(calibration.language_list)
         was_training = self.model.training
         self.model.eval()
         self.timings = {"statistics": 0.0, "pruning": 0.0, "propagation": 0.0}
@@ -228,6 +235,7 @@ class SequentialWalk:
             module_shapes=state.module_shapes,
             timings=self.timings,
             resumed_from_layer=first_layer,
+            experts=state.experts,
             magnitude_pruned=list(self._magnitude_pruned),
         )
 
@@ -278,6 +286,9 @@ class SequentialWalk:
             modules,
             lambda n, device: algorithm.new_statistic(n, num_languages, device),
             algorithm.new_negative_statistic if self._has_negative else None,
+            num_languages=num_languages,
+            expert_options=self.expert_options,
+            new_expert_statistic=lambda n, device: algorithm.new_expert_statistic(n, num_languages, device),
         )
         with collector.attached(), torch.no_grad():
             for b, batch in enumerate(batches):
@@ -285,6 +296,14 @@ class SequentialWalk:
                 collector.run(captured.call, hidden[b], layer, index, b)
                 collector.end_batch()
         distributed.synchronise_collector(collector)  # data-parallel: sums over every rank's shard
+        if collector.start_fallback_pass():  # experts routed too few tokens: calibrated on every token
+            with collector.attached(), torch.no_grad():
+                for b, batch in enumerate(batches[:n_main]):
+                    collector.set_batch(batch["attention_mask"], batch["language"])
+                    collector.run(captured.call, hidden[b], layer, index, b)
+                    collector.end_batch()
+            collector.end_fallback_pass()
+        state.experts.update(collector.expert_records(self._languages))
         self.timings["statistics"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -364,7 +383,10 @@ class SequentialWalk:
         ):
             layer, modules = self.stack.layers[index], self.layer_modules[index]
             collector = LayerStatisticsCollector(
-                modules, lambda n, device: FeatureStatistics(n, num_languages, device=device)
+                modules,
+                lambda n, device: FeatureStatistics(n, num_languages, device=device),
+                num_languages=num_languages,
+                expert_options=self.expert_options,
             )
             with collector.attached(), torch.no_grad():
                 for i, batch in enumerate(signal_batches):
