@@ -24,7 +24,7 @@ _STATUS_TITLES = {
     "pass": "Pruned fully by every method",
     "partial": "Pruned by some methods, refused by others",
     "refused": "Refused before any weight changes",
-    "fail": "Failing the contract (a bug: the CI test fails)",
+    "fail": "Failing the contract (known bugs, tests/test_architectures.py KNOWN_FAILURES; any other fails CI)",
     "skipped": "Skipped: not buildable offline from a tiny config",
 }
 
@@ -48,9 +48,9 @@ def render(outcomes, transformers_version: str, torch_version: str) -> str:
         "`tests/tiny_models.py`) and loaded as a user would, with `AutoModelForCausalLM`, then pruned by "
         + ", ".join(f"`{m}`" for m in SWEEP_METHODS)
         + ". *Pruned* means: every matrix weight of the decoder layers is at its layer's sparsity (or N:M "
-        "pattern), checked on the parameters themselves; the only weights left dense are the ones the report "
-        "lists in `dense_weights` with their rule (convolutions, parameters used element-wise, what "
-        "`ignore` names); the logits are finite; and a save reloaded by plain transformers gives the same "
+        "pattern), checked on the parameters themselves (each expert's matrix of fused expert tensors too); the "
+        "only weights left dense are the ones the report's coverage plan lists as dense with their reason "
+        "(routers, convolutions, expert biases, parameters used element-wise, what `ignore` names); the logits are finite; and a save reloaded by plain transformers gives the same "
         "weights and logits. *Refused* means the package raised a clear error of its own before any "
         "weight changed (checked with a digest of the weights).",
         "",
@@ -64,7 +64,7 @@ def render(outcomes, transformers_version: str, torch_version: str) -> str:
         "causal LM (Gemma 3/4, Fuyu, Emu3, Qwen 3.5 ...) has its language model's layers pruned and its "
         "vision and audio towers left as they are. Hybrid stacks that mix block classes (Jamba, Zamba, "
         "Zamba 2, Falcon-H1 ...) are one list: their linear maps are pruned, their convolutions stay dense "
-        "and are listed in the report's `dense_weights`, as are parameters the model uses element-wise "
+        "and are listed in the report's coverage plan, as are parameters the model uses element-wise "
         "(Mamba's `A_log`).",
         "- A stack whose blocks are split across parallel lists (XLM) is refused, and so is a layer that runs "
         "more than once per forward pass (Dory's and HRM's recurrent loops): replaying it once per layer "
@@ -74,10 +74,11 @@ def render(outcomes, transformers_version: str, torch_version: str) -> str:
         "decoders of encoder-decoder families, without an encoder; Mamba's `dt_proj`, whose weight the "
         "model reads directly) has no activation statistics: it is pruned by weight magnitude at its "
         "layer's sparsity and structure, named in the log and in the report's `magnitude_pruned`.",
-        "- Any other matrix weight of a decoder layer that is not an `nn.Linear`/`Conv1D` weight (fused "
-        "mixture-of-experts tensors, routers held as raw parameters, raw projection parameters) makes the "
-        "run refuse before any weight changes, naming it; `ignore` leaves it dense knowingly (listed). "
-        "Mixture-of-experts support is issue 29's items 1-3: until it lands, the MoE models below are refused.",
+        "- Fused mixture-of-experts tensors are pruned expert by expert (docs/moe.md); any other matrix "
+        "weight of a decoder layer that is not an `nn.Linear`/`Conv1D` weight (raw projection parameters, "
+        "e.g. Zamba's `x_proj_weight`, Inkling's relative-position projections) makes the run refuse before "
+        "any weight changes, naming it (`IncompleteCoverageError`); `ignore` or `allow_unpruned` leave it "
+        "dense knowingly, listed.",
         "- Layers that add token positions (CPM-Ant's prompt tokens, ProphetNet's n-gram streams) are "
         "calibrated on all their rows when the calibration sequences are unpadded; with padding the run "
         "stops with an error that says so.",
