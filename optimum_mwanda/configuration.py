@@ -76,7 +76,10 @@ class ClosedForm:
 
     Args:
         rank: also keep the output along this many principal directions of the within-language input
-            covariance (``0``: the means only). ``None``: :func:`default_compensation_rank`.
+            covariance (``0``: the means only). ``None``: :func:`default_compensation_rank`. An explicit
+            rank must not exceed the smallest input width of the pruned modules (expert matrices
+            included): :meth:`Pruner.prune_model` checks it before any weight changes. The default is
+            capped per module at that module's input width instead.
         shrinkage: shrink the modelled input second moment towards its diagonal, ``H + d * diag(H)``
             (changes the update, not the mask). ``None``: :func:`default_shrinkage`.
     """

@@ -23,6 +23,8 @@ from ..distributed import main_process_only
 from ..evaluation.summary import MEAN_LABEL, geometric_mean
 from ..methods import describe_method
 from ..methods.registry import MethodDescription, method_entry, method_names
+from ..modeling.coverage import CoveragePlan
+from ..modeling.experts import FALLBACK_RULE
 from ..report import PruningReport
 from .identity import base_model_id, hub_ids, validate_repo_id
 from .verification import group_by_layer
@@ -250,6 +252,16 @@ class CardTable:
     rows: list[str] = field(default_factory=list)
 
 
+@dataclass
+class CardSection:
+    """An optional section: the template renders its heading only for the sections the card data lists, so
+    a model without the subject (a dense model has no experts) gets no empty heading."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[CardTable] = field(default_factory=list)
+
+
 def _setting_value(value: Any) -> str:
     """A resolved setting for the card; never a raw ``None`` (an old report's automatic choice)."""
     if value is None:
@@ -278,7 +290,9 @@ class PrunedModelCardData:
     notices: list[str]
     facts: CardTable
     method_text: str
+    left_dense: list[CardSection]
     calibration: CardTable
+    experts: list[CardSection]
     evaluation: list[CardTable]
     layers: CardTable
     plots: list[str]
@@ -332,18 +346,19 @@ def _facts(
     if nm is not None:
         mask = f"{nm[0]}:{nm[1]} (at most {nm[0]} non-zeros in every {nm[1]} consecutive input weights)"
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "not recorded"
-    left_dense = "embeddings, LM head" + "".join(f", {markdown_code(p)}" for p in config.ignore)
+    left_dense = "embeddings, LM head"
+    if report.coverage is not None and "router" in report.coverage.reasons():
+        left_dense += ", MoE routers and gates"
+    left_dense += "".join(f", {markdown_code(p)}" for p in config.ignore)
     rows = [
         _row("Method", f"{markdown_text(description.title)} ({markdown_text(description.summary)})"),
         _row("Base model", origin),
         _row("Target sparsity", _pct(report.target_sparsity)),
-        _row(
-            "Achieved sparsity",
-            f"{_pct(achieved)} of the weights of {len(report.module_sparsity)} linear modules in {n_layers} "
-            "decoder layers",
-        ),
-        _row("Mask structure", mask),
+        _row("Achieved sparsity", _achieved_text(report, achieved, n_layers)),
     ]
+    if report.coverage is not None:
+        rows.append(_row("Coverage", _coverage_text(report.coverage)))
+    rows.append(_row("Mask structure", mask))
     for part in description.parts:
         text = markdown_text(part.name if part.role != "layer schedule" else part.summary)
         if part.role == "layer schedule" and part.name != "uniform":
@@ -361,6 +376,303 @@ def _facts(
         rows.append(_row(markdown_code(f"calibration {key}"), markdown_text(_setting_text(value))))
     rows.append(_row("Tool", f"optimum-mwanda {markdown_text(report.optimum_mwanda_version)}"))
     return CardTable("", "| | |", "|---|---|", rows)
+
+
+# -- coverage and mixture of experts ------------------------------------------------------------------------
+_EXPERT_MATRIX = re.compile(r"\[\d+\]$")
+#: at most this many rows per table of the experts section (a 128-expert model has thousands of experts)
+MAX_EXPERT_ROWS = 40
+#: the most-routed experts shown per layer and language
+TOP_EXPERTS = 3
+
+
+def _matrices(shape: tuple[int, ...]) -> int:
+    """Weight matrices in a parameter: one per expert of a 3-D experts tensor (``[E, out, in]``)."""
+    return math.prod(shape[:-2]) if len(shape) > 2 else 1
+
+
+def _achieved_text(report: PruningReport, achieved: float, n_layers: int) -> str:
+    """``50.0% of the weights of 40 weight matrices (32 of them expert matrices, ...) in 2 decoder layers``:
+    every expert's matrix counts as one matrix, as :attr:`PruningReport.achieved_sparsity` weighs them."""
+    unreachable = [] if report.coverage is None else report.coverage.unreachable
+    n_dense = sum(_matrices(entry.shape) for entry in unreachable)
+    n_experts = sum(1 for name in report.module_sparsity if _EXPERT_MATRIX.search(name))
+    text = f"{_pct(achieved)} of the weights of {len(report.module_sparsity) + n_dense:,} weight matrices"
+    notes = []
+    if n_experts:
+        notes.append(f"{n_experts:,} of them expert matrices, counted one per expert and projection")
+    if n_dense:
+        notes.append(f"{n_dense:,} of them left dense, unreachable by the method: see *Weights left dense*")
+    if notes:
+        text += f" ({'; '.join(notes)})"
+    return f"{text} in {n_layers} decoder layers"
+
+
+def _coverage_text(plan: CoveragePlan) -> str:
+    """Every >= 2-D parameter of the decoder layers: how many pruned, left dense by reason, unreachable."""
+    pruned = plan.pruned
+    partly = sum(1 for entry in pruned if entry.reason)
+    text = f"{len(pruned):,} of the decoder layers' {len(plan.entries):,} weight tensors pruned"
+    if partly:
+        text += f" ({partly:,} of them only partly: some experts ignored)"
+    by_design = {reason: n for reason, n in plan.reasons().items() if reason != "unreachable"}
+    if by_design:
+        listed = ", ".join(f"{n:,} ({markdown_text(reason)})" for reason, n in sorted(by_design.items()))
+        text += f"; left dense by design: {listed}"
+    if plan.unreachable:
+        text += f"; **{len(plan.unreachable):,} unreachable, left dense** (`allow_unpruned=True`)"
+    return text
+
+
+def _unpruned_parts(report: PruningReport) -> tuple[list[str], list[CardSection]]:
+    """The warning at the top of the card and the section naming every weight left dense because the method
+    could not reach it (``allow_unpruned=True``): a card never looks fully pruned over dense weights."""
+    if report.coverage is None or not report.coverage.unreachable:
+        return [], []
+    entries = report.coverage.unreachable
+    dense = sum(entry.numel for entry in entries)
+    pruned = sum(math.prod(shape) for shape in report.module_shapes.values())
+    share = dense / (dense + pruned) if dense + pruned else 0.0
+    notice = (
+        f"**Not fully pruned.** {len(entries):,} weight tensor{'s' if len(entries) != 1 else ''} of the decoder "
+        f"layers ({_pct(share)} of the weights this run was to prune) could not be reached by the method and "
+        "{verb} left dense (`allow_unpruned=True`). The achieved sparsity counts them as dense; every one is "
+        "named under *Weights left dense*."
+    ).format(verb="were" if len(entries) != 1 else "was")
+    table = CardTable(
+        "Every decoder-layer weight the method could not reach, left dense by `allow_unpruned=True` "
+        "(counted, dense, in the achieved sparsity):",
+        "| Weight | Shape | Reason |",
+        "|---|---|---|",
+        [
+            _row(
+                markdown_code(entry.name),
+                " × ".join(str(size) for size in entry.shape),
+                markdown_text(entry.reason),
+            )
+            for entry in entries
+        ],
+    )
+    return [notice], [CardSection("Weights left dense", tables=[table])]
+
+
+def _block_labels(names: list[str]) -> dict[str, str]:
+    """A short label per experts module: its decoder layer's index, or its name where a layer has several."""
+    layers = {}
+    for name in names:
+        match = re.search(r"\.(\d+)\.", name)
+        layers[name] = match.group(1) if match else None
+    counts: dict[str | None, int] = {}
+    for layer in layers.values():
+        counts[layer] = counts.get(layer, 0) + 1
+    return {
+        name: layer if layer is not None and counts[layer] == 1 else markdown_code(name)
+        for name, layer in layers.items()
+    }
+
+
+def _left_out(shown: int, total: int, what: str) -> str:
+    if shown >= total:
+        return ""
+    return (
+        f" The first {shown:,} of {total:,} {what} are shown; {total - shown:,} are left out here (all are in "
+        "`pruning_report.json`)."
+    )
+
+
+def spread(total: int, count: int) -> list[int]:
+    """``count`` indices of ``range(total)`` evenly spaced from the first to the last (all when fewer)."""
+    if count >= total:
+        return list(range(total))
+    if count <= 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+
+
+def _expert_settings_table(report: PruningReport) -> CardTable:
+    options = report.expert_options
+    weighted = options.get("router_weighted", False)
+    everyone = options.get("calibrate_all_experts", False)
+    rows = [
+        _row(
+            "`router_weighted`",
+            markdown_text(weighted),
+            "inputs scaled by each token's router weight"
+            if weighted
+            else "plain inputs, not scaled by the router weight",
+        ),
+        _row(
+            "`calibrate_all_experts`",
+            markdown_text(everyone),
+            "every expert calibrated on every token (the layer output kept the real routing)"
+            if everyone
+            else "each expert calibrated on the tokens routed to it",
+        ),
+        _row(
+            "`min_tokens`",
+            markdown_text(options.get("min_tokens", "–")),
+            "an expert routed fewer calibration tokens falls back to the rule below",
+        ),
+    ]
+    return CardTable(
+        "How the experts were calibrated (`ExpertOptions`):",
+        "| Setting | Value | Meaning |",
+        "|---|---|---|",
+        rows,
+    )
+
+
+def _fallback_table(report: PruningReport, labels: dict[str, str]) -> CardTable:
+    total = sum(len(record.get("fallback", [])) for record in report.experts.values())
+    fallen = [
+        (name, expert, report.experts[name].get("tokens", []))
+        for name, experts in report.expert_fallbacks.items()
+        for expert in experts
+    ]
+    minimum = markdown_text(report.expert_options.get("min_tokens", "–"))
+    if not fallen and report.expert_options.get("calibrate_all_experts", False):
+        return CardTable(
+            "No expert fell back: with `calibrate_all_experts` every expert was calibrated on every token, so "
+            "`min_tokens` did not apply.",
+            "",
+            "",
+        )
+    if not fallen:
+        return CardTable(
+            f"No expert fell back: each of the {total:,} experts was routed at least `min_tokens` = {minimum} "
+            "calibration tokens.",
+            "",
+            "",
+        )
+    rows = [
+        _row(
+            labels[name],
+            str(expert),
+            f"{tokens[expert]:,}" if expert < len(tokens) else "–",
+            "every token of its MoE block",
+        )
+        for name, expert, tokens in fallen[:MAX_EXPERT_ROWS]
+    ]
+    left = _left_out(len(rows), len(fallen), "fallback experts")
+    if left:  # one count per MoE layer keeps the whole picture when rows are left out
+        left += (
+            " Fallback experts per layer: "
+            + ", ".join(
+                f"{labels[name]}: {len(experts)}" for name, experts in report.expert_fallbacks.items()
+            )
+            + "."
+        )
+    return CardTable(
+        f"{len(fallen):,} of {total:,} experts were routed fewer than `min_tokens` = {minimum} calibration "
+        f"tokens and fell back to the stated rule: each was {FALLBACK_RULE}." + left,
+        "| Layer | Expert | Tokens routed | Calibrated on |",
+        "|---:|---:|---:|---|",
+        rows,
+    )
+
+
+def _routing_tables(
+    report: PruningReport, languages: dict[str, Language], labels: dict[str, str]
+) -> list[CardTable]:
+    """Per calibration language: a summary over the MoE layers, then per layer its busiest experts."""
+    shares = report.routing_shares
+    ordered = [lang for lang in dict.fromkeys([*report.languages, *shares]) if lang in shares]
+    if not ordered:
+        return []
+
+    def name_of(lang: str) -> str:
+        return markdown_text(languages[lang].name if lang in languages else lang)
+
+    summary_rows = []
+    layer_rows: list[list[str]] = []  # per experts module, one row per language
+    modules = [name for name in report.experts if any(name in shares[lang] for lang in ordered)]
+    for lang in ordered:
+        busiest, used = [], []
+        for name in modules:
+            values = shares[lang].get(name, [])
+            if values and sum(values) > 0:
+                busiest.append(max(values))
+                used.append(sum(1 for v in values if v > 1 / len(values)))
+        n_experts = {len(shares[lang][name]) for name in modules if name in shares[lang]}
+        of = f" of {n_experts.pop()}" if len(n_experts) == 1 else ""
+        summary_rows.append(
+            _row(
+                name_of(lang),
+                markdown_code(lang),
+                _pct(sum(busiest) / len(busiest)) if busiest else "–",
+                _pct(max(busiest)) if busiest else "–",
+                f"{sum(used) / len(used):.1f}{of}" if used else "–",
+            )
+        )
+    for name in modules:
+        rows = []
+        for lang in ordered:
+            values = shares[lang].get(name)
+            if not values or sum(values) <= 0:
+                rows.append(_row(labels[name], name_of(lang), "no routed tokens", "–"))
+                continue
+            top = sorted(range(len(values)), key=lambda e: (-values[e], e))[:TOP_EXPERTS]
+            rows.append(
+                _row(
+                    labels[name],
+                    name_of(lang),
+                    ", ".join(f"{e} ({_pct(values[e])})" for e in top),
+                    f"{sum(1 for v in values if v > 1 / len(values))} of {len(values)}",
+                )
+            )
+        layer_rows.append(rows)
+    # Whole layers only (every shown layer has all its languages), spread over the depth of the model.
+    shown = spread(len(layer_rows), max(1, MAX_EXPERT_ROWS // max(1, len(ordered))))
+    detail = [row for index in shown for row in layer_rows[index]]
+    left = ""
+    if len(shown) < len(layer_rows):
+        left = (
+            f" {len(shown)} of {len(layer_rows)} MoE layers are shown, evenly spaced over the depth; the other "
+            f"{len(layer_rows) - len(shown)} are left out here (all are in `pruning_report.json`)."
+        )
+    return [
+        CardTable(
+            "Which experts serve which language: the share of each calibration language's routed (token, "
+            "expert) assignments that went to an expert, counted during calibration. A uniform router gives "
+            "every expert 1/E; the busiest expert's share and the number of experts above 1/E show how "
+            "concentrated a language's routing is (averaged over the MoE layers here).",
+            "| Language | Code | Busiest expert's share (mean) | Busiest expert's share (max) | Experts above 1/E (mean) |",
+            "|---|---|---:|---:|---:|",
+            summary_rows,
+        ),
+        CardTable(
+            f"Per MoE layer and language, the {TOP_EXPERTS} most-routed experts with their share." + left,
+            "| Layer | Language | Top experts (share) | Experts above 1/E |",
+            "|---:|---|---|---:|",
+            detail,
+        ),
+    ]
+
+
+def _experts_sections(report: PruningReport, languages: dict[str, Language]) -> list[CardSection]:
+    """The mixture-of-experts section (none for a dense model): expert settings, the experts that fell back
+    to the stated rule, and which experts each calibration language was routed to."""
+    if not report.experts:
+        return []
+    labels = _block_labels(list(report.experts))
+    counts = {record.get("num_experts", len(record.get("tokens", []))) for record in report.experts.values()}
+    each = f" of {counts.pop()} experts each" if len(counts) == 1 else ""
+    intro = (
+        f"{len(report.experts)} mixture-of-experts block{'s' if len(report.experts) != 1 else ''}{each}: every "
+        "expert's matrices were pruned to the target with their own statistics; routers and shared-expert "
+        "gates were left dense."
+    )
+    return [
+        CardSection(
+            "Mixture of experts",
+            paragraphs=[intro],
+            tables=[
+                _expert_settings_table(report),
+                _fallback_table(report, labels),
+                *_routing_tables(report, languages, labels),
+            ],
+        )
+    ]
 
 
 def _method_text(report: PruningReport, description: MethodDescription) -> str:
@@ -563,14 +875,17 @@ def build_card_data(
         if n_langs == 1
         else ""
     )
+    unpruned_notices, left_dense = _unpruned_parts(report)
     return PrunedModelCardData(
         title=f"{markdown_text(model_name.split('/')[-1])}: {markdown_text(description.title)}, "
         f"{_pct(achieved)} sparse",
         summary=summary,
-        notices=[_COMPRESSED_NOTICE] if compressed else [],
+        notices=[*unpruned_notices, *([_COMPRESSED_NOTICE] if compressed else [])],
         facts=_facts(report, description, base_model, achieved, n_layers),
         method_text=_method_text(report, description),
+        left_dense=left_dense,
         calibration=calibration,
+        experts=_experts_sections(report, languages),
         evaluation=_evaluation_tables(report, languages, evals, eval_dataset),
         layers=layers,
         plots=[f"![Sparsity per decoder layer]({plot_file})"] if plot_file else [],
