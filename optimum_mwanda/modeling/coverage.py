@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import canonical_name
-from .decoder import is_matrix, matrix_rank
+from .decoder import matrix_rank
 from .experts import ExpertWeight, fused_experts_of, is_router
 from .linear import ALWAYS_DENSE, ancestors_of, is_prunable_linear, matches_pattern
 
@@ -149,7 +149,7 @@ def plan_coverage(stack, layer_weights: Sequence[Sequence[Any]], ignore: list[st
                 expert_slices[key] = expert_slices.get(key, 0) + 1
         modules = dict(layer.named_modules())
         for param_name, param in layer.named_parameters():
-            if not is_matrix(param):  # a learned [1, 1, H] token is a vector
+            if param.dim() < 2:
                 continue
             sub_name, _, leaf = param_name.rpartition(".")
             owner = modules[sub_name] if sub_name else layer
@@ -208,10 +208,9 @@ def _dense_reason(
 
 
 def _element_wise(owner: nn.Module, leaf: str, param) -> bool:
-    """A matrix the model uses element-wise, not as a linear map: a parameter of a module that is no linear
-    layer, named neither weight nor projection (Mamba's state matrix ``A_log``)."""
-    named_like_a_map = any(key in leaf.lower() for key in ("weight", "proj", "kernel"))
-    return not is_prunable_linear(owner) and matrix_rank(param) == 2 and not named_like_a_map
+    """A parameter the model uses element-wise, not as a linear map: a learned vector stored with unit
+    dimensions (a ``[1, 1, H]`` memory token) or a state-space model's state matrix ``A_log``."""
+    return not is_prunable_linear(owner) and (matrix_rank(param) < 2 or leaf == "A_log")
 
 
 def _unreachable_reason(owner: nn.Module, leaf: str) -> str:
