@@ -49,8 +49,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from optimum_mwanda.demo import demo_model_path
-    from optimum_mwanda.modeling import find_decoder_stack, find_prunable_linears
-    from optimum_mwanda.resume import PruningCheckpoint, ResumeState, model_weights_digest
+    from optimum_mwanda.modeling import WalkProgress, find_decoder_stack, find_prunable_linears
+    from optimum_mwanda.resume import ResumeCheckpoint, model_weights_digest
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(demo_model_path()).eval()
@@ -76,8 +76,8 @@ def main() -> None:
     layer_bytes = sum(w.numel() * w.element_size() for w in layer.values())
     hidden_bytes = sum(h.numel() * h.element_size() for h in hidden)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
-        checkpoint = PruningCheckpoint(Path(folder) / "ckpt", "benchmark")
-        state = ResumeState(fingerprint="benchmark")
+        checkpoint = ResumeCheckpoint(Path(folder) / "ckpt", "benchmark")
+        state = WalkProgress()
         checkpoint.save_progress(state, None)
         steps = iter(range(1, 10_000))
 
@@ -90,7 +90,7 @@ def main() -> None:
         save = _best_of(step, args.repeats)
 
         def load() -> None:
-            resumed = PruningCheckpoint(Path(folder) / "ckpt", "benchmark")
+            resumed = ResumeCheckpoint(Path(folder) / "ckpt", "benchmark")
             resumed.load_state()
             resumed.load_layer(0)
             resumed.load_hidden()

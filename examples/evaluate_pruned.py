@@ -8,9 +8,11 @@ line) and printed as one table, a column per model, with the measured sparsity o
 ``--tasks`` additionally runs EleutherAI's lm-evaluation-harness (``pip install 'optimum-mwanda[eval]'``)
 through ``optimum_mwanda.evaluation.run_downstream``: the bundled offline tasks ``mwanda_continuation``
 (next-sentence choice, acc) and ``mwanda_translation`` (3-shot, chrF), one subtask per ``--languages``,
-printed as a per-language table; any other lm-eval task name (``xnli_sw``, ``belebele_swh_Latn``) downloads
-its data from the Hub. When lm-eval is not installed and tasks are requested, the script says so and exits
-with status 2 before loading any model.
+printed as a per-language table; any other lm-eval task or group (``xcopa``, ``xnli_sw``,
+``belebele_swh_Latn``) downloads its data from the Hub, or, with ``--task-data DIR``, runs lm-eval's own task
+definitions on local copies of the data (layout: docs/evaluation.md). Every number is printed with lm-eval's
+standard error. When lm-eval is not installed and tasks are requested, or a task's local data is missing,
+the script says so and exits with status 2 before loading any model.
 
 Usage::
 
@@ -18,6 +20,7 @@ Usage::
     python examples/evaluate_pruned.py gemma-3-270m-mwanda-50 --languages en sw de --json ppl.json
     python examples/evaluate_pruned.py demo gemma-3-270m-mwanda-50 --tasks mwanda_continuation,mwanda_translation --task-limit 10
     python examples/evaluate_pruned.py gemma-3-270m-mwanda-50 --tasks xnli_sw,xstorycloze_sw --task-limit 200  # online
+    python examples/evaluate_pruned.py demo gemma-3-270m-mwanda-50 --tasks xcopa --task-data ../shared/benchmarks/xcopa
 """
 
 from __future__ import annotations
@@ -94,9 +97,12 @@ def run_lm_eval(
     limit: int | None,
     num_fewshot: int | None,
     languages: Sequence[str] | None = None,
+    task_data=None,
 ):
     """Run lm-evaluation-harness tasks on an in-memory model (``HFLM(pretrained=model)``): a
-    ``DownstreamResult`` with per-task metrics and the per-language table of the bundled tasks."""
+    ``DownstreamResult`` with per-task metrics and standard errors and the per-language table of the
+    bundled tasks. ``task_data``: local data for lm-eval's own tasks (folders, or a plan from
+    ``prepare_task_data``)."""
     from optimum_mwanda.evaluation import run_downstream
 
     return run_downstream(
@@ -107,6 +113,7 @@ def run_lm_eval(
         limit=limit,
         num_fewshot=num_fewshot,
         batch_size=batch_size,
+        task_data=task_data,
     )
 
 
@@ -149,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     harness.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples")
     harness.add_argument("--lm-eval-batch-size", type=int, default=1, help="lm-eval batch size")
+    harness.add_argument(
+        "--task-data",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="local data for lm-eval's own tasks (e.g. ../shared/benchmarks/xcopa for --tasks xcopa)",
+    )
     return parser
 
 
@@ -199,6 +214,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2)
     if args.max_windows < 0 or args.seq_len < 2 or args.batch_size < 1:
         raise SystemExit("--max-windows must be >= 0, --seq-len >= 2 and --batch-size >= 1")
+    plan = None
+    if args.task_data:
+        if not tasks:
+            raise SystemExit("--task-data needs --tasks")
+        from optimum_mwanda.evaluation import prepare_task_data
+
+        try:  # every task's files found before any model is loaded
+            plan = prepare_task_data(tasks, args.task_data, num_fewshot=args.lm_eval_fewshot)
+        except (OSError, ValueError) as err:
+            print(f"error: --task-data: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     import torch
 
@@ -248,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 args.lm_eval_limit,
                 args.lm_eval_fewshot,
                 languages=languages,
+                task_data=plan,
             )
             entry["lm_eval"] = downstream.tasks
             entry["downstream"] = downstream.to_dict()

@@ -492,9 +492,10 @@ class PruningConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        """Write the config as JSON."""
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+        """Write the config as JSON (atomically: the old file or the new one, never a part)."""
+        from .files import write_file
+
+        write_file(path, self.to_json_string())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PruningConfig:

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .files import write_file
+
 DEMO_MODEL_ID = "google/gemma-3-270m"
 """The upstream model the demo weights come from (use as ``base_model`` in model cards)."""
 
@@ -172,7 +174,7 @@ def _convert_into(folder: Path) -> None:
         "files": files,
     }
     # Written last: its presence is what marks the folder complete.
-    (folder / _MARKER_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_file(folder / _MARKER_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def _package_version() -> str:

@@ -13,7 +13,10 @@ statistics derived from them do not see), and the sums are all-reduced in float6
 not assumed: after each layer the ranks compare a checksum of their new weights and rank 0's weights are
 broadcast if they differ.
 
-Everything here is a no-op when no process group is initialised.
+Everything here is a no-op when no process group is initialised. This is the lowest layer: it knows
+tensors, picklable values and the small typed protocols below, never the calibration or statistics classes
+(the statistics collector sums itself: ``LayerStatisticsCollector.synchronise``, built on
+:func:`all_reduce_sums` and :func:`agree_on_layout`).
 """
 
 from __future__ import annotations
@@ -21,16 +24,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,24 @@ def local_indices(languages: Sequence[str], context: DistributedContext | None =
     return torch.tensor(shard_sequences(languages, context.rank, context.world_size), dtype=torch.long)
 
 
-def local_batches(calibration: Any, batch_size: int, context: DistributedContext | None = None) -> list[dict]:
+class ShardableSet(Protocol):
+    """What :func:`local_batches` reads of a calibration set (a ``CalibrationSet``)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def languages(self) -> Sequence[str]: ...
+
+    @property
+    def language_index(self) -> torch.Tensor: ...
+
+    def batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]: ...
+
+
+def local_batches(
+    calibration: ShardableSet, batch_size: int, context: DistributedContext | None = None
+) -> list[dict[str, torch.Tensor]]:
     """This rank's batches of a ``CalibrationSet``: :meth:`CalibrationSet.batches` of its shard, with each
     sequence's language index that of the full set (so per-language statistics line up across ranks)."""
     context = context or current_context()
@@ -194,24 +212,6 @@ def local_batches(calibration: Any, batch_size: int, context: DistributedContext
 
 
 # -- agreement between ranks --------------------------------------------------------------------------
-def weights_digest(model: nn.Module, samples_per_tensor: int = 4096) -> str:
-    """A cheap digest of a model's weights: names, shapes, dtypes and a strided sample of every tensor.
-
-    Catches ranks that loaded another checkpoint or seed without reading every weight (parameters
-    offloaded by Accelerate, on the ``meta`` device, contribute their name and shape only).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        if tensor.device.type == "meta" or tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float64)
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
 _SAME_RUN_HINT = (
     "were given a different model, pruning config or calibration set than rank 0 (run fingerprints "
     "differ): every rank must call prune_model with the same model weights, config and calibration data"
@@ -295,55 +295,68 @@ def _to_comm(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     return tensor.to(device=context.device, dtype=torch.float64).contiguous()
 
 
-def all_reduce_statistics(statistics: Sequence[Any], context: DistributedContext | None = None) -> int:
-    """Sum the raw float64 accumulators of ``statistics`` (``raw_sums``/``load_raw_sums``) over all ranks.
+def all_reduce_sums(
+    sums: Mapping[str, torch.Tensor], context: DistributedContext | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``sums`` added over all ranks (in float64, each back in its own dtype and device) and the bytes
+    all-reduced (0 in a single process, where ``sums`` come back as they are).
 
-    Small accumulators are packed into one buffer per statistic (one collective); each is reduced in
-    float64 so that the sum of the ranks' partial sums matches a single process's sum. Returns the bytes
-    all-reduced (0 in a single process).
+    The tensors are packed into one buffer (one collective); reducing in float64 makes the sum of the ranks'
+    partial sums match a single process's sum.
     """
     context = context or current_context()
-    if not context.enabled:
-        return 0
-    total = 0
+    if not context.enabled or not sums:
+        return dict(sums), 0
+    names = list(sums)
+    flat = torch.cat([_to_comm(sums[name], context).reshape(-1) for name in names])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    sent = flat.numel() * flat.element_size()
+    reduced, offset = {}, 0
+    for name in names:
+        tensor = sums[name]
+        part = flat[offset : offset + tensor.numel()].view(tensor.shape)
+        reduced[name] = part.to(device=tensor.device, dtype=tensor.dtype)
+        offset += tensor.numel()
+    return reduced, sent
+
+
+class RawSums(Protocol):
+    """A statistic made of raw sums (``parts.statistics``): adding two ranks' sums gives the statistic of
+    both shards together."""
+
+    def raw_sums(self) -> dict[str, torch.Tensor]: ...
+
+    def load_raw_sums(self, sums: dict[str, torch.Tensor]) -> None: ...
+
+
+def all_reduce_statistics(statistics: Sequence[RawSums], context: DistributedContext | None = None) -> int:
+    """Replace every statistic's raw sums by their sum over all ranks (:func:`all_reduce_sums`, one
+    collective per statistic); returns the bytes all-reduced (0 in a single process)."""
+    sent = 0
     for statistic in statistics:
-        sums = statistic.raw_sums()
-        names = list(sums)
-        flat = torch.cat([_to_comm(sums[name], context).reshape(-1) for name in names])
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        total += flat.numel() * flat.element_size()
-        reduced, offset = {}, 0
-        for name in names:
-            tensor = sums[name]
-            reduced[name] = flat[offset : offset + tensor.numel()].view(tensor.shape).to(tensor.device)
-            offset += tensor.numel()
-        del flat
+        reduced, size = all_reduce_sums(statistic.raw_sums(), context)
         statistic.load_raw_sums(reduced)
-    return total
+        sent += size
+    return sent
 
 
-def synchronise_collector(collector: Any, context: DistributedContext | None = None) -> int:
-    """Give every rank the same shared-input groups, then sum the statistics of ``collector``
-    (a ``modeling.LayerStatisticsCollector``) over all ranks. Returns the bytes all-reduced.
+L = TypeVar("L")
 
-    A rank whose shard held no sequence found no groups: it adopts the layout of a rank that did.
-    """
+
+def agree_on_layout(layout: L, context: DistributedContext | None = None, what: str = "layouts") -> L:
+    """The one non-empty ``layout`` every rank found (a rank that saw no data passes an empty one and gets
+    the others'). :class:`DistributedMismatchError` on every rank when two ranks found different ones."""
     context = context or current_context()
     if not context.enabled:
-        return 0
+        return layout
     layouts: list[Any] = [None] * context.world_size
-    torch.distributed.all_gather_object(layouts, collector.layout())
-    found = [layout for layout in layouts if layout]
-    if found:
-        reference = found[0]
-        if any(layout != reference for layout in found):
-            raise DistributedMismatchError(
-                "the ranks' decoder layers grouped their linear modules differently: different models?"
-            )
-        collector.adopt_layout(reference)
-    sent = all_reduce_statistics(collector.statistics, context)
-    sent += all_reduce_statistics(collector.negative_statistics, context)
-    return sent
+    torch.distributed.all_gather_object(layouts, layout)
+    found = [value for value in layouts if value]
+    if not found:
+        return layout
+    if any(value != found[0] for value in found):
+        raise DistributedMismatchError(f"the ranks found different {what}: different models?")
+    return found[0]
 
 
 # -- identical weights on every rank ------------------------------------------------------------------

@@ -6,6 +6,7 @@ where a model keeps its layers and weights lives in ``modeling/``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from .modeling.coverage import CoveragePlan, plan_coverage
 from .modeling.experts import ExpertOptions
 from .modeling.linear import find_expert_weights
 from .report import PruningReport
-from .resume import PruningCheckpoint, model_weights_digest, run_fingerprint
+from .resume import ResumeCheckpoint, model_weights_digest, run_fingerprint
 
 if TYPE_CHECKING:
     from .methods.base import PruningAlgorithm
@@ -91,12 +92,13 @@ class Pruner:
             negative_calibration: text (or token ids) whose activations should *lower* importance (Kim et
                 al.), e.g. code. Wanda and M-Wanda only.
             show_progress: show tqdm progress bars.
-            checkpoint_dir: persist progress there after every decoder layer (pruned weights, the next
-                layer's inputs, the layer schedule), crash-consistently and with checksums. A run killed at
-                any point and started again with the same arguments on a freshly loaded model resumes at the
-                first unfinished layer and produces the same weights as an uninterrupted run; a folder of
-                another run or model, or a damaged file, raises a ``CheckpointError`` first. Only files
-                with the checkpoint's own names are written or deleted there (see ``optimum_mwanda.resume``).
+            checkpoint_dir: the resume checkpoint: persist progress there after every decoder layer (pruned
+                weights, the next layer's inputs, the layer schedule), durably and with checksums. A run
+                killed at any point and started again with the same arguments on a freshly loaded model
+                resumes at the first unfinished layer and produces the same weights as an uninterrupted run;
+                a folder of another run or model, or a damaged file, raises a ``CheckpointError`` first, and
+                a folder another run is using a ``FolderInUseError``. Only files with the resume
+                checkpoint's own names are written or deleted there (see ``optimum_mwanda.resume``).
             activations_device: where calibration activations wait between layers (e.g. ``"cpu"`` to keep
                 them off the accelerator); ``None`` leaves them where they were produced.
             activations_max_memory: bytes of activations kept in memory, as an int or a size string
@@ -144,7 +146,7 @@ class Pruner:
         if context.enabled:
             # Every rank must hold the same model, config and calibration, and checkpoint or not alike.
             distributed.agree_on_run(
-                f"{run.fingerprint}:{distributed.weights_digest(model)}",
+                run.fingerprint,  # holds the one weight digest (every parameter's bytes)
                 checkpointed=checkpoint_dir is not None,
                 context=context,
             )
@@ -169,7 +171,9 @@ class Pruner:
             show_progress=show_progress,
             expert_options=run.expert_options,
         )
-        result = walk.run(calibration_set, negative_set)
+        # The resume checkpoint holds its folder's lock for the whole run.
+        with run.checkpoint if run.checkpoint is not None else contextlib.nullcontext():
+            result = walk.run(calibration_set, negative_set)
 
         # 5. Report.
         timings = dict(result.timings, total=time.perf_counter() - start)
@@ -255,7 +259,7 @@ class Pruner:
             fingerprint = _fingerprint(
                 config, model, layer_modules, calibration_set, negative_set, expert_options, allow_unpruned
             )
-        checkpoint = PruningCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
+        checkpoint = ResumeCheckpoint(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
         return _ValidatedRun(
             config,
             algorithm,
@@ -372,7 +376,7 @@ class _ValidatedRun:
     negative: CalibrationSet | None
     fingerprint: str
     activations_max_memory: int | None
-    checkpoint: PruningCheckpoint | None
+    checkpoint: ResumeCheckpoint | None
     coverage: CoveragePlan
     expert_options: ExpertOptions
 

@@ -1,6 +1,9 @@
-"""Resumable pruning runs: progress persisted after every decoder layer, crash-consistently.
+"""The resume checkpoint: a pruning run's progress persisted after every decoder layer, crash-consistently.
 
-A checkpoint folder holds only files with these names (nothing else is ever written, replaced or deleted):
+(The *resume checkpoint* is the ``checkpoint_dir`` folder of a run in progress, not the saved model.) It
+plugs into the sequential walk as its :class:`~optimum_mwanda.modeling.walk.ProgressListener`: the walk
+tells it about every finished layer and asks it, at the start, what an earlier run finished. A resume
+checkpoint folder holds only files with these names (nothing else is ever written, replaced or deleted):
 
 - ``state.json``: the run's fingerprint (config, calibration tokens, model layout *and weights*), the number
   of decoder layers finished, the layer schedule, the per-module results so far, and the name, size and
@@ -10,33 +13,44 @@ A checkpoint folder holds only files with these names (nothing else is ever writ
   ``g`` the generation of the state that points at it;
 - ``.tmp-<one of the names above>``: a file being written.
 
-Crash consistency: every file is written under its ``.tmp-`` name, fsynced, renamed into place and its folder
-fsynced. A data file is never replaced while the durable ``state.json`` points at it (the hidden states of
+Crash consistency: every file is written with the package's one atomic writer
+(:func:`optimum_mwanda.files.write_file`, durable): under its ``.tmp-`` name, fsynced, renamed into
+place and its folder fsynced, so what ``state.json`` says also survives a power loss. A data file is never replaced while the durable ``state.json`` points at it (the hidden states of
 each generation get a new name), ``state.json`` is written last and is the only file that says what is
 valid, and the files of the previous generation are deleted only once the new ``state.json`` is durable.
 So a run killed at any instant leaves either the previous or the next state, complete; files that no state
 points at (a half-written ``.tmp-*``, a layer pruned after the last state) are ignored, overwritten by the
 resumed run, or deleted once a newer state is durable. Checksums are verified when a checkpoint is loaded,
-so a damaged file is a :class:`CheckpointCorruptError`, never a silently different model.
+so a damaged file is a :class:`CheckpointCorruptError`, never a silently different model; and the whole
+state is checked against the model (layer count, module names and shapes) before any file is deleted.
+
+One run at a time: while a run uses the folder it holds the folder's lock (a hidden sibling
+``.<name>.lock``, see :func:`optimum_mwanda.files.folder_lock`); a second run gets a
+:class:`~optimum_mwanda.files.FolderInUseError`, and the lock of a killed run is taken over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .distributed import run_on_main_process
-from .modeling import read_parameter
+from .files import file_sha256, folder_lock, fsync_directory, write_file
+from .modeling import WalkProgress, read_parameter
 
 STATE_FILE = "state.json"
 TMP_PREFIX = ".tmp-"
@@ -47,15 +61,15 @@ _HASH_CHUNK = 16 * 2**20
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be resumed; the model is left untouched."""
+    """A resume checkpoint (``checkpoint_dir``) that cannot be resumed; the model is left untouched."""
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint folder belongs to a run with other arguments (or another model)."""
+    """The resume checkpoint belongs to a run with other arguments (or another model)."""
 
 
 class CheckpointCorruptError(CheckpointError):
-    """A checkpoint file is damaged, missing or not what ``state.json`` recorded."""
+    """A resume checkpoint file is damaged, missing or not what ``state.json`` recorded."""
 
 
 def _io_event(operation: str, path: Path) -> None:
@@ -104,26 +118,19 @@ def run_fingerprint(config: dict[str, Any], tensors: list[torch.Tensor], extra: 
 
 
 # -- state --------------------------------------------------------------------------------------------
-@dataclass
-class ResumeState:
-    """The progress of a run, as ``state.json`` records it."""
-
-    fingerprint: str
-    completed_layers: int = 0
-    layer_sparsity: list[float] = field(default_factory=list)
-    layerwise_signal: list[float] = field(default_factory=list)
-    module_sparsity: dict[str, float] = field(default_factory=dict)
-    module_shapes: dict[str, list[int]] = field(default_factory=dict)
-    #: per fused-experts module of the finished layers: routed tokens, fallback, routing shares per expert
-    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: the layer whose inputs the saved hidden states are: ``-1`` when the run saved none (data-parallel
-    #: runs recompute them from the finished layers)
-    hidden_for_layer: int | None = None
-
-    @property
-    def hidden_saved(self) -> bool:
-        """Whether the checkpoint holds the inputs of layer ``completed_layers``."""
-        return self.hidden_for_layer is None or self.hidden_for_layer == self.completed_layers
+#: the progress fields ``state.json`` keeps (under ``"state"``, with ``fingerprint`` and ``hidden_for_layer``)
+_PROGRESS_FIELDS = (
+    "completed_layers",
+    "layer_sparsity",
+    "layerwise_signal",
+    "module_sparsity",
+    "module_shapes",
+    "experts",
+    "magnitude_pruned",
+)
+_LATER_FIELDS = ("experts", "magnitude_pruned")
+#: expected tensors of each decoder layer: ``{module name: [out_features, in_features]}``
+Layout = Sequence[Mapping[str, Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -164,16 +171,18 @@ def _state_intact(data: bytes) -> bool | None:
     return hashlib.sha256(blank).hexdigest().encode() == match.group(1)
 
 
-class PruningCheckpoint:
-    """Reads and writes the progress of one pruning run in ``directory``.
+class ResumeCheckpoint:
+    """Reads and writes the progress of one pruning run in ``directory``: the resume checkpoint, a
+    :class:`~optimum_mwanda.modeling.walk.ProgressListener` of the sequential walk.
 
-    Protocol (what the sequential walk does): :meth:`load_state` first (``None``: a new run); for a new run
+    Protocol (what the walk does): :meth:`load_state` first (``None``: a new run); for a new run
     :meth:`save_progress` before any :meth:`save_layer`, so that a folder holding data files always holds a
     ``state.json``; then per decoder layer :meth:`save_layer` and :meth:`save_progress` with the layer
     counted as completed. A layer file becomes part of the checkpoint with the next :meth:`save_progress`.
+    Use it as a context manager around the run to hold the folder's lock.
 
     In a data-parallel run every rank reads (the folder must be visible to all ranks: shared storage
-    across nodes) and only rank 0 writes, while the others wait.
+    across nodes) and only rank 0 locks and writes, while the others wait.
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: str):
@@ -185,14 +194,34 @@ class PruningCheckpoint:
         self._layers: dict[int, _FileRecord] = {}  # durable (index < completed_layers)
         self._pending: dict[int, _FileRecord] = {}  # written since, not yet in state.json
         self._hidden: _FileRecord | None = None  # durable
+        self._hidden_for_layer: int | None = None  # the layer whose inputs _hidden holds
+        self._completed = 0
+        self._lock: ExitStack | None = None
+
+    # -- the folder's lock ----------------------------------------------------------------------------
+    def __enter__(self) -> ResumeCheckpoint:
+        def acquire() -> None:
+            stack = ExitStack()
+            stack.enter_context(folder_lock(self.directory, "a pruning run with this checkpoint_dir"))
+            self._lock = stack
+
+        run_on_main_process(acquire)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- reading --------------------------------------------------------------------------------------
-    def load_state(self) -> ResumeState | None:
-        """The saved state, ``None`` for a new run.
+    def load_state(self, layout: Layout | None = None) -> WalkProgress | None:
+        """The saved progress, ``None`` for a new run.
 
-        Raises :class:`CheckpointMismatchError` when the folder holds another run (or files that are not a
+        ``layout`` (the tensors of each decoder layer, as the walk will restore them) lets every value of the
+        state be checked against the model before anything else happens. Raises
+        :class:`CheckpointMismatchError` when the folder holds another run (or files that are not a
         checkpoint) and :class:`CheckpointCorruptError` when ``state.json`` or a file it relies on is
-        damaged or missing. Nothing is changed on disk before every check has passed.
+        damaged, missing or inconsistent. Nothing is changed on disk before every check has passed.
         """
         path = self.directory / STATE_FILE
         if not path.exists():
@@ -214,7 +243,17 @@ class PruningCheckpoint:
                 "data or model weights); resume with the same arguments and model, or use another folder"
             )
         try:
-            state = ResumeState(**document["state"])
+            saved = document["state"]
+            # (``experts`` is absent from states written before mixture-of-experts support)
+            progress = WalkProgress(
+                # (``experts`` and ``magnitude_pruned`` are absent from states written before they existed)
+                **{
+                    name: saved[name]
+                    for name in _PROGRESS_FIELDS
+                    if name in saved or name not in _LATER_FIELDS
+                }
+            )
+            hidden_for_layer = saved.get("hidden_for_layer")
             files = {
                 name: _FileRecord(name, int(r["size"]), str(r["sha256"]))
                 for name, r in document["files"].items()
@@ -222,19 +261,25 @@ class PruningCheckpoint:
             layers = {int(i): files[name] for i, name in document["layers"].items()}
             hidden = files[document["hidden"]] if document["hidden"] is not None else None
             generation = int(document["generation"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise CheckpointCorruptError(
                 f"{path} is not a valid optimum-mwanda checkpoint state ({error!r}); use another folder"
             ) from None
-        if any(index >= state.completed_layers for index in layers) or not all(
-            _is_own_name(name) and not name.startswith(TMP_PREFIX) for name in files
-        ):
-            raise CheckpointCorruptError(f"{path} is inconsistent; use another folder")
+        problem = _state_problem(progress, hidden_for_layer, layers, hidden, files, layout)
+        if problem:
+            raise CheckpointCorruptError(f"{path} is inconsistent ({problem}); use another folder")
         for record in files.values():
             self._verify(record)
+        if layout is not None:
+            for index, record in layers.items():
+                self._check_layer_file(record, layout[index])
+        # Every check passed: from here on files may be deleted.
         self._generation, self._layers, self._hidden, self._pending = generation, layers, hidden, {}
+        self._hidden_for_layer = hidden_for_layer
+        self._completed = progress.completed_layers
         self._remove_stale()
-        return state
+        progress.resumed_from_layer = progress.completed_layers
+        return progress
 
     def _read_state_document(self, path: Path) -> dict[str, Any]:
         data = path.read_bytes()
@@ -266,24 +311,30 @@ class PruningCheckpoint:
     def _verify(self, record: _FileRecord, data: bytes | None = None) -> None:
         """Check size and sha256 of ``record``'s file (of ``data`` when given, the bytes read from it)."""
         path = self.directory / record.name
-        digest = hashlib.sha256()
         try:
-            if data is not None:
-                size = len(data)
-                digest.update(data)
-            else:
-                size = path.stat().st_size
-                with open(path, "rb") as handle:
-                    while chunk := handle.read(_HASH_CHUNK):
-                        digest.update(chunk)
+            size = len(data) if data is not None else path.stat().st_size
+            digest = file_sha256(path, data)
         except FileNotFoundError:
             raise CheckpointCorruptError(
                 f"{path} is missing but {STATE_FILE} relies on it; the checkpoint cannot be resumed"
             ) from None
-        if size != record.size or digest.hexdigest() != record.sha256:
+        if size != record.size or digest != record.sha256:
             raise CheckpointCorruptError(
                 f"{path} is damaged (size or sha256 differs from what {STATE_FILE} recorded); "
                 "the checkpoint cannot be resumed, use another folder"
+            )
+
+    def _check_layer_file(self, record: _FileRecord, expected: Mapping[str, Sequence[int]]) -> None:
+        """A layer file holds exactly the layer's modules, with their shapes (read from its header only)."""
+        path = self.directory / record.name
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes = {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        except Exception as error:  # safetensors' own error type too: an unreadable file is damaged
+            raise CheckpointCorruptError(f"{path} is damaged ({error}); use another folder") from None
+        if shapes != {name: list(shape) for name, shape in expected.items()}:
+            raise CheckpointCorruptError(
+                f"{path} does not hold the modules of its decoder layer with their shapes; use another folder"
             )
 
     def _load_verified(self, record: _FileRecord) -> dict[str, torch.Tensor]:
@@ -301,8 +352,11 @@ class PruningCheckpoint:
         record = self._layers.get(index)
         return {} if record is None else self._load_verified(record)
 
-    def load_hidden(self) -> list[torch.Tensor]:
-        """The hidden states entering the first unfinished layer, one tensor per batch."""
+    def load_hidden(self) -> list[torch.Tensor] | None:
+        """The hidden states entering the first unfinished layer, one tensor per batch; ``None`` when the
+        run saved none (a data-parallel run: they are recomputed from the finished layers)."""
+        if self._hidden_for_layer not in (None, self._completed):
+            return None
         if self._hidden is None:
             raise CheckpointCorruptError(
                 f"{self.directory / STATE_FILE} records no hidden states for an unfinished run; use another folder"
@@ -318,21 +372,21 @@ class PruningCheckpoint:
 
     def _save_layer(self, index: int, weights: dict[str, torch.Tensor]) -> None:
         if self._generation == 0:
-            raise RuntimeError("PruningCheckpoint.save_progress must be called before the first save_layer")
+            raise RuntimeError("ResumeCheckpoint.save_progress must be called before the first save_layer")
         if index in self._layers:
             raise RuntimeError(f"layer {index} is already part of the checkpoint and cannot be replaced")
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in weights.items()})
         self._pending[index] = self._write_file(_layer_file(index), data)
 
-    def save_progress(self, state: ResumeState, hidden: list[torch.Tensor] | None) -> None:
-        """Persist ``hidden`` (the inputs of layer ``state.completed_layers``, if unfinished) under a new
+    def save_progress(self, progress: WalkProgress, hidden: list[torch.Tensor] | None) -> None:
+        """Persist ``hidden`` (the inputs of layer ``progress.completed_layers``, if unfinished) under a new
         generation's name, then the state that points at it; then delete what the previous state used.
         In a data-parallel run only rank 0 writes; the others wait."""
-        state.hidden_for_layer = state.completed_layers if hidden is not None else -1
-        run_on_main_process(self._save_progress, state, hidden)
+        run_on_main_process(self._save_progress, progress, hidden)
 
-    def _save_progress(self, state: ResumeState, hidden: list[torch.Tensor] | None) -> None:
+    def _save_progress(self, progress: WalkProgress, hidden: list[torch.Tensor] | None) -> None:
         generation = self._generation + 1
+        completed = progress.completed_layers
         hidden_record = None
         if hidden is not None:
             data = save_safetensors(
@@ -341,21 +395,24 @@ class PruningCheckpoint:
             hidden_record = self._write_file(f"hidden_{generation}.safetensors", data)
         layers = dict(self._layers)
         for index in list(self._pending):
-            if index < state.completed_layers:
+            if index < completed:
                 layers[index] = self._pending.pop(index)
         records = list(layers.values()) + ([hidden_record] if hidden_record is not None else [])
+        hidden_for_layer = completed if hidden is not None else -1
+        state = {name: getattr(progress, name) for name in _PROGRESS_FIELDS}
         document: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "generation": generation,
             "fingerprint": self.fingerprint,
-            "state": asdict(state),
+            "state": {"fingerprint": self.fingerprint, **state, "hidden_for_layer": hidden_for_layer},
             "files": {r.name: {"size": r.size, "sha256": r.sha256} for r in records},
             "layers": {str(i): r.name for i, r in sorted(layers.items())},
             "hidden": hidden_record.name if hidden_record is not None else None,
         }
-        self._write_file(STATE_FILE, _state_bytes(document))
+        self._write_file(STATE_FILE, _state_bytes(json.loads(json.dumps(document))))
         # Durable from here on: the previous generation's files are no longer needed.
         self._generation, self._layers, self._hidden = generation, layers, hidden_record
+        self._hidden_for_layer, self._completed = hidden_for_layer, completed
         self._remove_stale()
 
     def _remove_stale(self) -> None:
@@ -371,44 +428,75 @@ class PruningCheckpoint:
                 path.unlink(missing_ok=True)
 
     def _write_file(self, name: str, data: bytes) -> _FileRecord:
-        """Write ``data`` to ``name`` atomically and durably: temporary file, fsync, rename, fsync folder."""
+        """Write ``data`` to ``name`` atomically and durably (the package's one writer)."""
         if not self.directory.is_dir():
             _io_event("mkdir", self.directory)
             self.directory.mkdir(parents=True, exist_ok=True)
-            _fsync_directory(self.directory.parent)
-        tmp = self.directory / (TMP_PREFIX + name)
-        _io_event("open", tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            half = len(view) // 2
-            _write_all(fd, view[:half])
-            _io_event("write", tmp)  # a kill here leaves a torn temporary file
-            _write_all(fd, view[half:])
-            _io_event("fsync", tmp)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fsync_directory(self.directory.parent, _observe)
         target = self.directory / name
-        _io_event("rename", target)
-        os.replace(tmp, target)
-        _fsync_directory(self.directory)
-        return _FileRecord(name, len(data), hashlib.sha256(data).hexdigest())
+        write_file(target, data, durable=True, temp_name=TMP_PREFIX + name, observe=_observe)
+        return _FileRecord(name, len(data), file_sha256(target, data))
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
+def _observe(operation: str, path: Path) -> None:
+    _io_event(operation, path)  # looked up at each call, so that tests can replace _io_event
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename (or a new entry) in ``directory`` durable; not possible (nor needed) on Windows."""
-    _io_event("fsync-dir", directory)
-    if os.name == "nt":  # pragma: no cover
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _state_problem(
+    progress: WalkProgress,
+    hidden_for_layer: Any,
+    layers: dict[int, _FileRecord],
+    hidden: _FileRecord | None,
+    files: dict[str, _FileRecord],
+    layout: Layout | None,
+) -> str:
+    """What is wrong with a state read from ``state.json`` (``""``: nothing), checked before any file is
+    touched: a tampered state whose checksum was recomputed must not make the run delete or misuse files."""
+    completed = progress.completed_layers
+    if not isinstance(completed, int) or isinstance(completed, bool) or completed < 0:
+        return f"completed_layers {completed!r}"
+    if not all(_is_own_name(name) and not name.startswith(TMP_PREFIX) for name in files):
+        return "a file name that is not the checkpoint's"
+    if any(not 0 <= index < completed for index in layers):
+        return "a layer file beyond the completed layers"
+    if hidden_for_layer not in (None, -1, completed):
+        return f"hidden_for_layer {hidden_for_layer!r}"
+    if not _numbers(progress.layer_sparsity, 0.0, 1.0) or not _numbers(progress.layerwise_signal):
+        return "layer_sparsity or layerwise_signal is not a list of numbers"
+    if not isinstance(progress.module_sparsity, dict) or not _numbers(
+        list(progress.module_sparsity.values()), 0.0, 1.0
+    ):
+        return "module_sparsity"
+    if not isinstance(progress.module_shapes, dict) or not isinstance(progress.experts, dict):
+        return "module_shapes or experts"
+    if layout is None:
+        return ""
+    num_layers = len(layout)
+    if completed > num_layers:
+        return f"completed_layers {completed} of a model with {num_layers} decoder layers"
+    if len(progress.layer_sparsity) not in (0, num_layers) or len(progress.layerwise_signal) not in (
+        0,
+        num_layers,
+    ):
+        return f"a layer schedule for another number of layers than {num_layers}"
+    if any(bool(layout[index]) != (index in layers) for index in range(completed)):
+        return "a completed layer without its file, or a file for a layer without prunable modules"
+    modules = {name: list(shape) for layer in layout for name, shape in layer.items()}
+    shapes = progress.module_shapes
+    if not set(progress.module_sparsity) <= set(modules) or any(
+        modules.get(k) != v for k, v in shapes.items()
+    ):
+        return "module results for modules this model does not have"
+    if completed < num_layers and hidden_for_layer != -1 and hidden is None:
+        return "no hidden states for an unfinished run"
+    return ""
+
+
+def _numbers(values: Any, low: float = -math.inf, high: float = math.inf) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in values
+    )
+
+
+#: the former name of :class:`ResumeCheckpoint`
+PruningCheckpoint = ResumeCheckpoint

@@ -20,7 +20,7 @@ from optimum_mwanda.resume import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
-    PruningCheckpoint,
+    ResumeCheckpoint,
     model_weights_digest,
 )
 
@@ -235,7 +235,7 @@ def test_flipped_byte_in_any_checkpoint_file_is_refused(tmp_path):
         for offset in range(0, size, 1 if name == "state.json" else 97):
             _flip(damaged / name, offset)
             with pytest.raises(CheckpointCorruptError):
-                PruningCheckpoint(damaged, fingerprint).load_state()
+                ResumeCheckpoint(damaged, fingerprint).load_state()
             _flip(damaged / name, offset)  # back
     # A missing or truncated file.
     for name in names:
@@ -290,7 +290,7 @@ def test_checkpoint_of_an_older_format_is_refused(tmp_path):
 
 
 def test_layer_before_first_state_is_a_programming_error(tmp_path):
-    checkpoint = PruningCheckpoint(tmp_path / "checkpoint", "fingerprint")
+    checkpoint = ResumeCheckpoint(tmp_path / "checkpoint", "fingerprint")
     assert checkpoint.load_state() is None
     with pytest.raises(RuntimeError, match="save_progress must be called before"):
         checkpoint.save_layer(0, {"w": torch.zeros(2)})

@@ -88,6 +88,7 @@ EVAL_EPILOG = """\
 examples:
   %(prog)s gemma-3-270m-mwanda-50 --languages en,de,sw --max-windows 20
   %(prog)s ./my-model --data heldout/ --seq-len 1024 --max-windows all --json > ppl.json
+  %(prog)s ./my-model --tasks xcopa --task-data shared/benchmarks/xcopa --no-perplexity
 
 The mean over languages is the geometric mean. Give MODEL before --languages (which takes several values).
 """
@@ -465,7 +466,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TASK,TASK",
         help="lm-eval tasks: the bundled offline mwanda_continuation, mwanda_translation (both directions), "
         "mwanda_translation_en_xx, mwanda_translation_xx_en (one subtask per --languages), or any lm-eval task "
-        "name (downloads from the Hub)",
+        "or group name (xcopa, xnli_de, belebele_swh_Latn: downloads from the Hub unless --task-data)",
+    )
+    downstream.add_argument(
+        "--task-data",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="run lm-eval's own tasks on local copies of their data found in DIR (jsonl, json, parquet, csv "
+        "or a datasets save_to_disk folder per split; layout in docs/evaluation.md); a task whose data is "
+        "missing is an error naming the files expected",
     )
     downstream.add_argument(
         "--limit", type=_positive_int, default=None, metavar="N", help="documents per task (quick runs)"

@@ -633,6 +633,7 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
     load_kwargs = model_load_kwargs(args)
     languages = parse_languages(args.languages)
     tasks = _downstream_tasks(args, languages)
+    task_data = _task_data_plan(args, tasks)
     perplexity = not (tasks and args.no_perplexity)
     paths = check_paths_exist(args.data, "--data")
     texts = _read_texts(paths, languages, "heldout", "--data", "--languages")[0] if perplexity else {}
@@ -686,6 +687,7 @@ def run_eval(args: argparse.Namespace) -> CommandResult:
             num_fewshot=args.num_fewshot,
             batch_size=args.task_batch_size,
             include_path=args.include_path,
+            task_data=task_data,
             show_progress=not args.quiet,
         )
     sparsity = None
@@ -724,6 +726,23 @@ def _downstream_tasks(args: argparse.Namespace, languages: list[str] | None) -> 
         return expand_tasks(args.tasks, languages)
     except ValueError as err:
         raise UsageError(f"--tasks: {err}") from None
+
+
+def _task_data_plan(args: argparse.Namespace, tasks: list[str]):
+    """``--task-data``: every task's local files found (or a usage error naming the files expected) before
+    any model is loaded."""
+    if not args.task_data:
+        return None
+    if not tasks:
+        raise UsageError("--task-data needs --tasks")
+    from ..evaluation.harness import prepare_task_data
+
+    try:
+        return prepare_task_data(
+            tasks, args.task_data, include_path=args.include_path, num_fewshot=args.num_fewshot
+        )
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--task-data: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Sparse checkpoints, model cards and Hub pushes for pruned models."""
 
-from .atomic import CheckpointConflictError
+from .atomic import CheckpointConflictError, FolderInUseError
 from .card import create_model_card, plot_layer_sparsity
 from .push import HubAuthenticationError, HubPermissionError, HubPushError, push_pruned_model
 from .serialization import (
@@ -14,6 +14,7 @@ from .verification import SparsityVerification, verify_sparsity
 
 __all__ = [
     "CheckpointConflictError",
+    "FolderInUseError",
     "HubAuthenticationError",
     "HubPermissionError",
     "HubPushError",

@@ -236,6 +236,7 @@ def push_pruned_model(
             license=license,
             datasets=datasets,
             eval_dataset=eval_dataset,
+            durable=False,  # a temporary folder, uploaded and deleted: nothing to keep across a power loss
         )
         # The manifest describes a local folder (which files optimum-mwanda wrote there), not the repo.
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)

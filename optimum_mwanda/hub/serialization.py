@@ -10,7 +10,6 @@ is the user's and is kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from ..distributed import main_process_only
 from ..modeling.offload import offload_source_folders
 from ..report import PruningReport
 from ..version import __version__
-from .atomic import MANIFEST_NAME, check_replaceable, checkpoint_transaction, write_file
+from .atomic import MANIFEST_NAME, check_replaceable, file_sha256, save_transaction, write_file
 from .card import PLOT_FILENAME, _check_eval_results, achieved_layer_sparsity, create_model_card
 from .compression import (
     DENSE_INDEX_NAME,
@@ -108,15 +107,6 @@ def _validate_save_inputs(model, report, compressed, eval_results, save_kwargs, 
         )
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _compress_folder(folder: Path) -> list[str]:
     """Replace every dense safetensors shard in ``folder`` by its bitmask form; return the new file names."""
     dense_files = sorted(p for p in folder.glob("*.safetensors") if not p.name.endswith(SPARSE_SUFFIX))
@@ -143,7 +133,7 @@ def _rewrite_sparsity_config(config_path: Path, **updates: Any) -> None:
         if value is None:
             del entry[key]
     data[SPARSITY_CONFIG_KEY] = entry
-    write_file(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_file(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n", durable=False)
 
 
 @main_process_only  # data-parallel runs: rank 0 writes, the others wait for it
@@ -162,6 +152,7 @@ def save_pruned_model(
     datasets: list[str] | None = None,
     eval_dataset: str | None = None,
     overwrite: bool = False,
+    durable: bool = True,
     **save_kwargs: Any,
 ) -> Path:
     """Save a pruned model (and tokenizer, report, evaluation results, model card) into ``save_directory``.
@@ -189,11 +180,15 @@ def save_pruned_model(
         overwrite: also write into a folder that holds files but no model checkpoint, and replace files with
             the checkpoint's names (``README.md``, ``config.json``...) that this package did not write. Other
             files are kept even then.
+        durable: fsync every new file and folder before the atomic swap (and the parent folder after it), so
+            that a power loss or kernel crash right after the save returns still finds the new folder
+            complete. ``False`` saves that time; the folder is then old-or-new under process crashes only.
         **save_kwargs: passed to ``model.save_pretrained`` (e.g. ``max_shard_size``).
 
     Raises:
         CheckpointConflictError: (a ``ValueError``) the folder is not a checkpoint, or holds a file of the
             user's where the save would write, and ``overwrite`` is not set.
+        FolderInUseError: (a ``RuntimeError``) another save or pruning run holds the folder's lock.
         ValueError: the folder holds weights the (offloaded) model still reads, or an input is invalid.
 
     Returns:
@@ -201,8 +196,9 @@ def save_pruned_model(
         the in-memory model describes itself like the saved one.
     """
     _validate_save_inputs(model, report, compressed, eval_results, save_kwargs, model_card)
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    for name, flag in (("overwrite", overwrite), ("durable", durable)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     evals = _check_eval_results(eval_results)
     fixed_names = [REPORT_FILENAME, *([EVAL_RESULTS_FILENAME] if evals else [])]
     fixed_names += [CARD_FILENAME, PLOT_FILENAME] if model_card else []
@@ -211,13 +207,17 @@ def save_pruned_model(
     _check_not_reading_from(model, target)
 
     model.config.sparsity_config = build_sparsity_config(report)
-    with checkpoint_transaction(target, overwrite=overwrite) as staging:
+    with save_transaction(target, overwrite=overwrite, durable=durable) as staging:
         model.save_pretrained(staging, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        write_file(staging / REPORT_FILENAME, report.to_json())
+        write_file(staging / REPORT_FILENAME, report.to_json(), durable=False)
         if evals:
-            write_file(staging / EVAL_RESULTS_FILENAME, json.dumps(evals, indent=2, sort_keys=True) + "\n")
+            write_file(
+                staging / EVAL_RESULTS_FILENAME,
+                json.dumps(evals, indent=2, sort_keys=True) + "\n",
+                durable=False,
+            )
         if compressed:
             files = _compress_folder(staging)
             digests = {name: file_sha256(staging / name) for name in files}
@@ -248,7 +248,7 @@ def _write_card(staging: Path, report, evals, compressed: bool, eval_dataset, **
         eval_dataset=eval_dataset,
         **card_kwargs,
     )
-    write_file(staging / CARD_FILENAME, str(card))
+    write_file(staging / CARD_FILENAME, str(card), durable=False)
 
 
 def load_eval_results(folder: str | os.PathLike) -> dict[str, dict[str, float]] | None:
@@ -324,11 +324,15 @@ def rewrite_model_card(
         model_id = previous["model_name"]  # the card of a pushed model is named after its repo
     writes = [CARD_FILENAME, PLOT_FILENAME, *([EVAL_RESULTS_FILENAME] if given else [])]
     check_replaceable(folder, writes=writes)
-    with checkpoint_transaction(folder, keep_own=True) as staging:
+    with save_transaction(folder, keep_own=True) as staging:
         card_kwargs = {"base_model": base_model, "model_id": model_id, "license": license}
         _write_card(staging, report, evals, compressed, eval_dataset, **card_kwargs)
         if given:
-            write_file(staging / EVAL_RESULTS_FILENAME, json.dumps(evals, indent=2, sort_keys=True) + "\n")
+            write_file(
+                staging / EVAL_RESULTS_FILENAME,
+                json.dumps(evals, indent=2, sort_keys=True) + "\n",
+                durable=False,
+            )
     return {
         "card": folder / CARD_FILENAME,
         "plot": folder / PLOT_FILENAME,
@@ -380,8 +384,12 @@ def _read_config(path_or_repo: str, hub_kwargs: dict[str, Any]) -> tuple[dict[st
 
 
 def _verify_digest(sparse: Path, expected: str | None) -> None:
-    if expected is None:  # written before checksums were recorded
-        return
+    if not isinstance(expected, str):
+        # Every compressed save records one per file: a missing record is a changed config, not an old one.
+        raise ValueError(
+            f"{sparse} has no SHA-256 in config.json's sparsity_config.{SPARSE_DIGESTS_KEY}: the checkpoint's "
+            "integrity record was removed or altered; restore config.json from its source or save the model again"
+        )
     actual = file_sha256(sparse)
     if actual != expected:
         raise ValueError(
@@ -426,15 +434,17 @@ def load_pruned_model(path_or_repo: str | os.PathLike, **from_pretrained_kwargs:
     """Load a model saved by :func:`save_pruned_model`, dense or compressed, from a folder or a Hub repo.
 
     Dense checkpoints go straight to ``AutoModelForCausalLM.from_pretrained``. Compressed ones are first
-    rebuilt as a dense checkpoint in a temporary folder, which lives as long as the returned model (an
-    offloaded model keeps reading from it) and is deleted when the model is garbage-collected or at exit.
+    checked against the SHA-256 that ``config.json`` records for every sparse file (a missing record is an
+    error too) and rebuilt as a dense checkpoint in a temporary folder, which lives as long as the returned
+    model (an offloaded model keeps reading from it) and is deleted when the model is garbage-collected or at
+    exit. Either way the folder's tensors must cover the model exactly: a weight missing from the files (it
+    would be randomly initialised) or a tensor the model does not have is a ``ValueError``.
 
     Args:
         path_or_repo: a local folder or a Hub repo id.
         **from_pretrained_kwargs: passed to ``from_pretrained`` (``device_map``, ``dtype``, ``revision``,
             ``token``...).
     """
-    from transformers import AutoModelForCausalLM
 
     path_or_repo = os.fspath(path_or_repo)
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
@@ -442,7 +452,7 @@ def load_pruned_model(path_or_repo: str | os.PathLike, **from_pretrained_kwargs:
     entry = config.get(SPARSITY_CONFIG_KEY) or {}
     checkpoint_format = entry.get("checkpoint_format", DENSE_FORMAT)
     if checkpoint_format == DENSE_FORMAT:
-        return AutoModelForCausalLM.from_pretrained(path_or_repo, **from_pretrained_kwargs)
+        return _load_covered(path_or_repo, path_or_repo, from_pretrained_kwargs)
     if checkpoint_format != FORMAT_NAME:
         raise ValueError(
             f"{path_or_repo!r} uses checkpoint format {checkpoint_format!r}, unknown to optimum-mwanda "
@@ -463,11 +473,39 @@ def load_pruned_model(path_or_repo: str | os.PathLike, **from_pretrained_kwargs:
     restored = _restore_dense(local, sparse_files, digests)
     load_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k not in _HUB_KWARGS}
     try:
-        model = AutoModelForCausalLM.from_pretrained(restored, **load_kwargs)
+        loaded = _load_covered(restored, path_or_repo, load_kwargs)
     except BaseException:
         shutil.rmtree(restored, ignore_errors=True)
         raise
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
     weakref.finalize(model, shutil.rmtree, str(restored), True)
     model.name_or_path = path_or_repo
     model.config._name_or_path = path_or_repo
-    return model
+    return loaded
+
+
+def _load_covered(source: str | os.PathLike, name: str, kwargs: dict[str, Any]):
+    """``from_pretrained(source)``, refused unless the files' tensors are exactly the model's."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(kwargs)
+    wants_info = bool(kwargs.pop("output_loading_info", False))
+    model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    problems = {
+        "missing from the files (they would be randomly initialised)": info.get("missing_keys"),
+        "not in the model": info.get("unexpected_keys"),
+        "of the wrong shape": [
+            str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or []
+        ],
+    }
+    found = [
+        f"{len(keys)} tensor(s) {what} ({', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''})"
+        for what, keys in problems.items()
+        if keys
+    ]
+    if found:
+        raise ValueError(
+            f"{name!r} does not hold exactly this model's weights: {'; '.join(found)}. The checkpoint is "
+            "incomplete or altered: restore it from its source or save the model again"
+        )
+    return (model, info) if wants_info else model

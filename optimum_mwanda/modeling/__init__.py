@@ -14,7 +14,7 @@ from .linear import (
     prunable_weights_by_layer,
 )
 from .offload import execution_device, input_device, read_parameter, write_parameter
-from .walk import SequentialWalk, WalkResult
+from .walk import ProgressListener, SequentialWalk, WalkProgress, WalkResult
 
 __all__ = [
     "ActivationStore",
@@ -31,7 +31,9 @@ __all__ = [
     "LayerStatisticsCollector",
     "NoDecoderLayersError",
     "PrunableLinear",
+    "ProgressListener",
     "SequentialWalk",
+    "WalkProgress",
     "WalkResult",
     "capture_layer_inputs",
     "execution_device",

@@ -3,16 +3,59 @@
 Only one layer's inputs (one tensor per calibration batch) are kept at a time. They can be moved off the
 accelerator to CPU memory, and past a byte budget spilled to files in a temporary folder, so that peak
 memory is one decoder layer plus one layer's activations (plus the budget).
+
+The spill folder (``optimum-mwanda-activations-*`` in the system temporary folder, or in ``spill_dir``) is
+the run's own: it holds an owner file with the process id and host, and is removed when the store closes.
+A run killed before that leaves it behind, so every new spill folder first removes those of dead processes
+on this host: only folders with such an owner file, never anything else in the temporary folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
+
+from ..files import write_file
+
+SPILL_PREFIX = "optimum-mwanda-activations-"
+#: the file inside a spill folder that names the process that owns it
+OWNER_FILE = ".optimum-mwanda-owner.json"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_spill_folders(parent: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the spill folders in ``parent`` (default: the system temporary folder) that a process of this
+    host which no longer runs left behind; returns them. A folder without a readable owner file is not
+    ours (or still being created) and is left alone, and so is one of a live process or another host."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    removed = []
+    host = socket.gethostname()
+    for folder in sorted(parent.glob(SPILL_PREFIX + "*")):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+            pid, owner_host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if folder.is_symlink() or owner_host != host or pid == os.getpid() or _process_alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 class ActivationStore:
@@ -22,8 +65,8 @@ class ActivationStore:
         tensors: the initial tensors (one per batch).
         device: where to keep them (``None``: leave each where it was produced, e.g. on the GPU).
         max_memory_bytes: above this many bytes held in memory, further batches go to disk.
-        spill_dir: parent folder for spilled files (a temporary folder is made inside it; default: the
-            system temporary folder). Removed by :meth:`close`.
+        spill_dir: parent folder for spilled files (a folder owned by this run is made inside it; default:
+            the system temporary folder). Removed by :meth:`close`.
     """
 
     def __init__(
@@ -70,7 +113,9 @@ class ActivationStore:
         size = tensor.numel() * tensor.element_size()
         self._memory.pop(index, None)
         if self.max_memory_bytes is not None and self.bytes_in_memory + size > self.max_memory_bytes:
-            torch.save(tensor.cpu(), self._path(index))
+            cpu = tensor.cpu()
+            # Scratch data, rewritten each layer: atomic (never a torn file), not worth an fsync.
+            write_file(self._path(index), lambda handle: torch.save(cpu, handle), durable=False)
             self._on_disk.add(index)
         else:
             self._on_disk.discard(index)
@@ -79,9 +124,11 @@ class ActivationStore:
 
     def _path(self, index: int) -> Path:
         if self._spill_dir is None:
-            self._spill_dir = Path(
-                tempfile.mkdtemp(prefix="optimum-mwanda-activations-", dir=self._spill_parent)
-            )
+            remove_stale_spill_folders(self._spill_parent)
+            folder = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self._spill_parent))
+            owner = {"pid": os.getpid(), "host": socket.gethostname()}
+            write_file(folder / OWNER_FILE, json.dumps(owner), durable=False)
+            self._spill_dir = folder
         return self._spill_dir / f"batch_{index}.pt"
 
     def as_list(self) -> list[torch.Tensor]:

@@ -503,3 +503,14 @@ class LayerStatisticsCollector:
 
     def negative_statistic_for(self, module: PrunableLinear) -> Any:
         return self.negative_statistics[self.group_of[module.name]]
+
+    def synchronise(self) -> int:
+        """Data-parallel runs: give every rank the same shared-input groups, then add every statistic's raw
+        sums (``raw_sums`` / ``load_raw_sums``) over all ranks. Returns the bytes all-reduced (0 in a single
+        process, where nothing happens). A rank whose shard held no sequence adopts the others' groups."""
+        if not distributed.current_context().enabled:
+            return 0
+        self.adopt_layout(
+            distributed.agree_on_layout(self.layout(), what="shared-input groups of a decoder layer")
+        )
+        return distributed.all_reduce_statistics([*self.statistics, *self.negative_statistics])

@@ -2,15 +2,18 @@
 and propagate the calibration activations through the pruned layer to the next one.
 
 Everything method-specific is asked of the :class:`~optimum_mwanda.methods.PruningAlgorithm`; the walk
-owns the hooks, devices, the activation store, restore-on-failure and the resume checkpoint.
+owns the hooks, devices, the activation store and restore-on-failure. Its progress is one record,
+:class:`WalkProgress`; persistence plugs in as a :class:`ProgressListener` (the resume checkpoint,
+:class:`optimum_mwanda.resume.ResumeCheckpoint`), which the walk never imports.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -31,15 +34,17 @@ logger = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from ..calibration import CalibrationSet
     from ..methods import PruningAlgorithm
-    from ..resume import PruningCheckpoint, ResumeState
 
 
 @dataclass
-class WalkResult:
-    """What the walk did, for the :class:`~optimum_mwanda.PruningReport`."""
+class WalkProgress:
+    """How far the walk is and what it did: the one progress record. Updated after every decoder layer,
+    handed to the :class:`ProgressListener`, returned by :meth:`SequentialWalk.run`; the
+    :class:`~optimum_mwanda.PruningReport` is built from it."""
 
-    layer_sparsity: list[float]
-    layerwise_signal: list[float]
+    completed_layers: int = 0
+    layer_sparsity: list[float] = field(default_factory=list)
+    layerwise_signal: list[float] = field(default_factory=list)
     module_sparsity: dict[str, float] = field(default_factory=dict)
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -47,6 +52,31 @@ class WalkResult:
     #: per fused-experts module: routed tokens, fallback and routing shares per expert (see hooks)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     magnitude_pruned: list[str] = field(default_factory=list)
+
+
+#: the former name of :class:`WalkProgress`
+WalkResult = WalkProgress
+
+
+class ProgressListener(Protocol):
+    """What the walk tells persistence, and asks of it (the resume checkpoint implements it).
+
+    :meth:`load_state` is asked first: the progress of an earlier run (``None``: none), checked against
+    ``layout`` (per decoder layer, ``{module name: shape}``); then :meth:`load_layer` for each finished
+    layer and :meth:`load_hidden` for the next layer's inputs (``None``: recompute them). A new run gets
+    :meth:`save_progress` once the schedule is known; then per layer :meth:`save_layer` with its new weights
+    and :meth:`save_progress` with the layer counted as completed (and the next layer's inputs, if kept).
+    """
+
+    def load_state(self, layout: Sequence[Mapping[str, Sequence[int]]]) -> WalkProgress | None: ...
+
+    def load_layer(self, index: int) -> dict[str, torch.Tensor]: ...
+
+    def load_hidden(self) -> list[torch.Tensor] | None: ...
+
+    def save_layer(self, index: int, weights: dict[str, torch.Tensor]) -> None: ...
+
+    def save_progress(self, progress: WalkProgress, hidden: list[torch.Tensor] | None) -> None: ...
 
 
 class SequentialWalk:
@@ -57,7 +87,8 @@ class SequentialWalk:
         stack: its decoder layers.
         layer_modules: the prunable linear modules of every decoder layer.
         algorithm: what to collect and how to prune.
-        checkpoint: persists progress after every layer and resumes from it (optional).
+        checkpoint: the :class:`ProgressListener` that persists progress after every layer and resumes from
+            it (the resume checkpoint; optional).
         activations_device: where calibration activations wait between layers (``None``: where produced).
         activations_max_memory: bytes of activations kept in memory before spilling to disk.
         show_progress: tqdm progress bars.
@@ -70,7 +101,7 @@ class SequentialWalk:
         stack: DecoderStack,
         layer_modules: list[list[PrunableLinear]],
         algorithm: PruningAlgorithm,
-        checkpoint: PruningCheckpoint | None = None,
+        checkpoint: ProgressListener | None = None,
         activations_device: str | torch.device | None = None,
         activations_max_memory: int | None = None,
         show_progress: bool = True,
@@ -88,20 +119,20 @@ class SequentialWalk:
         self.timings: dict[str, float] = {}
         # Every weight changed so far, as it was: written back if anything fails part-way.
         self._originals: dict[str, tuple[PrunableLinear, torch.Tensor]] = {}
-        self._magnitude_pruned: list[str] = []
 
     @property
     def num_layers(self) -> int:
         return len(self.stack.layers)
 
-    def run(self, calibration: CalibrationSet, negative: CalibrationSet | None = None) -> WalkResult:
+    def run(self, calibration: CalibrationSet, negative: CalibrationSet | None = None) -> WalkProgress:
         """Prune every layer on ``calibration`` (and lower importance on ``negative``, when given).
 
         If anything fails part-way, every weight already changed is restored before the exception
         propagates.
         """
         config = self.algorithm.config
-        resume = self.checkpoint.load_state() if self.checkpoint is not None else None
+        layout = [{m.name: list(m.shape) for m in modules} for modules in self.layer_modules]
+        resume = self.checkpoint.load_state(layout) if self.checkpoint is not None else None
         # Data-parallel: every rank read the same state (the folder must be shared) before rank 0 writes.
         distributed.check_same_run(
             None if resume is None else (resume.completed_layers, resume.layer_sparsity),
@@ -180,16 +211,14 @@ class SequentialWalk:
         batches: list[dict[str, torch.Tensor]],
         n_main: int,
         calibration: CalibrationSet,
-        resume: ResumeState | None,
+        resume: WalkProgress | None,
         layer_sparsity: list[float],
         signal: list[float],
-    ) -> WalkResult:
-        from ..resume import ResumeState
-
+    ) -> WalkProgress:
         checkpoint = self.checkpoint
-        state = resume or ResumeState(fingerprint=checkpoint.fingerprint if checkpoint else "")
-        state.layer_sparsity, state.layerwise_signal = list(layer_sparsity), list(signal)
-        first_layer = state.completed_layers
+        state = resume or WalkProgress()
+        state.layer_sparsity, state.layerwise_signal = [float(s) for s in layer_sparsity], list(signal)
+        first_layer = state.resumed_from_layer = state.completed_layers
         if first_layer:
             self._restore_checkpointed_layers(first_layer, hidden, captured, state)
         elif checkpoint is not None:
@@ -221,26 +250,18 @@ class SequentialWalk:
                 last = index == self.num_layers - 1
                 if not last:  # nothing reads the last layer's outputs
                     self._propagate(index, layer, captured, hidden, len(batches))
+                state.completed_layers = index + 1
                 if checkpoint is not None:
-                    state.completed_layers = index + 1
                     # A data-parallel rank holds only its shard's activations: resumes recompute them.
                     keep_hidden = not last and not distributed.current_context().enabled
                     checkpoint.save_progress(state, hidden.as_list() if keep_hidden else None)
                 progress.update(1)
 
-        return WalkResult(
-            layer_sparsity=[float(s) for s in layer_sparsity],
-            layerwise_signal=list(signal),
-            module_sparsity=state.module_sparsity,
-            module_shapes=state.module_shapes,
-            timings=self.timings,
-            resumed_from_layer=first_layer,
-            experts=state.experts,
-            magnitude_pruned=list(self._magnitude_pruned),
-        )
+        state.timings = self.timings
+        return state
 
     def _restore_checkpointed_layers(
-        self, completed: int, hidden: ActivationStore, captured: CapturedInputs, state: ResumeState
+        self, completed: int, hidden: ActivationStore, captured: CapturedInputs, state: WalkProgress
     ) -> None:
         """Resume: re-apply the finished layers' pruned weights and reload the next layer's inputs."""
         for index in range(completed):
@@ -251,8 +272,9 @@ class SequentialWalk:
                 module.write_weight(saved[module.name].to(weight.dtype))
         if completed >= self.num_layers:
             return
-        if state.hidden_saved and not distributed.current_context().enabled:
-            for b, tensor in enumerate(self.checkpoint.load_hidden()):
+        saved = None if distributed.current_context().enabled else self.checkpoint.load_hidden()
+        if saved is not None:
+            for b, tensor in enumerate(saved):
                 hidden[b] = tensor
             return
         # No saved activations (a data-parallel run saves none): rerun the finished, pruned layers.
@@ -274,7 +296,7 @@ class SequentialWalk:
         n_main: int,
         num_languages: int,
         sparsity: float,
-        state: ResumeState,
+        state: WalkProgress,
     ) -> dict[str, torch.Tensor]:
         """Collect the layer's input statistics, then prune each shared-input group; the new weights."""
         modules = self.layer_modules[index]
@@ -295,7 +317,7 @@ class SequentialWalk:
                 collector.set_batch(batch["attention_mask"], batch["language"], negative=b >= n_main)
                 collector.run(captured.call, hidden[b], layer, index, b)
                 collector.end_batch()
-        distributed.synchronise_collector(collector)  # data-parallel: sums over every rank's shard
+        collector.synchronise()  # data-parallel: sums over every rank's shard
         if collector.start_fallback_pass():  # experts routed too few tokens: calibrated on every token
             with collector.attached(), torch.no_grad():
                 for b, batch in enumerate(batches[:n_main]):
@@ -325,7 +347,7 @@ class SequentialWalk:
             weight = module.read_weight()
             mask = mask_from_scores(weight.abs().float(), sparsity, algorithm.config.nm_structure)
             self._write([module], [weight], [weight.masked_fill(mask, 0)], pruned, state)
-            self._magnitude_pruned.append(module.name)
+            state.magnitude_pruned.append(module.name)
             logger.warning(
                 "%s never ran during calibration (no activations reach it): pruned by weight magnitude",
                 module.name,
@@ -339,7 +361,7 @@ class SequentialWalk:
         weights: list[torch.Tensor],
         new_weights: list[torch.Tensor],
         pruned: dict[str, torch.Tensor],
-        state: ResumeState,
+        state: WalkProgress,
     ) -> None:
         for module, weight, new_weight in zip(group, weights, new_weights):
             self._remember(module, weight)
@@ -393,7 +415,7 @@ class SequentialWalk:
                     collector.set_batch(batch["attention_mask"], batch["language"])
                     hidden[i] = captured.call(hidden[i], layer, index, first_batch + i)
                     collector.end_batch()
-            distributed.synchronise_collector(collector)
+            collector.synchronise()
             signal.append(
                 self.algorithm.layer_signal(
                     [m.read_weight() for m in modules if m.name in collector.group_of],
