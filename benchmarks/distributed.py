@@ -13,6 +13,7 @@ pruned weights of every run are compared (checksums) with the one-process run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -26,6 +27,12 @@ from common import load_average, write_record
 
 METHODS = ("wanda", "mwanda", "sparsegpt")
 LANGUAGES = ["ar", "de", "en", "es", "ru", "sw", "zh"]
+
+
+def weight_digest(weight: torch.Tensor) -> str:
+    """sha256 of a weight's bytes: equal digests mean bit-identical pruned weights across runs."""
+    data = weight.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _count_collectives(counter: dict[str, int]) -> None:
@@ -50,7 +57,7 @@ def worker(rank: int, world_size: int, init_file: str, args: dict, out: str) -> 
     from optimum_mwanda import MWandaConfig, Pruner, SparseGPTConfig, WandaConfig
     from optimum_mwanda.calibration import build_calibration, load_bundled_corpus
     from optimum_mwanda.demo import load_demo_model
-    from optimum_mwanda.distributed import _checksum, local_indices
+    from optimum_mwanda.distributed import local_indices
 
     counter: dict[str, int] = {}
     if world_size > 1:
@@ -87,7 +94,7 @@ def worker(rank: int, world_size: int, init_file: str, args: dict, out: str) -> 
         "bytes": counter,
         "num_layers": model.config.num_hidden_layers,
         "load_average": [load, load_average()],
-        "checksum": [_checksum(model.get_submodule(n).weight) for n in sorted(report.module_sparsity)],
+        "checksum": [weight_digest(model.get_submodule(n).weight) for n in sorted(report.module_sparsity)],
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     if world_size > 1:

@@ -94,7 +94,7 @@ def run(
     if not todo:
         return cache
     cache.setdefault("uptime", []).append(f"start: {_uptime()}")
-    model, tokenizer = study._load_model(args.model)
+    model, tokenizer = study.load_model(args.model)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calibration = study.study_calibration(tokenizer, args)
     for i, config in enumerate(todo, 1):

@@ -516,7 +516,7 @@ def save_cache(path: Path, cache: Mapping[str, Any]) -> None:
     tmp.replace(path)  # never leave a half-written cache behind an interrupted run
 
 
-def _load_model(model_id: str):
+def load_model(model_id: str):
     import torch
 
     if model_id == "demo":
@@ -610,7 +610,7 @@ def run_study(args: argparse.Namespace, configs: Sequence[StudyConfig]) -> dict[
     if not todo:
         return cache
 
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = load_model(args.model)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calibration = study_calibration(tokenizer, args)
     # Same total budget, one language: every sequence English.

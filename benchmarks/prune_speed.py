@@ -10,13 +10,14 @@ methods) on the same model and the same calibration tokens:
 - one run of ``Pruner.prune_model`` per method; a run may set config fields in brackets, as in
   ``multilingual_study.py``: ``--runs wanda mwanda 'mwanda[hessian_token_stride=4]'``.
 
-Usage (the committed results came from exactly this)::
+Usage (Gemma 3 270M, bundled corpus, 7 x 8 x 512 tokens; the committed results came from these, with
+``--output benchmarks/results/prune_speed_50`` / ``_70`` / ``_2of4``)::
 
-    python benchmarks/prune_speed.py                 # Gemma 3 270M, bundled corpus, 7 x 8 x 512 tokens
-    python benchmarks/prune_speed.py --runs wanda mwanda sparsegpt --mask-structure 2:4 \
-        --output benchmarks/results/prune_speed_2of4
+    python benchmarks/prune_speed.py --runs wanda mwanda --repeats 3
+    python benchmarks/prune_speed.py --runs wanda mwanda --repeats 3 --sparsity 0.7
+    python benchmarks/prune_speed.py --runs wanda mwanda --repeats 3 --mask-structure 2:4
 
-Writes ``benchmarks/results/prune_speed.json`` and ``.md``.
+Writes ``OUTPUT.json`` and ``OUTPUT.md`` (default ``benchmarks/results/prune_speed``).
 """
 
 from __future__ import annotations

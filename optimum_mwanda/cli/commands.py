@@ -170,9 +170,14 @@ def preparing(what: str, hint: str = "") -> Iterator[None]:
 # shared steps
 # ---------------------------------------------------------------------------------------------------------
 def _model_path(model: ModelReference) -> str:
-    """A loadable folder or Hub id; the demo model is converted on first use (about 40 s)."""
+    """A loadable folder or Hub id; the demo model is converted on first use (about a minute)."""
     if not model.is_demo:
-        return str(model.local_path) if model.local_path is not None else model.name
+        if model.local_path is not None:
+            return str(model.local_path)
+        from ..hub.connectivity import check_hub_model_reachable
+
+        check_hub_model_reachable(model.name)  # seconds, not a minute of retries, when offline
+        return model.name
     from ..demo import demo_model_path
 
     with preparing("the demo model"):
@@ -304,8 +309,6 @@ def _write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def run_prune(args: argparse.Namespace) -> CommandResult:
     """``prune``: validate, build calibration data, load the model, (evaluate,) prune, (evaluate,) save/push."""
-    from ..pruner import Pruner
-
     # -- preparation: arguments ----------------------------------------------------------------------
     config = build_config(args)
     model_ref = resolve_model_reference(args.model)
@@ -373,6 +376,7 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
     # -- run ------------------------------------------------------------------------------------------
     # Launched by torchrun / accelerate launch: join the process group; each rank prunes on its own device.
     from ..distributed import launcher_process_group, local_device
+    from ..pruner import Pruner
 
     with launcher_process_group() as context:
         if context.enabled and "device_map" not in load_kwargs and local_device().type == "cuda":

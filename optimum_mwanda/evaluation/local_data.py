@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import write_file
+
 #: Local file formats: suffix -> the ``datasets`` builder that reads it.
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 #: Other names a split's file may have (XCOPA ships ``val.<lang>.jsonl``).
@@ -388,16 +390,19 @@ def write_overrides(plan: TaskDataPlan, folder: Path) -> Path:
     returns ``folder``, to be given to lm-eval's ``TaskManager(include_path=...)``."""
     import yaml
 
+    # Scratch files lm-eval reads once in this process: atomic, but no need to survive a power loss.
     folder.mkdir(parents=True, exist_ok=True)
     for task in plan.tasks.values():
         config = {"include": task.source_yaml, **task.overrides}
-        (folder / f"task_{_safe(task.name)}.yaml").write_text(
-            yaml.safe_dump(config, sort_keys=False), "utf-8"
+        write_file(
+            folder / f"task_{_safe(task.name)}.yaml", yaml.safe_dump(config, sort_keys=False), durable=False
         )
     for group, source in plan.groups.items():
         # The group as lm-eval defines it (members, aggregation); its members resolve to the tasks above.
         config = {"include": source, "group": group}
-        (folder / f"group_{_safe(group)}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), "utf-8")
+        write_file(
+            folder / f"group_{_safe(group)}.yaml", yaml.safe_dump(config, sort_keys=False), durable=False
+        )
     return folder
 
 

@@ -189,7 +189,7 @@ def sparsegpt_prune_group(
 # Columns per chunk of the greedy sweep: inside a block, each column's rank-1 update reaches only the rest of
 # its chunk, and one product per chunk updates the rest of the block (the blocked sweep's lazy update, one
 # level down). The same arithmetic as updating the whole block per column, in a different order; on a
-# 2-core CPU it cuts the sweep's memory traffic (measured in benchmarks/results/sweep_chunk_speed.md).
+# 2-core CPU it cuts the sweep's memory traffic (measured in research/results/sweep_chunk_speed.md).
 _SWEEP_CHUNK = 16
 
 
