@@ -220,6 +220,7 @@ class Pruner:
             coverage=run.coverage,
             experts=result.experts,
             expert_options=run.expert_options.to_dict() if result.experts else {},
+            magnitude_pruned=result.magnitude_pruned,
         )
         return self.report
 

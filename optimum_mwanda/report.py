@@ -51,6 +51,9 @@ class PruningReport:
             (``{language: [share of that language's routed tokens per expert]}``).
         expert_options: the :class:`~optimum_mwanda.modeling.experts.ExpertOptions` that applied (empty for
             dense models).
+        magnitude_pruned: linear modules that never ran during calibration (cross-attention without an
+            encoder, Mamba's ``dt_proj`` whose weight the model reads directly): no activation statistics
+            exist for them, so they were pruned by weight magnitude, at their layer's sparsity and structure.
         optimum_mwanda_version: the package version that pruned (stored inside ``config`` in the JSON form).
     """
 
@@ -73,6 +76,7 @@ class PruningReport:
     coverage: CoveragePlan | None = None
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     expert_options: dict[str, Any] = field(default_factory=dict)
+    magnitude_pruned: list[str] = field(default_factory=list)
     optimum_mwanda_version: str = __version__
 
     def __post_init__(self) -> None:

@@ -126,7 +126,9 @@ _PROGRESS_FIELDS = (
     "module_sparsity",
     "module_shapes",
     "experts",
+    "magnitude_pruned",
 )
+_LATER_FIELDS = ("experts", "magnitude_pruned")
 #: expected tensors of each decoder layer: ``{module name: [out_features, in_features]}``
 Layout = Sequence[Mapping[str, Sequence[int]]]
 
@@ -244,7 +246,12 @@ class ResumeCheckpoint:
             saved = document["state"]
             # (``experts`` is absent from states written before mixture-of-experts support)
             progress = WalkProgress(
-                **{name: saved[name] for name in _PROGRESS_FIELDS if name in saved or name != "experts"}
+                # (``experts`` and ``magnitude_pruned`` are absent from states written before they existed)
+                **{
+                    name: saved[name]
+                    for name in _PROGRESS_FIELDS
+                    if name in saved or name not in _LATER_FIELDS
+                }
             )
             hidden_for_layer = saved.get("hidden_for_layer")
             files = {

@@ -2,7 +2,7 @@
 and the sequential walk that prunes layer by layer (:class:`SequentialWalk`)."""
 
 from .activations import ActivationStore
-from .capture import CapturedInputs, capture_layer_inputs
+from .capture import CapturedInputs, LayerReplayError, LayerReuseError, capture_layer_inputs
 from .coverage import CoverageEntry, CoveragePlan, IncompleteCoverageError, plan_coverage
 from .decoder import DecoderStack, NoDecoderLayersError, find_decoder_stack
 from .experts import ExpertOptions, ExpertWeight, FusedExperts, find_fused_experts
@@ -26,6 +26,8 @@ __all__ = [
     "FusedExperts",
     "IncompleteCoverageError",
     "DecoderStack",
+    "LayerReplayError",
+    "LayerReuseError",
     "LayerStatisticsCollector",
     "NoDecoderLayersError",
     "PrunableLinear",

@@ -23,6 +23,15 @@ class _StopForward(Exception):
     """Raised by the last stand-in to end the capture pass early."""
 
 
+class LayerReplayError(ValueError):
+    """The decoder layers cannot be replayed one by one on the previous layer's outputs."""
+
+
+class LayerReuseError(LayerReplayError):
+    """A decoder layer runs more (or fewer) times than once per forward pass (looped or recurrent blocks):
+    replaying each layer once on the previous one's outputs would not reproduce the model."""
+
+
 @dataclass
 class LayerCall:
     """The arguments of one decoder-layer call, hidden states excluded."""
@@ -77,6 +86,10 @@ class _Recorder:
         self.num_layers = num_layers
         self.captured = captured
         self.output_kind_known = False
+        # The first batch runs the whole forward pass through the stand-ins (no early stop) to count how often
+        # each layer is called: a layer run twice (Dory's recurrent loop) would be replayed on wrong inputs.
+        self.stop_at_last = False
+        self.counts = [0] * num_layers
 
     def record(self, index: int, layer: nn.Module, args: tuple, kwargs: dict):
         kwargs = dict(kwargs)
@@ -91,12 +104,21 @@ class _Recorder:
             if not self.output_kind_known:
                 # Learn once what a real layer returns (tensor or tuple) to pass hidden states through alike.
                 with torch.no_grad():
-                    output = layer(hidden, *rest, **kwargs)
+                    try:
+                        output = layer(hidden, *rest, **kwargs)
+                    except TypeError as error:
+                        raise LayerReplayError(
+                            f"decoder layer {type(layer).__name__} cannot be called with the hidden states as "
+                            f"its first argument ({error}): its blocks carry more than one residual stream "
+                            "(e.g. reversible layers), which the layer-by-layer walk does not replay"
+                        ) from error
                 self.captured.returns_tuple = isinstance(output, (tuple, list))
                 self.captured.tuple_length = len(output) if self.captured.returns_tuple else 1
                 self.output_kind_known = True
-        self.captured.calls[index].append(LayerCall(rest, kwargs))
-        if index == self.num_layers - 1:
+        self.counts[index] += 1
+        if self.counts[index] == 1 or self.stop_at_last:
+            self.captured.calls[index].append(LayerCall(rest, kwargs))
+        if index == self.num_layers - 1 and self.stop_at_last:
             raise _StopForward
         if self.captured.returns_tuple:
             return (hidden,) + (None,) * (self.captured.tuple_length - 1)
@@ -117,7 +139,8 @@ def capture_layer_inputs(
         for index, layer in enumerate(originals):
             stack.layers[index] = _LayerStandIn(layer, index, recorder)
         with torch.no_grad():
-            for batch in batches:
+            for number, batch in enumerate(batches):
+                recorder.stop_at_last = number > 0
                 try:
                     model(
                         input_ids=batch["input_ids"].to(input_device),
@@ -127,10 +150,23 @@ def capture_layer_inputs(
                 except _StopForward:
                     pass
                 else:
-                    raise RuntimeError(
-                        "the model's forward pass did not reach its last decoder layer; cannot capture inputs"
-                    )
+                    if number > 0:
+                        raise RuntimeError(
+                            "the model's forward pass did not reach its last decoder layer; cannot capture inputs"
+                        )
+                if number == 0:
+                    _check_each_layer_ran_once(recorder.counts, stack)
     finally:
         for index, layer in enumerate(originals):
             stack.layers[index] = layer
     return captured
+
+
+def _check_each_layer_ran_once(counts: list[int], stack: DecoderStack) -> None:
+    odd = {stack.layer_name(i): n for i, n in enumerate(counts) if n != 1}
+    if odd:
+        raise LayerReuseError(
+            "each decoder layer must run exactly once per forward pass to be pruned layer by layer, but "
+            + ", ".join(f"{name} ran {n} times" for name, n in odd.items())
+            + " (a looped or recurrent block, or a stack the forward pass does not walk in order)"
+        )

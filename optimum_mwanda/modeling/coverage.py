@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import canonical_name
+from .decoder import matrix_rank
 from .experts import ExpertWeight, fused_experts_of, is_router
 from .linear import ALWAYS_DENSE, ancestors_of, is_prunable_linear, matches_pattern
 
@@ -28,7 +29,7 @@ DENSE = "dense"
 UNREACHABLE = "unreachable"
 
 #: reasons a decoder-layer matrix stays dense by design
-REASONS = ("ignored", "router", "norm", "embedding", "conv", "adapter", "expert bias")
+REASONS = ("ignored", "router", "norm", "embedding", "conv", "adapter", "expert bias", "element-wise")
 
 
 class IncompleteCoverageError(ValueError):
@@ -169,6 +170,8 @@ def plan_coverage(stack, layer_weights: Sequence[Sequence[Any]], ignore: list[st
                     plan.entries.append(CoverageEntry(full, shape, DENSE, "ignored"))
                 continue
             reason = _dense_reason(layer, sub_name, owner, leaf, full, ignore, experts is not None)
+            if reason is None and _element_wise(owner, leaf, param):
+                reason = "element-wise"
             if reason is None:
                 plan.entries.append(CoverageEntry(full, shape, UNREACHABLE, _unreachable_reason(owner, leaf)))
             else:
@@ -202,6 +205,12 @@ def _dense_reason(
     if "norm" in type(owner).__name__.lower() or "norm" in sub_name.rpartition(".")[2].lower():
         return "norm"
     return None
+
+
+def _element_wise(owner: nn.Module, leaf: str, param) -> bool:
+    """A parameter the model uses element-wise, not as a linear map: a learned vector stored with unit
+    dimensions (a ``[1, 1, H]`` memory token) or a state-space model's state matrix ``A_log``."""
+    return not is_prunable_linear(owner) and (matrix_rank(param) < 2 or leaf == "A_log")
 
 
 def _unreachable_reason(owner: nn.Module, leaf: str) -> str:

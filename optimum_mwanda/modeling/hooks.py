@@ -177,6 +177,8 @@ class LayerStatisticsCollector:
         # Boolean selection copies every row: skip it when the batch has no padding (the common case).
         self._all_valid = bool(self._valid.all())
         self._language = language_per_sequence.repeat_interleave(seq_len)
+        self._sequence_language = language_per_sequence
+        self._sequences = attention_mask.shape[0]
         self._negative = negative
         self._seen.clear()
         self._alive.clear()
@@ -327,12 +329,9 @@ class LayerStatisticsCollector:
         rows = x.reshape(-1, x.shape[-1])
         valid, language = self._valid, self._language
         if rows.shape[0] != valid.shape[0]:
-            raise RuntimeError(
-                f"a linear module saw {rows.shape[0]} token rows for a batch of {valid.shape[0]} tokens; "
-                "modules that see a subset of tokens (e.g. mixture-of-experts) are not supported"
-            )
+            valid, language = self._rows_of_other_length(rows, x)
         language = language.to(rows.device)
-        if not self._all_valid:
+        if valid is not None and not self._all_valid:
             valid = valid.to(rows.device)
             rows, language = rows[valid], language[valid]
         if self._negative:
@@ -340,13 +339,35 @@ class LayerStatisticsCollector:
         else:
             # Tell the statistic where each sequence's tokens start and end, so that it can sum its float32
             # products one sequence at a time (the same whichever batch or rank a sequence lands in).
-            if x.dim() < 3:
+            if x.dim() < 3 or valid is None:
                 lengths = None
             elif self._all_valid:
                 lengths = x.shape[-2]
             else:
                 lengths = self._valid.view(-1, x.shape[-2]).sum(dim=1).tolist()
             self.statistics[group].update(rows, language, lengths)
+
+    def _rows_of_other_length(
+        self, rows: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Languages of the rows of a module that sees another number of token positions than the batch has
+        (a layer that prepends memory tokens or merges positions): kept when the sequences are unpadded and
+        the rows still split per sequence; ``None`` for the padding mask (nothing to drop)."""
+        batch = self._sequences
+        if not self._all_valid or x.dim() < 3 or x.shape[0] != batch or rows.shape[0] % batch:
+            fewer = rows.shape[0] < self._valid.shape[0]
+            raise RuntimeError(
+                f"a linear module saw {rows.shape[0]} token rows for a batch of {self._valid.shape[0]} tokens: "
+                + (
+                    "it sees a subset of the tokens (an expert fed only the tokens routed to it)"
+                    if fewer
+                    else "the layer adds token positions (memory or prompt tokens, n-gram streams)"
+                )
+                + ", so the batch's padding and languages cannot be mapped onto its rows"
+                + ("" if self._all_valid or fewer else ": calibrate on unpadded (equal-length) sequences")
+            )
+        per_sequence = rows.shape[0] // batch
+        return None, self._sequence_language.repeat_interleave(per_sequence)
 
     @contextmanager
     def attached(self):
@@ -376,6 +397,12 @@ class LayerStatisticsCollector:
             for handle in handles:
                 handle.remove()
             self.end_batch()
+
+    def never_ran(self) -> list[PrunableLinear]:
+        """The modules whose hook never fired: the layer's forward pass does not call them (cross-attention
+        without encoder states) or reads their weight directly (Mamba's ``dt_proj``)."""
+        # Experts are not here: one never routed to is calibrated by the fallback rule (see below).
+        return [m for m in self.modules if type(m) is PrunableLinear and m.name not in self.group_of]
 
     # -- experts under their token threshold -------------------------------------------------------------
     def start_fallback_pass(self) -> bool:

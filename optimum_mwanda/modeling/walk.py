@@ -9,6 +9,7 @@ owns the hooks, devices, the activation store and restore-on-failure. Its progre
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..parts.masks import mask_from_scores
 from .activations import ActivationStore
 from .capture import CapturedInputs, capture_layer_inputs
 from .decoder import DecoderStack
@@ -26,6 +28,8 @@ from .experts import ExpertOptions
 from .hooks import LayerStatisticsCollector
 from .linear import PrunableLinear
 from .offload import input_device
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..calibration import CalibrationSet
@@ -47,6 +51,7 @@ class WalkProgress:
     resumed_from_layer: int = 0
     #: per fused-experts module: routed tokens, fallback and routing shares per expert (see hooks)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    magnitude_pruned: list[str] = field(default_factory=list)
 
 
 #: the former name of :class:`WalkProgress`
@@ -343,15 +348,36 @@ class SequentialWalk:
                 statistic.restore_()
             new_weights = algorithm.prune_group(group[0].name, weights, statistic, negative, sparsity)
             distributed.synchronise_weights(new_weights)  # identical on every rank (checked)
-            for module, weight, new_weight in zip(group, weights, new_weights):
-                self._remember(module, weight)
-                new_weight = new_weight.to(weight.dtype)
-                module.write_weight(new_weight)
-                pruned[module.name] = new_weight
-                state.module_sparsity[module.name] = float((new_weight == 0).float().mean())
-                state.module_shapes[module.name] = list(module.shape)
+            self._write(group, weights, new_weights, pruned, state)
+        for module in collector.never_ran():
+            # No activation ever reached it, so no statistic exists: magnitude is the only score left. Never
+            # silent: the report lists every such module.
+            weight = module.read_weight()
+            mask = mask_from_scores(weight.abs().float(), sparsity, algorithm.config.nm_structure)
+            self._write([module], [weight], [weight.masked_fill(mask, 0)], pruned, state)
+            state.magnitude_pruned.append(module.name)
+            logger.warning(
+                "%s never ran during calibration (no activations reach it): pruned by weight magnitude",
+                module.name,
+            )
         self.timings["pruning"] += time.perf_counter() - t
         return pruned
+
+    def _write(
+        self,
+        group: list[PrunableLinear],
+        weights: list[torch.Tensor],
+        new_weights: list[torch.Tensor],
+        pruned: dict[str, torch.Tensor],
+        state: WalkProgress,
+    ) -> None:
+        for module, weight, new_weight in zip(group, weights, new_weights):
+            self._remember(module, weight)
+            new_weight = new_weight.to(weight.dtype)
+            module.write_weight(new_weight)
+            pruned[module.name] = new_weight
+            state.module_sparsity[module.name] = float((new_weight == 0).float().mean())
+            state.module_shapes[module.name] = list(module.shape)
 
     def _propagate(
         self, index: int, layer: nn.Module, captured: CapturedInputs, hidden: ActivationStore, n_batches: int
@@ -400,8 +426,8 @@ class SequentialWalk:
             collector.synchronise()
             signal.append(
                 self.algorithm.layer_signal(
-                    [m.read_weight() for m in modules],
-                    [collector.statistic_for(m) for m in modules],
+                    [m.read_weight() for m in modules if m.name in collector.group_of],
+                    [collector.statistic_for(m) for m in modules if m.name in collector.group_of],
                     collector.statistics,
                 )
             )
