@@ -138,17 +138,24 @@ def find_fused_experts(layer: nn.Module, layer_name: str) -> list[FusedExperts]:
 
 
 def is_router(sub_name: str, module: nn.Module, ancestors: list[nn.Module]) -> bool:
-    """Whether a module of a decoder layer (``sub_name`` relative to the layer) is a MoE router or gate:
-    its own or an enclosing module's class is a router/gating class, or its attribute name is one that MoE
-    blocks give their router (``gate``, ``router``, ``shared_expert_gate``, ...) next to experts."""
-    classes = [type(m).__name__ for m in (module, *ancestors)]
-    if any(_ROUTER_CLASS.search(c) for c in classes):
+    """Whether a module of a decoder layer (``sub_name`` relative to the layer) is a MoE router or part of one.
+
+    A router is a module whose own class is a router/gating class, a module inside an enclosing ``*Router``
+    class, or a module an MoE block keeps under a router's attribute name (``gate``, ``router``,
+    ``shared_expert_gate``, ...) next to its experts, and anything inside it (routers that are small MLPs).
+    An enclosing class named ``*Gating*`` or ``*Gate`` alone is not enough: gated MLPs (Moshi's
+    ``MoshiGatingMLP``) and gates of attention (Kimi's forget gate) are ordinary weights to prune.
+    """
+    if _ROUTER_CLASS.search(type(module).__name__):
         return True
-    leaf = sub_name.rsplit(".", 1)[-1]
-    if leaf not in _ROUTER_NAMES:
-        return False
-    parent = ancestors[0] if ancestors else None
-    return parent is not None and any("expert" in child_name for child_name, _ in parent.named_children())
+    if any("Router" in type(a).__name__ for a in ancestors):
+        return True
+    parts = sub_name.split(".")
+    chain = [*reversed(ancestors), module]  # the module at parts[: i + 1] is chain[i]
+    for i in range(1, len(parts)):
+        if parts[i] in _ROUTER_NAMES and any("expert" in name for name, _ in chain[i - 1].named_children()):
+            return True
+    return False
 
 
 @dataclass
