@@ -113,7 +113,7 @@ def run(
         return cache
     plan = prepare_task_data(args.tasks, args.task_data)  # fails here, before any model, if data is missing
     cache.setdefault("uptime", []).append(f"start: {_uptime()}")
-    model, tokenizer = study._load_model(args.model)
+    model, tokenizer = study.load_model(args.model)
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     calibration = None
     for i, config in enumerate(todo, 1):
