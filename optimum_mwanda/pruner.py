@@ -172,56 +172,26 @@ class Pruner:
                 checkpointed=checkpoint_dir is not None,
                 context=context,
             )
-        config, algorithm = run.config, run.algorithm  # resolved: what runs is what the report records
-        stack, layer_modules, calibration_set, negative_set = (
-            run.stack,
-            run.layer_modules,
-            run.calibration,
-            run.negative,
-        )
-        show_progress = show_progress and context.is_main
-
-        # 2-4. Capture, schedule, then statistics -> prune -> propagate, layer by layer.
+        # 2-4. Capture, schedule, then statistics -> prune -> propagate, layer by layer, with the resolved
+        # config (what runs is what the report records).
         walk = SequentialWalk(
             model,
-            stack,
-            layer_modules,
-            algorithm,
+            run.stack,
+            run.layer_modules,
+            run.algorithm,
             checkpoint=run.checkpoint,
             activations_device=activations_device,
             activations_max_memory=run.activations_max_memory,
-            show_progress=show_progress,
+            show_progress=show_progress and context.is_main,
             offload_statistics=offload_statistics,
             expert_options=run.expert_options,
         )
         # The resume checkpoint holds its folder's lock for the whole run.
         with run.checkpoint if run.checkpoint is not None else contextlib.nullcontext():
-            result = walk.run(calibration_set, negative_set)
+            result = walk.run(run.calibration, run.negative)
 
         # 5. Report.
-        timings = dict(result.timings, total=time.perf_counter() - start)
-        self.report = PruningReport(
-            method=config.method,
-            config=config,
-            target_sparsity=config.sparsity,
-            layer_sparsity=result.layer_sparsity,
-            module_sparsity=result.module_sparsity,
-            module_shapes=result.module_shapes,
-            languages=calibration_set.language_list,
-            token_counts=calibration_set.token_counts,
-            timings=timings,
-            layerwise_signal=result.layerwise_signal,
-            calibration_sources=dict(calibration_set.sources),
-            calibration_settings=calibration_set.settings,
-            architecture=type(model).__name__,
-            base_model=str(getattr(model, "name_or_path", "") or ""),
-            negative_calibration_tokens=sum(negative_set.token_counts.values()) if negative_set else 0,
-            resumed_from_layer=result.resumed_from_layer,
-            coverage=run.coverage,
-            experts=result.experts,
-            expert_options=run.expert_options.to_dict() if result.experts else {},
-            magnitude_pruned=result.magnitude_pruned,
-        )
+        self.report = _build_report(model, run, result, total_seconds=time.perf_counter() - start)
         return self.report
 
     def _validate(
@@ -576,3 +546,30 @@ def _check_memory(
     if config.batch_size > 1:
         options.append("a smaller batch_size")
     memory.check_fits(int(needed), int(memory_budget), f"pruning with {spec.method} on {device}", options)
+
+
+def _build_report(model: nn.Module, run, result, total_seconds: float) -> PruningReport:
+    """The :class:`PruningReport` of a finished walk: the resolved config, what was pruned, where and how."""
+    timings = dict(result.timings, total=total_seconds)
+    return PruningReport(
+        method=run.config.method,
+        config=run.config,
+        target_sparsity=run.config.sparsity,
+        layer_sparsity=result.layer_sparsity,
+        module_sparsity=result.module_sparsity,
+        module_shapes=result.module_shapes,
+        languages=run.calibration.language_list,
+        token_counts=run.calibration.token_counts,
+        timings=timings,
+        layerwise_signal=result.layerwise_signal,
+        calibration_sources=dict(run.calibration.sources),
+        calibration_settings=run.calibration.settings,
+        architecture=type(model).__name__,
+        base_model=str(getattr(model, "name_or_path", "") or ""),
+        negative_calibration_tokens=sum(run.negative.token_counts.values()) if run.negative else 0,
+        resumed_from_layer=result.resumed_from_layer,
+        coverage=run.coverage,
+        experts=result.experts,
+        expert_options=run.expert_options.to_dict() if result.experts else {},
+        magnitude_pruned=result.magnitude_pruned,
+    )

@@ -307,15 +307,9 @@ def _write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # prune
 # ---------------------------------------------------------------------------------------------------------
-def run_prune(args: argparse.Namespace) -> CommandResult:
-    """``prune``: validate, build calibration data, load the model, (evaluate,) prune, (evaluate,) save/push."""
-    # -- preparation: arguments ----------------------------------------------------------------------
-    config = build_config(args)
-    model_ref = resolve_model_reference(args.model)
-    load_kwargs = model_load_kwargs(args)
-    languages = parse_languages(args.languages)
-    eval_languages = parse_languages(args.eval_languages, "--eval-languages")
-    evaluate = args.eval or args.eval_data is not None or eval_languages is not None
+def _check_destinations(args: argparse.Namespace, model_ref, load_kwargs: dict[str, Any]):
+    """``--output-dir`` (replaceable and writable) and ``--push-to-hub`` (a valid repo id the token can push
+    to), checked before anything is loaded: returns ``(output_dir, repo_id, token)``."""
     if args.output_dir is None and args.push_to_hub is None:
         raise UsageError("the pruned model would be lost: pass --output-dir DIR and/or --push-to-hub REPO_ID")
     if args.private and args.push_to_hub is None:
@@ -336,6 +330,61 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
     token = resolve_token(args.token) if repo_id is not None else args.token
     if repo_id is not None:
         repo_id = _check_push_access(repo_id, token)
+    return output_dir, repo_id, token
+
+
+def _push_or_keep_locally(
+    pruner, model, repo_id: str, saved, tokenizer, eval_results, args: argparse.Namespace, token, card_kwargs
+) -> dict[str, Any]:
+    """Push the pruned model; if the push fails, make sure it is saved locally (``saved`` or a new folder)
+    and raise :class:`PushFailedError` naming the folder and the command that uploads it later."""
+    logger.info("Pushing to the Hub repo %s", repo_id)
+    try:
+        commit = pruner.push_to_hub(
+            model,
+            repo_id,
+            tokenizer=tokenizer,
+            eval_results=eval_results,
+            private=args.private,
+            token=token,
+            compressed=args.compressed,
+            **card_kwargs,
+        )
+    except Exception as err:
+        # Never lose the pruned model: without --output-dir, save it locally before failing.
+        kept = saved
+        if kept is None:
+            kept = pruner.save_pretrained(
+                model,
+                _unpushed_folder(repo_id),
+                tokenizer=tokenizer,
+                compressed=args.compressed,
+                eval_results=eval_results,
+                **card_kwargs,
+            )
+        raise PushFailedError(
+            f"pushing to {repo_id!r} failed ({type(err).__name__}: {err}). The pruned model is saved "
+            f"in {kept}: push it later with `hf upload {repo_id} {kept}`"
+        ) from err
+    hub_info = {
+        "repo_id": repo_id,
+        "commit_url": getattr(commit, "commit_url", None),
+        "oid": getattr(commit, "oid", None),
+    }
+    logger.info("Pushed: %s", hub_info["commit_url"] or repo_id)
+    return hub_info
+
+
+def run_prune(args: argparse.Namespace) -> CommandResult:
+    """``prune``: validate, build calibration data, load the model, (evaluate,) prune, (evaluate,) save/push."""
+    # -- preparation: arguments ----------------------------------------------------------------------
+    config = build_config(args)
+    model_ref = resolve_model_reference(args.model)
+    load_kwargs = model_load_kwargs(args)
+    languages = parse_languages(args.languages)
+    eval_languages = parse_languages(args.eval_languages, "--eval-languages")
+    evaluate = args.eval or args.eval_data is not None or eval_languages is not None
+    output_dir, repo_id, token = _check_destinations(args, model_ref, load_kwargs)
     base_model = _card_base_model(args.base_model, model_ref)
     license = args.license
     if license is None and model_ref.is_demo:
@@ -426,40 +475,9 @@ def run_prune(args: argparse.Namespace) -> CommandResult:
             logger.info("Saved the pruned model to %s", saved)
         hub_info = None
         if repo_id is not None:
-            logger.info("Pushing to the Hub repo %s", repo_id)
-            try:
-                commit = pruner.push_to_hub(
-                    model,
-                    repo_id,
-                    tokenizer=tokenizer,
-                    eval_results=eval_results,
-                    private=args.private,
-                    token=token,
-                    compressed=args.compressed,
-                    **card_kwargs,
-                )
-            except Exception as err:
-                # Never lose the pruned model: without --output-dir, save it locally before failing.
-                kept = saved
-                if kept is None:
-                    kept = pruner.save_pretrained(
-                        model,
-                        _unpushed_folder(repo_id),
-                        tokenizer=tokenizer,
-                        compressed=args.compressed,
-                        eval_results=eval_results,
-                        **card_kwargs,
-                    )
-                raise PushFailedError(
-                    f"pushing to {repo_id!r} failed ({type(err).__name__}: {err}). The pruned model is saved "
-                    f"in {kept}: push it later with `hf upload {repo_id} {kept}`"
-                ) from err
-            hub_info = {
-                "repo_id": repo_id,
-                "commit_url": getattr(commit, "commit_url", None),
-                "oid": getattr(commit, "oid", None),
-            }
-            logger.info("Pushed: %s", hub_info["commit_url"] or repo_id)
+            hub_info = _push_or_keep_locally(
+                pruner, model, repo_id, saved, tokenizer, eval_results, args, token, card_kwargs
+            )
 
         payload = {
             "command": "prune",
