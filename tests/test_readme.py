@@ -138,9 +138,6 @@ def test_readme_shape():
 
 
 _LINK = re.compile(r"\[[^\]]*\]\(([^)#\s]+)(?:#[^)]*)?\)")
-#: Guides written on other branches of the same change (issue 31): linked from docs/index.md before they
-#: land. Delete an entry once its page exists; the test then holds it to the same rule.
-PENDING_PAGES = {"docs/architectures.md"}
 PAGES = [README, *sorted((REPO / "docs").rglob("*.md")), *sorted(REPO.glob("*/README.md"))]
 
 
@@ -151,6 +148,6 @@ def test_relative_links_resolve(page):
         if "://" in target or target.startswith("mailto:"):
             continue
         path = (page.parent / target).resolve()
-        if not path.exists() and str(path.relative_to(REPO)) not in PENDING_PAGES:
+        if not path.exists():
             missing.append(target)
     assert not missing, f"{page.relative_to(REPO)} links to missing files: {missing}"
