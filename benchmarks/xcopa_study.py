@@ -295,9 +295,9 @@ def write_report(cache: Mapping[str, Any], args: argparse.Namespace, command: st
         lines.append(f"- **Not finished** (not run before the deadline): {', '.join(missing)}.")
         evals = [r["eval_seconds"] for r in results.values() if "eval_seconds" in r]
         if evals:
-            per = sum(evals) / len(evals) / 60
+            per = evals[-1] / 60  # the latest run's pace: the machine's load changed a lot between runs
             lines.append(
-                f"- Extrapolation: one evaluation took {per:.0f} min at this load (2,200 log-likelihood "
+                f"- Extrapolation: the latest evaluation took {per:.0f} min (2,200 log-likelihood "
                 f"requests); the {len(missing)} missing configurations need about {len(missing) * per / 60:.1f} h "
                 "of evaluation plus their pruning (2-5 min each in `multilingual_study.md`). Resume with the "
                 "same command: finished configurations are skipped."
