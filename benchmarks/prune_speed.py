@@ -128,14 +128,29 @@ def _config(name: str, args):
     from multilingual_study import parse_config_name
 
     sparsity = args.sparsity
-    common: dict = {"batch_size": args.batch_size}
     if args.mask_structure:
-        # N:M: the sparsity follows from the structure (every method's config checks that they agree).
+        # N:M: the sparsity follows from the structure (every method's config checks that they agree). The
+        # structure goes into the name's options, so that the name is checked as the N:M config it is (a
+        # sweep-only field such as refinement_steps is refused on a 50% unstructured M-Wanda).
         n, m = (int(v) for v in args.mask_structure.split(":"))
         sparsity = 1 - n / m
-        common["mask_structure"] = args.mask_structure
+        name = with_option(name, f"mask_structure={args.mask_structure}")
     study = parse_config_name(f"{name}@{sparsity * 100:g}")  # ValueError for "dense" and unknown names
+    common = {"batch_size": args.batch_size}
     return study.pruning_config(**{k: v for k, v in common.items() if k not in dict(study.options)})
+
+
+def with_option(name: str, option: str) -> str:
+    """``"mwanda[refinement_steps=3]"`` plus ``"mask_structure=2:4"`` -> ``"mwanda[refinement_steps=3,
+    mask_structure=2:4]"`` (a name without brackets gets them). An option the name already sets wins."""
+    key = option.partition("=")[0]
+    base, bracket, rest = name.partition("[")
+    if not bracket:
+        return f"{name}[{option}]"
+    given = rest.rstrip("]")
+    if any(item.partition("=")[0].strip() == key for item in given.split(",")):
+        return name
+    return f"{base}[{given},{option}]" if given else f"{base}[{option}]"
 
 
 def worker(name: str, args) -> dict:

@@ -242,6 +242,12 @@ def test_prune_speed_runs_take_config_options_in_brackets():
     config = speed._config("mwanda[hessian_token_stride=4]", args)
     assert (config.sparsity, config.mask_structure, config.hessian_token_stride) == (0.5, "2:4", 4)
     assert speed._config("sparsegpt", args).hessian_token_stride == 1
+    # A sweep-only field is checked on the N:M config, not on a 50% unstructured one.
+    config = speed._config("mwanda[refinement_steps=3]", args)
+    assert (config.mask_structure, config.resolve().weight_update.refinement_steps) == ("2:4", 3)
+    assert (
+        speed.with_option("mwanda[mask_structure=4:8]", "mask_structure=2:4") == "mwanda[mask_structure=4:8]"
+    )
     with pytest.raises(ValueError, match="unknown"):
         speed._config("gptq", args)
     with pytest.raises(ValueError, match="dense"):
