@@ -36,6 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multilingual_study as study  # noqa: E402  (configuration names, calibration, model loading)
 
+from optimum_mwanda.files import write_file  # noqa: E402
+
 DEFAULT_OUTPUT = study.RESULTS / "downstream_study"
 # Priority order (a partial run answers the main question first): M-Wanda vs Wanda at 50%, then SparseGPT,
 # then 60%, then 2:4.
@@ -299,9 +301,8 @@ def write_report(cache: Mapping[str, Any], args: argparse.Namespace, command: st
     ]
     markdown = "\n".join(lines) + "\n"
     path = args.output.with_suffix(".md")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(markdown, encoding="utf-8")
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, markdown, durable=False)
     return markdown
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from optimum_mwanda.evaluation.summary import geometric_mean
+from optimum_mwanda.files import write_file
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_OUTPUT = RESULTS / "multilingual_study"
@@ -511,9 +512,8 @@ def merge_caches(cache: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> 
 
 def save_cache(path: Path, cache: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cache, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)  # never leave a half-written cache behind an interrupted run
+    # Atomic: never a half-written cache behind an interrupted run.
+    write_file(path, json.dumps(cache, indent=2, sort_keys=False) + "\n", durable=False)
 
 
 def load_model(model_id: str):

@@ -610,10 +610,10 @@ def ensure_peer_venv(path: Path) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    from optimum_mwanda.files import write_file  # the package's one atomic writer
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_file(path, text, durable=False)
 
 
 def _uptime() -> str:

@@ -34,6 +34,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import multilingual_study as study  # noqa: E402  (configuration names, calibration, model loading)
 
+from optimum_mwanda.files import write_file  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = study.RESULTS / "xcopa_study"
 XCOPA_LANGUAGES = ["et", "ht", "id", "it", "qu", "sw", "ta", "th", "tr", "vi", "zh"]
@@ -341,9 +343,8 @@ def write_report(cache: Mapping[str, Any], args: argparse.Namespace, command: st
     lines += ["", "What the numbers mean: docs/evaluation.md, section 'XCOPA on Gemma 3 270M'."]
     markdown = "\n".join(lines) + "\n"
     path = args.output.with_suffix(".md")
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(markdown, encoding="utf-8")
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file(path, markdown, durable=False)
     return markdown
 
 
