@@ -7,9 +7,11 @@ propagates only its shard of the calibration sequences; the raw sums every metho
 ranks compute the same new weights, and only rank 0 writes files.
 
 Why the result equals a single-process run: a sequence's hidden states do not depend on which other
-sequences share its batch, the statistics are sums over tokens accumulated in float64 (products of float32
-values are exact there, so the order of the additions only moves the last float64 bits, which the float32
-statistics derived from them do not see), and the sums are all-reduced in float64. What remains is checked,
+sequences share its batch, the statistics are sums over tokens accumulated in float64 of float32 parts
+that depend only on their own sequences (one sequence, or for the Hessian one group of consecutive
+sequences, which is why shards are dealt in whole groups), so the order of the additions only moves the
+last float64 bits, which the float32 statistics derived from them do not see, and the sums are
+all-reduced in float64. What remains is checked,
 not assumed: after each layer the ranks compare a checksum of their new weights and rank 0's weights are
 broadcast if they differ.
 
@@ -143,35 +145,44 @@ def launcher_process_group(backend: str | None = None) -> Iterator[DistributedCo
 
 
 # -- sharding -----------------------------------------------------------------------------------------
-def shard_sequences(languages: Sequence[str], rank: int, world_size: int) -> list[int]:
+def shard_sequences(languages: Sequence[str], rank: int, world_size: int, group_size: int = 1) -> list[int]:
     """Indices of the calibration sequences rank ``rank`` of ``world_size`` handles, in ascending order.
 
-    Sequences are dealt round-robin, language by language (languages in order of first appearance, each
-    language's sequences in their order), with one counter running across languages: every rank gets each
-    language's sequences in turn, and the ranks' totals (and per-language counts) differ by at most one.
-    A language with fewer sequences than ranks, or a whole set smaller than the world, leaves some ranks
-    without any of it; rank 0 always gets the first sequence. The same inputs always give the same shards,
-    and the shards of all ranks are disjoint and cover every sequence.
+    Sequences are dealt in groups of ``group_size`` consecutive ones (the last group may be shorter):
+    a statistic that multiplies a group's sequences together (``parts.statistics.HessianStatistics`` with
+    the same ``sequence_group``) then forms on every rank the very products one process forms, because a
+    rank's shard is whole groups in ascending order. Groups are dealt round-robin, language by language
+    (each group counts under its first sequence's language, languages in order of first appearance), with
+    one counter running across languages: every rank gets each language's groups in turn, and the ranks'
+    group counts differ by at most one (their sequence counts by at most ``group_size``). A set of fewer
+    groups than ranks leaves some ranks without any; rank 0 always gets the first group. The same inputs
+    always give the same shards, and the shards of all ranks are disjoint and cover every sequence.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not a rank of a world of {world_size}")
-    positions: dict[str, list[int]] = {}
-    for index, language in enumerate(languages):
-        positions.setdefault(language, []).append(index)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    starts: dict[str, list[int]] = {}
+    for start in range(0, len(languages), group_size):
+        starts.setdefault(languages[start], []).append(start)
     mine: list[int] = []
     counter = 0
-    for indices in positions.values():
-        for index in indices:
+    for group_starts in starts.values():
+        for start in group_starts:
             if counter % world_size == rank:
-                mine.append(index)
+                mine.extend(range(start, min(start + group_size, len(languages))))
             counter += 1
     return sorted(mine)
 
 
-def local_indices(languages: Sequence[str], context: DistributedContext | None = None) -> torch.Tensor:
+def local_indices(
+    languages: Sequence[str], context: DistributedContext | None = None, group_size: int = 1
+) -> torch.Tensor:
     """:func:`shard_sequences` for this process, as a ``LongTensor`` (all sequences in one process)."""
     context = context or current_context()
-    return torch.tensor(shard_sequences(languages, context.rank, context.world_size), dtype=torch.long)
+    return torch.tensor(
+        shard_sequences(languages, context.rank, context.world_size, group_size), dtype=torch.long
+    )
 
 
 class ShardableSet(Protocol):
@@ -190,15 +201,19 @@ class ShardableSet(Protocol):
 
 
 def local_batches(
-    calibration: ShardableSet, batch_size: int, context: DistributedContext | None = None
+    calibration: ShardableSet,
+    batch_size: int,
+    context: DistributedContext | None = None,
+    group_size: int = 1,
 ) -> list[dict[str, torch.Tensor]]:
-    """This rank's batches of a ``CalibrationSet``: :meth:`CalibrationSet.batches` of its shard, with each
-    sequence's language index that of the full set (so per-language statistics line up across ranks)."""
+    """This rank's batches of a ``CalibrationSet``: :meth:`CalibrationSet.batches` of its shard (whole
+    groups of ``group_size`` sequences, :func:`shard_sequences`), with each sequence's language index that
+    of the full set (so per-language statistics line up across ranks)."""
     context = context or current_context()
     if not context.enabled:
         return calibration.batches(batch_size)
     calibration.batches(batch_size)  # validates batch_size
-    index = local_indices(calibration.languages, context)
+    index = local_indices(calibration.languages, context, group_size)
     input_ids, attention_mask = calibration.input_ids[index], calibration.attention_mask[index]
     language = calibration.language_index[index]
     return [

@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+from .parts.statistics import MAX_GROUP_TOKENS
+
 GIB = 2**30
 
 #: the methods the formulas know: Wanda, M-Wanda's closed form, SparseGPT, M-Wanda's sweep
@@ -255,7 +257,9 @@ def forward_bytes(shape: LayerShape, batch_tokens: int, activation_bytes: int) -
 
 @dataclasses.dataclass(frozen=True)
 class RunPeak:
-    """Predicted peak bytes on the device of a layer-by-layer run, and its parts."""
+    """Predicted peak bytes on the device of a layer-by-layer run, and its parts (``forward``: the
+    statistics pass's transients, one batch's forward and, for a sweep, the sampled tokens waiting for
+    their sequence group's ``X^T X`` product)."""
 
     layer_weights: int
     activations: int
@@ -291,6 +295,8 @@ def run_peak(
     activations = tokens * shape.hidden * activation_bytes if activations_on_device else 0
     activations += batch_tokens * shape.hidden * activation_bytes  # one batch's output before it replaces
     forward = forward_bytes(shape, batch_tokens, activation_bytes)
+    if spec.sweep:  # float32 tokens waiting for their sequence group's product (experts: per sequence)
+        forward += 4 * MAX_GROUP_TOKENS * sum(g.in_features for g in groups if g.count == 1)
     step = max(peak.statistics + forward, peak.step)
     total = layer_weights + activations + step
     return RunPeak(layer_weights, activations, peak.statistics, peak.update, peak.step, forward, total)

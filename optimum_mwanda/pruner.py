@@ -26,6 +26,7 @@ from .modeling.adapters import check_adapters, prunable_base_linears
 from .modeling.coverage import CoveragePlan, plan_coverage
 from .modeling.experts import ExpertOptions
 from .modeling.linear import find_expert_weights
+from .parts.statistics import sequence_group_for
 from .report import PruningReport
 from .resume import ResumeCheckpoint, model_weights_digest, run_fingerprint
 
@@ -244,6 +245,7 @@ class Pruner:
         config = config.resolve(calibration_tokens, [m.in_features for ms in layer_modules for m in ms])
         algorithm = algorithm_for(config)
         algorithm.calibration_tokens = calibration_tokens
+        algorithm.sequence_group = sequence_group_for(calibration_set.input_ids.shape[0])
         _validate_token_ids(model, calibration_set, negative_set)
         # Whether the run fits on its device (statistics dtype, offloading, the predicted peak).
         memory_options = dict(memory_options or {})

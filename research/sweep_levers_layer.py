@@ -4,7 +4,8 @@ The dense model's inputs to one layer's four shared-input groups (q/k/v, o, gate
 the study's calibration budget (7 languages x 8 x 512 tokens, seed 0). For default M-Wanda's sweep (70%
 and 2:4: every 4th token, ``H + 0.3 diag(H)``, 5 refinement steps) this times, per layer:
 
-- the Hessian's accumulation: float64 sum (default) or ``statistics_dtype=float32``;
+- the Hessian's accumulation: float64 sum of one product per sequence, of one product per group of 7
+  sequences (``sequence_group_for(56)``, the default since issue 27) or ``statistics_dtype=float32``;
 - the inverse's upper Cholesky factor: SparseGPT's ``cholesky -> cholesky_inverse -> cholesky`` or one
   factorisation of the reversed matrix and a blocked triangular inverse (``upper_inverse_factor``);
 - the column sweep, and the refinement per conjugate-gradient step;
@@ -31,6 +32,7 @@ from optimum_mwanda.calibration import default_calibration
 from optimum_mwanda.demo import load_demo_model
 from optimum_mwanda.parts import HessianStatistics, sparsegpt_prune_group
 from optimum_mwanda.parts.sparsegpt import refine_kept_weights, shrunk_hessian, upper_inverse_factor
+from optimum_mwanda.parts.statistics import sequence_group_for
 
 CALIBRATION = ["ar", "de", "en", "es", "ru", "sw", "zh"]
 STRIDE, SHRINKAGE, DAMPENING = 4, 0.3, 0.01
@@ -108,15 +110,22 @@ def main() -> None:
             dense = torch.cat(weights)
             denominator += float(torch.einsum("ri,ij,rj->", dense.double(), exact, dense.double()))
             hessians = {}
-            for dtype in (torch.float64, torch.float32):
-                statistic = HessianStatistics(x.shape[-1], len(CALIBRATION), token_stride=STRIDE, dtype=dtype)
+            for key, dtype, group_size in (
+                ("float64", torch.float64, 1),
+                ("float32", torch.float32, 1),
+                ("grouped", torch.float64, sequence_group_for(len(ids))),
+            ):
+                statistic = HessianStatistics(
+                    x.shape[-1], len(CALIBRATION), token_stride=STRIDE, dtype=dtype, sequence_group=group_size
+                )
                 start = time.perf_counter()
                 for i in range(0, len(x), 4):
                     part = x[i : i + 4].reshape(-1, x.shape[-1])
                     statistic.update(part, language[i * seq_len : (i + 4) * seq_len], seq_len)
-                hessians[dtype] = statistic.release_hessian()
+                hessians[key] = statistic.release_hessian()
                 if structure == "70%":
-                    add(f"Hessian accumulation, {str(dtype)[6:]}", time.perf_counter() - start)
+                    what = f"float64, one product per {group_size} sequences" if key == "grouped" else key
+                    add(f"Hessian accumulation, {what}", time.perf_counter() - start)
             # A sample sized per input: every 8th token for the narrow inputs (q/k/v, gate/up at 640, o at
             # 1024: still 4.4-11 tokens per input), every 4th for down (2048: 3.5 per input).
             sized = HessianStatistics(
@@ -127,7 +136,7 @@ def main() -> None:
                     x[i : i + 4].reshape(-1, x.shape[-1]), language[i * seq_len : (i + 4) * seq_len], seq_len
                 )
             hessians["sized"] = sized.release_hessian()
-            h = hessians[torch.float64]
+            h = hessians["float64"]
             shrunk, _, mean = shrunk_hessian(h, SHRINKAGE)
             shrunk.diagonal().add_(DAMPENING * mean)
             if structure == "70%":
@@ -139,7 +148,8 @@ def main() -> None:
             variants = {}
             for name, hessian in (
                 ("float64 sum", h),
-                ("float32 sum", hessians[torch.float32]),
+                ("float32 sum", hessians["float32"]),
+                ("float64 sum of sequence groups", hessians["grouped"]),
                 ("stride 8 below in=2048", hessians["sized"]),
             ):
                 (swept, masks), t = _timed(
@@ -170,7 +180,7 @@ def main() -> None:
                     torch.einsum("ri,ij,rj->", delta, exact, delta)
                 )
         for variant, value in numerators.items():
-            if "float64 sum" not in variant and "5 steps" not in variant:
+            if not variant.startswith("float64 sum,") and "5 steps" not in variant:
                 continue
             errors[f"{structure}: {variant}"] = value / denominator
 

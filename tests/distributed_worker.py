@@ -40,6 +40,19 @@ def _padded_calibration() -> CalibrationSet:
     return CalibrationSet(ids.masked_fill(mask == 0, 0), mask, languages)
 
 
+def _grouped_calibration() -> CalibrationSet:
+    """25 right-padded sequences (10 en, 7 de, 8 sw): the Hessian multiplies groups of 3 consecutive
+    sequences (``sequence_group_for(25)``), 9 groups with a last one of a single sequence, so the ranks are
+    dealt whole groups and batches of 2 cut across them."""
+    counts = {"en": 10, "de": 7, "sw": 8}
+    tokens = make_token_calibration(tuple(counts), n=10, seq_len=16, seed=3)
+    ids = torch.cat([tokens[lang][:n] for lang, n in counts.items()])
+    languages = [lang for lang, n in counts.items() for _ in range(n)]
+    lengths = 6 + torch.arange(len(ids)) * 7 % 11
+    mask = (torch.arange(16).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return CalibrationSet(ids.masked_fill(mask == 0, 0), mask, languages)
+
+
 def cases() -> dict[str, dict]:
     """name -> what to prune and how."""
     out: dict[str, dict] = {}
@@ -63,6 +76,13 @@ def cases() -> dict[str, dict]:
     # M-Wanda's N:M default: the sweep on every 4th token of each sequence, padded.
     out["llama-mwanda-2:4-padded"] = dict(
         arch="llama", config=MWandaConfig(mask_structure="2:4"), padded=True
+    )
+    # Sequences multiplied in groups (the Hessian's float32 products of 3 sequences each, summed in float64).
+    out["llama-sparsegpt-grouped"] = dict(
+        arch="llama", config=SparseGPTConfig(block_size=16, batch_size=2), grouped=True
+    )
+    out["llama-mwanda-2:4-grouped"] = dict(
+        arch="llama", config=MWandaConfig(mask_structure="2:4", batch_size=2), grouped=True
     )
     # A single sequence: the second rank has no calibration data at all.
     out["llama-wanda-one-sequence"] = dict(arch="llama", config=WandaConfig(sparsity=0.5), single=True)
@@ -89,6 +109,8 @@ def cases() -> dict[str, dict]:
 def calibration_for(case: dict) -> dict[str, torch.Tensor] | CalibrationSet:
     if case.get("padded"):
         return _padded_calibration()
+    if case.get("grouped"):
+        return _grouped_calibration()
     if case.get("single"):
         return {"en": make_token_calibration(("en",), n=1, seq_len=16)["en"]}
     return _uneven_calibration()

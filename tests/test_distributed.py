@@ -23,6 +23,7 @@ from optimum_mwanda.distributed import (
     synchronise_weights,
 )
 from optimum_mwanda.parts import FeatureStatistics, HessianStatistics
+from optimum_mwanda.parts.statistics import sequence_group_for, symmetric_from_lower
 from optimum_mwanda.resume import model_weights_digest
 
 WORLD = 2
@@ -219,6 +220,46 @@ def test_shards_are_disjoint_covering_balanced_and_deterministic(world_size):
     assert all(s == sorted(s) for s in shards)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("group_size", [2, 3, 8])
+def test_shards_are_whole_groups_of_consecutive_sequences(world_size, group_size):
+    """With ``group_size`` (the Hessian's sequence groups) a rank's shard is whole groups of consecutive
+    sequences in ascending order; the groups are dealt as sequences are with ``group_size=1``."""
+    languages = ["en"] * 10 + ["de"] * 7 + ["sw"] * 8
+    shards = [shard_sequences(languages, r, world_size, group_size) for r in range(world_size)]
+    assert sorted(i for shard in shards for i in shard) == list(range(len(languages)))
+    groups = [list(range(s, min(s + group_size, len(languages)))) for s in range(0, 25, group_size)]
+    for shard in shards:
+        assert shard == sorted(shard)
+        # The shard read group_size at a time is a list of whole groups: what the statistic counts.
+        pieces = [shard[i : i + group_size] for i in range(0, len(shard), group_size)]
+        assert all(piece in groups for piece in pieces), pieces
+    counts = [len(shard) for shard in shards]
+    assert max(counts) - min(counts) <= group_size
+    # One sequence a group: exactly the sequence dealing.
+    assert [shard_sequences(languages, r, world_size, 1) for r in range(world_size)] == [
+        shard_sequences(languages, r, world_size) for r in range(world_size)
+    ]
+    with pytest.raises(ValueError, match="group_size"):
+        shard_sequences(languages, 0, world_size, 0)
+
+
+def test_sequence_group_is_an_eighth_of_the_set_from_1_to_8():
+    assert [sequence_group_for(n) for n in (0, 6, 15, 16, 25, 56, 64, 128, 1000)] == [
+        1,
+        1,
+        1,
+        2,
+        3,
+        7,
+        8,
+        8,
+        8,
+    ]
+    with pytest.raises(ValueError):
+        sequence_group_for(-1)
+
+
 def test_shards_with_fewer_sequences_than_ranks():
     languages = ["en", "de"]
     shards = [shard_sequences(languages, r, 4) for r in range(4)]
@@ -289,6 +330,53 @@ def test_summed_raw_statistics_equal_one_pass(kind):
     for attribute in attributes:
         assert torch.equal(getattr(reduced, attribute), getattr(whole, attribute)), attribute
     assert torch.equal(reduced.tokens, whole.tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grouped_hessian_of_sharded_groups_sums_to_one_pass(dtype):
+    """Sequences multiplied in groups of 3: every rank's shard of whole groups (``shard_sequences``), in
+    batches that cut across groups, forms one process's products, so the reduced ``H`` is one pass's bit
+    for bit (float64 sums; float32 sums only to rounding, as documented)."""
+    generator = torch.Generator().manual_seed(1)
+    lengths = [int(v) for v in torch.randint(5, 40, (25,), generator=generator)]
+    x = torch.randn(sum(lengths), 48, generator=generator) * torch.linspace(0.1, 30, 48)
+    language = torch.zeros(sum(lengths), dtype=torch.long)
+    sequences = list(x.split(lengths))
+    languages = ["en"] * 10 + ["de"] * 7 + ["sw"] * 8
+
+    def new():
+        return HessianStatistics(48, 1, sequence_group=3, dtype=dtype)
+
+    def feed(statistic, indices, batch):
+        for start in range(0, len(indices), batch):
+            chosen = indices[start : start + batch]
+            rows = torch.cat([sequences[i] for i in chosen])
+            statistic.update(rows, language[: rows.shape[0]], [lengths[i] for i in chosen])
+
+    whole = new()
+    feed(whole, list(range(25)), 4)
+    grouped_by_hand = torch.zeros(48, 48, dtype=torch.float64)
+    for start in range(0, 25, 3):
+        part = torch.cat(sequences[start : start + 3]).double()
+        grouped_by_hand += part.t() @ part
+    # Against the float64 sum: float32 rounding, relative to the largest entry (sums cancel elsewhere).
+    scale = float(grouped_by_hand.abs().max())
+    torch.testing.assert_close(
+        symmetric_from_lower(whole.hessian_sum).double(), grouped_by_hand, rtol=0, atol=1e-6 * scale
+    )
+    for world_size in (2, 3):
+        parts = []
+        for rank in range(world_size):
+            part = new()
+            feed(part, shard_sequences(languages, rank, world_size, 3), 2)
+            parts.append(part)
+        reduced = new()
+        reduced.load_raw_sums(_add_raw(parts))
+        assert reduced.count == whole.count == sum(lengths)
+        if dtype == torch.float64:
+            assert torch.equal(reduced.hessian, whole.hessian), world_size
+        else:
+            torch.testing.assert_close(reduced.hessian, whole.hessian, rtol=1e-5, atol=1e-4)
 
 
 def test_raw_sums_refuse_another_layout():

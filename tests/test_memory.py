@@ -22,7 +22,7 @@ from optimum_mwanda.memory import (
 from optimum_mwanda.parts import FeatureStatistics, HessianStatistics, refine_kept_weights
 from optimum_mwanda.parts import sparsegpt as sparsegpt_parts
 from optimum_mwanda.parts.sparsegpt import inverse_hessian_cholesky, upper_inverse_factor
-from optimum_mwanda.parts.statistics import hessian_from_lower_sum, symmetric_from_lower
+from optimum_mwanda.parts.statistics import MAX_GROUP_TOKENS, hessian_from_lower_sum, symmetric_from_lower
 
 torch.set_num_threads(1)
 
@@ -193,6 +193,10 @@ def test_the_check_counts_the_options_that_lower_the_peak():
     )
     assert light.total < plain.total
     assert light.statistics * 2 == plain.statistics
+    # The statistics pass of a sweep also holds the sampled tokens waiting for their sequence group's
+    # product: up to MAX_GROUP_TOKENS float32 rows of each dense group's input (q/k/v, o, gate/up, down).
+    wanda = run_peak(MethodSpec("wanda"), shape, 128 * 2048, 4 * 2048)
+    assert plain.forward - wanda.forward == 4 * MAX_GROUP_TOKENS * (3 * 4096 + 14336)
 
 
 # -- the formulas -------------------------------------------------------------------------------------------

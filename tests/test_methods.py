@@ -180,6 +180,36 @@ def test_hessian_long_and_short_sequences_take_either_product_and_agree():
     assert torch.equal(batched.hessian_sum, h.hessian_sum)
 
 
+def test_hessian_groups_of_sequences_do_not_depend_on_batches_and_copy_what_waits():
+    """``sequence_group=3``: the sampled tokens of 3 consecutive sequences form one product, whatever the
+    batches (a sequence with no tokens, as an expert that no token of a batch reached, still counts); the
+    tokens waiting for the rest of their group are copies, not views of the caller's batch."""
+    torch.manual_seed(0)
+    lengths = [30, 0, 17, 25, 9, 40, 12, 0]
+    x = torch.randn(sum(lengths), 16)
+    language = torch.zeros(sum(lengths), dtype=torch.long)
+    whole = HessianStatistics(16, 1, token_stride=2, sequence_group=3)
+    whole.update(x, language, lengths)
+    expected = torch.zeros(16, 16, dtype=torch.float64)
+    sampled = [part[::2] for part in x.split(lengths)]
+    for start in range(0, len(lengths), 3):
+        group = torch.cat(sampled[start : start + 3]).double()
+        expected += group.t() @ group
+    assert whole.count == sum(part.shape[0] for part in sampled)
+    torch.testing.assert_close(symmetric_from_lower(whole.hessian_sum), expected, rtol=1e-6, atol=1e-4)
+    one_by_one = HessianStatistics(16, 1, token_stride=2, sequence_group=3)
+    for part, n in zip(x.clone().split(lengths), lengths):
+        one_by_one.update(part, language[:n], [n])
+        part.zero_()  # the caller reuses its buffer: what waits for its group was copied
+    assert torch.equal(one_by_one.hessian_sum, whole.hessian_sum)
+    # One product per sequence (the default) is another sum, equal to float32 rounding.
+    single = HessianStatistics(16, 1, token_stride=2)
+    single.update(x, language, lengths)
+    torch.testing.assert_close(single.hessian, whole.hessian, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence_group"):
+        HessianStatistics(16, 1, sequence_group=0)
+
+
 def test_diagonal_dampening_shrinks_the_hessian_towards_its_diagonal():
     """``diagonal_dampening=d`` is the sweep on ``H + d * diag(H)``; on a diagonal Hessian the sweep is
     Wanda (no update), so a very large ``d`` gives Wanda's N:M mask and leaves the kept weights alone."""

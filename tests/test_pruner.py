@@ -475,15 +475,17 @@ def test_mwanda_sweep_sizes_its_token_sample_from_the_calibration(monkeypatch):
     """``hessian_token_stride=None`` (the default) resolves per shared-input group from the run's
     calibration tokens: 576 tokens give inputs of 64 features every 4th token (the cap) and of 128 every 2nd
     (at least 1.75 sampled tokens per input), so no group is left rank-deficient; the card names the
-    strides."""
+    strides. The 24 sequences are multiplied in groups of 3 (``sequence_group_for``)."""
     import optimum_mwanda.methods.mwanda as mwanda_module
     from optimum_mwanda.hub import create_model_card
 
     created: dict[int, int] = {}
+    groups: set[int] = set()
     original = mwanda_module.HessianStatistics
 
     def recording(in_features, num_languages, device="cpu", token_stride=1, **options):
         created[in_features] = token_stride
+        groups.add(options["sequence_group"])
         return original(in_features, num_languages, device=device, token_stride=token_stride, **options)
 
     monkeypatch.setattr(mwanda_module, "HessianStatistics", recording)
@@ -495,6 +497,7 @@ def test_mwanda_sweep_sizes_its_token_sample_from_the_calibration(monkeypatch):
         warnings.simplefilter("error")  # in particular no "fewer tokens than inputs" warning
         report = pruner.prune_model(make_model("llama"), calibration, show_progress=False)
     assert created == {64: 4, 128: 2}
+    assert groups == {3}
     card = create_model_card(report).text
     assert "auto: 4 for 64-feature inputs; 2 for 128-feature inputs" in card
     # An explicit stride is used as given.

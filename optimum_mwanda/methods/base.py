@@ -95,6 +95,9 @@ class PruningAlgorithm:
         self.calibration_tokens: int | None = None
         #: dtype of the in x in Hessian accumulators (SparseGPT, M-Wanda's sweep); set by the pruner
         self.statistics_dtype: torch.dtype = torch.float64
+        #: consecutive sequences per Hessian product (``parts.statistics.sequence_group_for`` of the run's
+        #: sequence count, set by the pruner); the walk deals data-parallel shards in groups of this many
+        self.sequence_group: int = 1
 
     # -- statistics ----------------------------------------------------------------------------------
     def new_statistic(self, in_features: int, num_languages: int, device: torch.device) -> Any:
@@ -103,11 +106,15 @@ class PruningAlgorithm:
 
     def new_expert_statistic(self, in_features: int, num_languages: int, device: torch.device) -> Any:
         """The statistic of one expert's projection: :meth:`new_statistic`, with a token-strided Hessian
-        sample back to every token. An expert sees about ``top_k / num_experts`` of the tokens, so the
+        sample back to every token and one product per sequence. An expert sees about ``top_k / num_experts`` of the tokens, so the
         stride sized from the whole run's token count would leave its Hessian too few tokens."""
         statistic = self.new_statistic(in_features, num_languages, device)
         if getattr(statistic, "token_stride", 1) > 1:
             statistic.token_stride = 1
+        # One product per sequence: a group's tokens would wait in every expert's statistic at once (128
+        # experts of 2048 inputs: 1 GiB), for little gain on the few tokens an expert sees.
+        if getattr(statistic, "sequence_group", 1) > 1:
+            statistic.sequence_group = 1
         return statistic
 
     def new_negative_statistic(self, in_features: int, device: torch.device) -> FeatureStatistics:

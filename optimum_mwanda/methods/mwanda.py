@@ -80,6 +80,7 @@ class MWandaAlgorithm(WandaAlgorithm):
                 device=device,
                 token_stride=self.hessian_token_stride(in_features),
                 dtype=self.statistics_dtype,
+                sequence_group=self.sequence_group,
             )
         rank = self._update.rank if isinstance(self._update, ClosedForm) else 0
         return FeatureStatistics(

@@ -35,6 +35,7 @@ class SparseGPTAlgorithm(PruningAlgorithm):
             device=device,
             token_stride=self.config.hessian_token_stride,
             dtype=self.statistics_dtype,
+            sequence_group=self.sequence_group,
         )
 
     def mask_score(self) -> Description:

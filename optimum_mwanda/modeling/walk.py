@@ -151,16 +151,22 @@ class SequentialWalk:
             # 1. What every decoder layer is called with, for the main, negative and signal batches.
             t = time.perf_counter()
             # Data-parallel: each rank captures and propagates its own shard of every set.
-            batches = distributed.local_batches(calibration, config.batch_size)
+            # Whole groups of sequences, which a Hessian statistic multiplies together.
+            group = self.algorithm.sequence_group
+            batches = distributed.local_batches(calibration, config.batch_size, group_size=group)
             negative_batches = (
-                distributed.local_batches(negative, config.batch_size) if negative is not None else []
+                distributed.local_batches(negative, config.batch_size, group_size=group)
+                if negative is not None
+                else []
             )
             needs_signal = self.algorithm.schedule_signal is not None and not (
                 resume and resume.layer_sparsity
             )
             signal_batches = (
                 distributed.local_batches(
-                    calibration.first_per_language(config.layerwise_samples_per_language), config.batch_size
+                    calibration.first_per_language(config.layerwise_samples_per_language),
+                    config.batch_size,
+                    group_size=group,
                 )
                 if needs_signal
                 else []

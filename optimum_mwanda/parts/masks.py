@@ -17,6 +17,11 @@ def lowest_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     if k >= cols:
         return torch.ones_like(values, dtype=torch.bool)
     threshold = torch.kthvalue(values, k, dim=1, keepdim=True).values
+    at_most = values <= threshold
+    # Without ties at the threshold exactly k values of every row are at most it: that is the mask, and
+    # the position-ordered tie-break below (a cumulative sum over the row) is not needed.
+    if bool((at_most.sum(dim=1) == k).all()):
+        return at_most
     below = values < threshold
     # Among values equal to the threshold, take the first (k - #below) by position.
     missing = k - below.sum(dim=1, keepdim=True)

@@ -201,6 +201,30 @@ class FeatureStatistics:
         return self.tokens.clamp_min(1.0).unsqueeze(1)
 
 
+# Consecutive calibration sequences whose tokens may share one float32 X^T X product, at most. A product
+# of one short sequence (128 tokens: every 4th of 512) costs as much to add into the float64 sum as to
+# compute, so HessianStatistics joins the sequences of a group into one product, and data-parallel ranks
+# are dealt whole groups (distributed.shard_sequences): every rank forms exactly the products one process
+# forms, and only their float64 addition order differs. On Gemma 3 270M's shapes (56 x 128 sampled
+# tokens) the products of groups of 7 take about 0.37 s a layer against 0.59 s for one float64 product
+# per sequence (research/results/hessian_groups.md).
+MAX_SEQUENCE_GROUP = 8
+
+
+def sequence_group_for(sequences: int) -> int:
+    """Sequences per Hessian product group for a calibration set of ``sequences``: an eighth of the set,
+    from 1 to :data:`MAX_SEQUENCE_GROUP`. It depends on the set only, never on the number of ranks, so a
+    data-parallel run forms the products of one process; with at least 8 groups in a set, up to 8 ranks
+    all get a share, within one group of each other."""
+    if sequences < 0:
+        raise ValueError(f"sequences must be >= 0, got {sequences}")
+    return max(1, min(MAX_SEQUENCE_GROUP, sequences // 8))
+
+
+# Inside a group, sequences are joined only until this many tokens, so a group of long sequences is
+# never held at once (each of 8 x 2048-token sequences, sampled every 4th token, is its own product).
+MAX_GROUP_TOKENS = 1024
+
 # Below this many tokens a part's X^T X goes straight into the float64 sum (HessianStatistics.update);
 # measured crossover on a 2-core CPU: about 200 tokens at in = 2048.
 _FUSED_FLOAT64_ROWS = 192
@@ -288,11 +312,18 @@ def hessian_token_stride_for(
 
 
 class HessianStatistics:
-    """``H = 2 X^T X / T`` for SparseGPT's sweep (per-sequence ``X^T X`` summed in float64), optionally
-    with Wanda-style feature norms.
+    """``H = 2 X^T X / T`` for SparseGPT's sweep (float32 products of sequence groups summed in float64),
+    optionally with Wanda-style feature norms.
 
-    ``hessian_sum`` accumulates the lower triangle of ``X^T X`` only (:func:`add_lower_gram`); read ``H``
-    through :attr:`hessian` (or :meth:`release_hessian`, which frees the accumulator).
+    The accumulator holds the lower triangle of ``X^T X`` only (:func:`add_lower_gram`); read ``H`` through
+    :attr:`hessian` (or :meth:`release_hessian`, which frees the accumulator).
+
+    Sequences are multiplied in groups: the (sampled) tokens of ``sequence_group`` consecutive sequences
+    are joined, up to ``MAX_GROUP_TOKENS`` tokens, into one float32 product, which is added into the sum.
+    Groups are counted from the first sequence the statistic sees, so a caller feeding a data-parallel
+    shard must hand it whole groups (``distributed.shard_sequences(..., group_size=sequence_group)``):
+    then every rank forms the very products one process forms, whatever the batch size, and the sums
+    differ only in the order of their float64 additions.
 
     Args:
         token_stride: build ``H`` from every ``token_stride``-th token of each sequence only (its first
@@ -303,13 +334,15 @@ class HessianStatistics:
             otherwise). The sweep reads only ``H``, and the norms cost a pass over every token in float64
             (about a fifth of the statistics' own time at Gemma 3 270M's shapes), so they are off unless a
             caller asks.
-        dtype: the accumulator's dtype. ``torch.float64`` (the default): each sequence's float32 product
-            is added in float64, so the sum does not depend on how sequences are batched or sharded over
+        sequence_group: consecutive sequences per product (:func:`sequence_group_for`; ``1``: one
+            product per sequence).
+        dtype: the accumulator's dtype. ``torch.float64`` (the default): the groups' float32 products are
+            added in float64, so the sum does not depend on how whole groups are batched or sharded over
             data-parallel ranks. ``torch.float32``: half the memory (``in^2 * 4`` bytes instead of 8: 0.8
             instead of 1.6 GB for an 8B ``down_proj``), and :meth:`release_hessian` turns the sum into
-            ``H`` in place with no second ``in x in`` matrix. Sequences are still added one at a time in
+            ``H`` in place with no second ``in x in`` matrix. Groups are still added one at a time in
             their order, so the sum does not depend on the batch size; it does depend, at float32 rounding
-            (about 1e-7 relative), on how sequences are split over ranks, whose partial sums are added in
+            (about 1e-7 relative), on how groups are split over ranks, whose partial sums are added in
             another order.
     """
 
@@ -321,20 +354,33 @@ class HessianStatistics:
         token_stride: int = 1,
         track_norms: bool = False,
         dtype: torch.dtype = torch.float64,
+        sequence_group: int = 1,
     ):
         if token_stride < 1:
             raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+        if sequence_group < 1:
+            raise ValueError(f"sequence_group must be >= 1, got {sequence_group}")
+        self.sequence_group = sequence_group
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the Hessian accumulates in float32 or float64, not {dtype}")
         self.token_stride = token_stride
-        self.hessian_sum: torch.Tensor | None = torch.zeros(
-            in_features, in_features, dtype=dtype, device=device
-        )
+        self._sum: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.token_count = torch.zeros(1, dtype=torch.float64, device=device)
         self.features = FeatureStatistics(in_features, num_languages, device=device) if track_norms else None
         self._hessian: torch.Tensor | None = None
+        # The current group's sequences not multiplied yet, and how far into the group the last one was.
+        self._pending: list[torch.Tensor] = []
+        self._pending_tokens = 0
+        self._group_position = 0
         #: where the statistic was made and ``H`` is used
         self.home = torch.device(device)
+
+    @property
+    def hessian_sum(self) -> torch.Tensor | None:
+        """The accumulated lower triangle of ``X^T X`` (every sequence seen so far), ``None`` once released."""
+        if self._sum is not None:
+            self._flush()
+        return self._sum
 
     @property
     def count(self) -> int:
@@ -360,7 +406,7 @@ class HessianStatistics:
                 self._hessian = hessian_from_lower_sum(total, scale, out=total)
             else:
                 self._hessian = hessian_from_lower_sum(total, scale)
-        self.hessian_sum = None
+        self._sum = None
         hessian, self._hessian = self._hessian, None
         return hessian.to(self.home)
 
@@ -376,8 +422,9 @@ class HessianStatistics:
 
     def to_(self, device: torch.device | str) -> HessianStatistics:
         """Move the accumulators to ``device`` (:attr:`home`, where ``H`` is delivered, stays)."""
-        if self.hessian_sum is not None:
-            self.hessian_sum = self.hessian_sum.to(device)
+        if self._sum is not None:
+            self._flush()
+            self._sum = self._sum.to(device)
         if self._hessian is not None:
             self._hessian = self._hessian.to(device)
         self.token_count = self.token_count.to(device)
@@ -386,31 +433,52 @@ class HessianStatistics:
         return self
 
     def _accumulator(self) -> torch.Tensor:
-        if self.hessian_sum is None:
+        if self._sum is None:
             raise RuntimeError("the Hessian was released: this statistic takes no more updates")
-        return self.hessian_sum
+        self._flush()
+        return self._sum
+
+    def _flush(self) -> None:
+        """Multiply the pending sequences into the sum (the group goes on: its position is kept)."""
+        if self._pending:
+            assert self._sum is not None
+            part = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+            self._pending, self._pending_tokens = [], 0
+            add_lower_gram(self._sum, part)
 
     def update(
         self, x: torch.Tensor, language: torch.Tensor, sequence_lengths: int | list[int] | None = None
     ) -> None:
-        """Add tokens ``x`` (``[T, in]``); arguments as in :meth:`FeatureStatistics.update`."""
-        if x.shape[0] == 0:
+        """Add tokens ``x`` (``[T, in]``); arguments as in :meth:`FeatureStatistics.update` (without
+        lengths, each chunk of ``CovarianceSketch.default_chunk`` tokens counts as a sequence)."""
+        if self._sum is None:
+            raise RuntimeError("the Hessian was released: this statistic takes no more updates")
+        if x.shape[0] == 0 and not isinstance(sequence_lengths, list):
             return
-        total = self._accumulator()
-        if self.features is not None:
+        # (An expert that no token of a batch reached still counts the batch's sequences, given as
+        # zero lengths, so that its groups stay those of one process.)
+        if self.features is not None and x.shape[0]:
             self.features.update(x, language, sequence_lengths)
-        x = x.to(device=total.device, dtype=torch.float32)
-        # One sequence at a time, summed in float64: independent of how sequences are grouped into batches
-        # or ranks (see CovarianceSketch.update). For a long part a float32 product added to the float64 sum
-        # is fastest (a float64 X^T X made SparseGPT's statistics pass about 1.5x slower on CPU); for a
-        # short one (a token-strided sample) adding the in x in product costs as much as computing it, and
-        # a fused float64 addmm is about a third cheaper (add_lower_gram). The choice depends only on the
-        # part itself. A float32 accumulator takes fused float32 addmm calls.
+        x = x.to(device=self._sum.device, dtype=torch.float32)
+        # Whole sequences go into a group's product, and a group ends after sequence_group sequences or at
+        # MAX_GROUP_TOKENS tokens: both depend only on the sequences themselves and their place in the
+        # stream, never on the batch. add_lower_gram picks a fused float64 product for a part shorter
+        # than _FUSED_FLOAT64_ROWS and a float32 product added in float64 otherwise; a float32
+        # accumulator takes fused float32 products.
         for part in x.split(sequence_lengths or CovarianceSketch.default_chunk):
             if self.token_stride > 1:
                 part = part[:: self.token_stride]
-            add_lower_gram(total, part)
             self.token_count += part.shape[0]
+            if part.shape[0]:
+                self._pending.append(part)
+                self._pending_tokens += part.shape[0]
+            self._group_position = (self._group_position + 1) % self.sequence_group
+            if self._group_position == 0 or self._pending_tokens >= MAX_GROUP_TOKENS:
+                self._flush()
+        if self._pending:
+            # The waiting tokens (under MAX_GROUP_TOKENS) are views into this batch: copy them out, so that
+            # the batch's activations are not kept alive until the group's product.
+            self._pending = [torch.cat(self._pending)]
         self._hessian = None
 
     def raw_sums(self) -> dict[str, torch.Tensor]:
