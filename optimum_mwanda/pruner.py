@@ -109,8 +109,8 @@ class Pruner:
                 (``"8GB"``, ``"8GiB"``, ``"512MB"``); further batches are spilled to a temporary folder on
                 disk (``None``: no limit).
             statistics_dtype: dtype of the ``in x in`` Hessian sums of SparseGPT and M-Wanda's sweep.
-                ``torch.float64`` (default) adds each sequence's float32 ``X^T X`` in float64, so results do
-                not depend on batching or data-parallel sharding. ``torch.float32`` (or ``"float32"``)
+                ``torch.float64`` (default) adds the float32 ``X^T X`` of each group of consecutive sequences
+                in float64, so results do not depend on batching or data-parallel sharding. ``torch.float32`` (or ``"float32"``)
                 halves their memory (1.6 to 0.8 GB for an 8B ``down_proj``) and turns the sum into ``H`` in
                 place; results still do not depend on the batch size, but a data-parallel run differs from
                 one process at float32 rounding. Other methods keep small float64 sums either way.

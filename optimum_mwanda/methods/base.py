@@ -106,8 +106,9 @@ class PruningAlgorithm:
 
     def new_expert_statistic(self, in_features: int, num_languages: int, device: torch.device) -> Any:
         """The statistic of one expert's projection: :meth:`new_statistic`, with a token-strided Hessian
-        sample back to every token and one product per sequence. An expert sees about ``top_k / num_experts`` of the tokens, so the
-        stride sized from the whole run's token count would leave its Hessian too few tokens."""
+        sample back to every token and one product per sequence. An expert sees about
+        ``top_k / num_experts`` of the tokens, so the stride sized from the whole run's token count would
+        leave its Hessian too few tokens."""
         statistic = self.new_statistic(in_features, num_languages, device)
         if getattr(statistic, "token_stride", 1) > 1:
             statistic.token_stride = 1
