@@ -182,7 +182,7 @@ def test_hessian_long_and_short_sequences_take_either_product_and_agree():
 
 def test_hessian_groups_of_sequences_do_not_depend_on_batches_and_copy_what_waits():
     """``sequence_group=3``: the sampled tokens of 3 consecutive sequences form one product, whatever the
-    batches (a sequence with no tokens, as an expert that no token of a batch reached, still counts); the
+    batches (a sequence with no tokens, given alone as a batch, still counts); the
     tokens waiting for the rest of their group are copies, not views of the caller's batch."""
     torch.manual_seed(0)
     lengths = [30, 0, 17, 25, 9, 40, 12, 0]

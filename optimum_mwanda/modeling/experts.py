@@ -361,14 +361,6 @@ class ExpertsRecorder:
                 continue
             token_idx, position = (top_k_index == e).nonzero(as_tuple=True)
             if token_idx.numel() == 0 and fallback is None and not self.options.calibrate_all_experts:
-                if not negative:
-                    # No token of this batch reached the expert; its statistics still count the batch's
-                    # sequences (HessianStatistics groups sequences by their place in the stream). No rows:
-                    # the width is never read.
-                    nothing, none = hidden_states.new_zeros(0, 0), language[:0]
-                    for stat in (stats.up[e], stats.down[e]):
-                        if stat is not None:
-                            stat.update(nothing, none, [0] * (tokens // seq_len))
                 continue
             everyone = fallback is not None or self.options.calibrate_all_experts
             rows = all_tokens if everyone else token_idx

@@ -370,7 +370,6 @@ class HessianStatistics:
         self._hessian: torch.Tensor | None = None
         # The current group's sequences not multiplied yet, and how far into the group the last one was.
         self._pending: list[torch.Tensor] = []
-        self._pending_tokens = 0
         self._group_position = 0
         #: where the statistic was made and ``H`` is used
         self.home = torch.device(device)
@@ -378,9 +377,7 @@ class HessianStatistics:
     @property
     def hessian_sum(self) -> torch.Tensor | None:
         """The accumulated lower triangle of ``X^T X`` (every sequence seen so far), ``None`` once released."""
-        if self._sum is not None:
-            self._flush()
-        return self._sum
+        return None if self._sum is None else self._accumulator()
 
     @property
     def count(self) -> int:
@@ -423,8 +420,7 @@ class HessianStatistics:
     def to_(self, device: torch.device | str) -> HessianStatistics:
         """Move the accumulators to ``device`` (:attr:`home`, where ``H`` is delivered, stays)."""
         if self._sum is not None:
-            self._flush()
-            self._sum = self._sum.to(device)
+            self._sum = self._accumulator().to(device)
         if self._hessian is not None:
             self._hessian = self._hessian.to(device)
         self.token_count = self.token_count.to(device)
@@ -443,7 +439,7 @@ class HessianStatistics:
         if self._pending:
             assert self._sum is not None
             part = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
-            self._pending, self._pending_tokens = [], 0
+            self._pending = []
             add_lower_gram(self._sum, part)
 
     def update(
@@ -455,8 +451,8 @@ class HessianStatistics:
             raise RuntimeError("the Hessian was released: this statistic takes no more updates")
         if x.shape[0] == 0 and not isinstance(sequence_lengths, list):
             return
-        # (An expert that no token of a batch reached still counts the batch's sequences, given as
-        # zero lengths, so that its groups stay those of one process.)
+        # (A batch whose sequences have no tokens left, all padding, still counts them, given as zero
+        # lengths, so that the groups stay those of any other batching.)
         if self.features is not None and x.shape[0]:
             self.features.update(x, language, sequence_lengths)
         x = x.to(device=self._sum.device, dtype=torch.float32)
@@ -471,9 +467,8 @@ class HessianStatistics:
             self.token_count += part.shape[0]
             if part.shape[0]:
                 self._pending.append(part)
-                self._pending_tokens += part.shape[0]
             self._group_position = (self._group_position + 1) % self.sequence_group
-            if self._group_position == 0 or self._pending_tokens >= MAX_GROUP_TOKENS:
+            if self._group_position == 0 or sum(p.shape[0] for p in self._pending) >= MAX_GROUP_TOKENS:
                 self._flush()
         if self._pending:
             # The waiting tokens (under MAX_GROUP_TOKENS) are views into this batch: copy them out, so that
