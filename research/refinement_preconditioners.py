@@ -22,10 +22,8 @@ import os
 from collections.abc import Callable
 
 import torch
-from sweep_levers_layer import CALIBRATION, DAMPENING, GROUPS, SHRINKAGE, STRIDE, _capture
+from sweep_levers_layer import DAMPENING, GROUPS, SHRINKAGE, STRIDE, capture_study_layer
 
-from optimum_mwanda.calibration import default_calibration
-from optimum_mwanda.demo import load_demo_model
 from optimum_mwanda.parts import HessianStatistics, sparsegpt_prune_group
 from optimum_mwanda.parts.sparsegpt import shrunk_hessian, upper_inverse_factor
 
@@ -65,15 +63,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_demo_model()
-    model.eval()
-    calibration = default_calibration(tokenizer, languages=CALIBRATION, samples_per_language=8, seed=0)
-    layer = model.model.layers[args.layer]
-    ids, mask = calibration.input_ids, calibration.attention_mask
-    batches = [
-        {"input_ids": ids[i : i + 4], "attention_mask": mask[i : i + 4]} for i in range(0, len(ids), 4)
-    ]
-    inputs = _capture(model, layer, batches)
+    layer, calibration, inputs = capture_study_layer(args.layer)
+    ids = calibration.input_ids
     print(f"# Refinement preconditioners on one layer of Gemma 3 270M (layer {args.layer})\n")
     print(
         f"{len(ids)} x {ids.shape[1]} tokens; relative output error of the layer under the every-token "

@@ -60,6 +60,20 @@ def _capture(model, layer, batches) -> dict[str, torch.Tensor]:
     return {name: torch.cat(parts) for name, parts in store.items()}  # [sequences, seq_len, in]
 
 
+def capture_study_layer(index: int):
+    """``(layer, calibration, inputs)``: the demo model's decoder layer ``index``, the study's calibration
+    (7 languages x 8 x 512 tokens, seed 0) and each group's captured dense inputs ``[sequences, seq_len, in]``."""
+    model, tokenizer = load_demo_model()
+    model.eval()
+    calibration = default_calibration(tokenizer, languages=CALIBRATION, samples_per_language=8, seed=0)
+    layer = model.model.layers[index]
+    ids, mask = calibration.input_ids, calibration.attention_mask
+    batches = [
+        {"input_ids": ids[i : i + 4], "attention_mask": mask[i : i + 4]} for i in range(0, len(ids), 4)
+    ]
+    return layer, calibration, _capture(model, layer, batches)
+
+
 def _old_factor(h: torch.Tensor) -> torch.Tensor:
     lower = torch.linalg.cholesky(h)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
@@ -77,15 +91,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_demo_model()
-    model.eval()
-    calibration = default_calibration(tokenizer, languages=CALIBRATION, samples_per_language=8, seed=0)
-    layer = model.model.layers[args.layer]
-    ids, mask = calibration.input_ids, calibration.attention_mask
-    batches = [
-        {"input_ids": ids[i : i + 4], "attention_mask": mask[i : i + 4]} for i in range(0, len(ids), 4)
-    ]
-    inputs = _capture(model, layer, batches)
+    layer, calibration, inputs = capture_study_layer(args.layer)
+    ids = calibration.input_ids
     language = calibration.language_index.repeat_interleave(ids.shape[1])
     seq_len = ids.shape[1]
     print(f"# Sweep levers on one layer of Gemma 3 270M (layer {args.layer})\n")
